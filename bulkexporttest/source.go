@@ -1,0 +1,447 @@
+// Package bulkexporttest helps hosts test code that uses bulkexport, in
+// the spirit of net/http/httptest: an in-memory Source, a controllable
+// Clock, an in-process export server (NewServer) and helpers that run an
+// export to completion. It uses only the standard library.
+package bulkexporttest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bulkfhir/bulkexport"
+)
+
+// Source is a bulkexport.Source that serves resources from memory. It
+// honours the level, Group membership, the patient parameter, _since and
+// _until (by meta.lastUpdated), the transaction time, _typeFilter (token
+// and string matching on top-level elements) and _elements. It resumes from
+// checkpoints, records deletions, and can inject failures and delays.
+// It is safe for concurrent use; add data before exports start.
+type Source struct {
+	mu        sync.Mutex
+	resources map[string][]*entry // by type, in the order added
+	groups    map[string][]string
+	deleted   map[string][]deletion
+
+	// OnResource, if set, is called before each resource is written, with
+	// the type and the resource's position in the type (from 0). An error
+	// fails the export of that type (and so the job); blocking in it holds
+	// the export, for cancel tests.
+	OnResource func(ctx context.Context, typ string, n int) error
+	// Delay is slept before each resource (honouring the context).
+	Delay time.Duration
+}
+
+type entry struct {
+	id          string
+	patient     string // Patient compartment owner, or ""
+	lastUpdated time.Time
+	fields      map[string]json.RawMessage
+	raw         []byte
+}
+
+type deletion struct {
+	id string
+	at time.Time
+}
+
+var (
+	_ bulkexport.Source            = (*Source)(nil)
+	_ bulkexport.GroupChecker      = (*Source)(nil)
+	_ bulkexport.TypeFilterChecker = (*Source)(nil)
+	_ bulkexport.Counter           = (*Source)(nil)
+)
+
+// NewSource returns an empty Source.
+func NewSource() *Source {
+	return &Source{resources: map[string][]*entry{}, groups: map[string][]string{}, deleted: map[string][]deletion{}}
+}
+
+// Add adds resources: JSON as []byte, json.RawMessage or string, or any Go
+// value that encodes to a JSON object. Each needs resourceType and id.
+func (s *Source) Add(resources ...any) error {
+	for _, r := range resources {
+		var raw []byte
+		switch v := r.(type) {
+		case []byte:
+			raw = v
+		case json.RawMessage:
+			raw = v
+		case string:
+			raw = []byte(v)
+		default:
+			b, err := json.Marshal(v)
+			if err != nil {
+				return fmt.Errorf("bulkexporttest: %w", err)
+			}
+			raw = b
+		}
+		e, typ, err := parseEntry(raw)
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.resources[typ] = append(s.resources[typ], e)
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// MustAdd is Add that panics on error, for test set-up.
+func (s *Source) MustAdd(resources ...any) *Source {
+	if err := s.Add(resources...); err != nil {
+		panic(err)
+	}
+	return s
+}
+
+func parseEntry(raw []byte) (*entry, string, error) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return nil, "", fmt.Errorf("bulkexporttest: resource is not a JSON object: %w", err)
+	}
+	var typ, id string
+	_ = json.Unmarshal(fields["resourceType"], &typ)
+	_ = json.Unmarshal(fields["id"], &id)
+	if typ == "" || id == "" {
+		return nil, "", fmt.Errorf("bulkexporttest: resource needs resourceType and id: %.80s", raw)
+	}
+	compact, err := compactJSON(raw)
+	if err != nil {
+		return nil, "", err
+	}
+	e := &entry{id: id, fields: fields, raw: compact}
+	var meta struct {
+		LastUpdated string `json:"lastUpdated"`
+	}
+	if json.Unmarshal(fields["meta"], &meta) == nil && meta.LastUpdated != "" {
+		t, err := bulkexport.ParseInstant(meta.LastUpdated)
+		if err != nil {
+			return nil, "", fmt.Errorf("bulkexporttest: %s/%s: meta.lastUpdated: %w", typ, id, err)
+		}
+		e.lastUpdated = t
+	}
+	if typ == "Patient" {
+		e.patient = id
+	} else {
+		for _, k := range []string{"subject", "patient", "beneficiary"} {
+			var ref struct {
+				Reference string `json:"reference"`
+			}
+			if json.Unmarshal(fields[k], &ref) == nil {
+				if pid, ok := strings.CutPrefix(ref.Reference, "Patient/"); ok {
+					e.patient = pid
+					break
+				}
+			}
+		}
+	}
+	return e, typ, nil
+}
+
+// AddGroup defines a Group and its member patient ids.
+func (s *Source) AddGroup(id string, patientIDs ...string) *Source {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.groups[id] = append(s.groups[id], patientIDs...)
+	return s
+}
+
+// AddDeleted records that typ/id was deleted at the given time. Exports with
+// _since before it list it in deleted[].
+func (s *Source) AddDeleted(typ, id string, at time.Time) *Source {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.deleted[typ] = append(s.deleted[typ], deletion{id, at})
+	return s
+}
+
+// ResourceTypes implements bulkexport.Source: at system level every type
+// added, at Patient and Group level the types with Patient compartment
+// members; sorted by name.
+func (s *Source) ResourceTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for typ, es := range s.resources {
+		if level == bulkexport.LevelSystem || typ == "Patient" || slices.ContainsFunc(es, func(e *entry) bool { return e.patient != "" }) {
+			out = append(out, typ)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// CheckGroup implements bulkexport.GroupChecker.
+func (s *Source) CheckGroup(ctx context.Context, id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.groups[id]; !ok {
+		return fmt.Errorf("Group/%s: %w", id, bulkexport.ErrNotFound)
+	}
+	return nil
+}
+
+// CheckTypeFilter implements bulkexport.TypeFilterChecker: search
+// parameters with modifiers or chains, and _-prefixed ones, are refused.
+func (s *Source) CheckTypeFilter(typ string, q url.Values) error {
+	for k := range q {
+		if strings.ContainsAny(k, ":.") || strings.HasPrefix(k, "_") {
+			return fmt.Errorf("search parameter %q is not supported", k)
+		}
+	}
+	return nil
+}
+
+// Count implements bulkexport.Counter.
+func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (int64, error) {
+	sel, err := s.selected(ctx, q, typ)
+	return int64(len(sel)), err
+}
+
+// Export implements bulkexport.Source. The cursor is the position of the
+// next resource of the type.
+func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
+	start := 0
+	if q.Cursor != "" {
+		n, err := strconv.Atoi(q.Cursor)
+		if err != nil || n < 0 {
+			return fmt.Errorf("bulkexporttest: bad cursor %q", q.Cursor)
+		}
+		start = n
+	}
+	s.mu.Lock()
+	all := s.resources[typ]
+	s.mu.Unlock()
+	members, err := s.members(q)
+	if err != nil {
+		return err
+	}
+	// Deletions go first, before the first checkpoint: a resumed export
+	// (Cursor set) has already recorded them.
+	if !q.Since.IsZero() && q.Cursor == "" {
+		s.mu.Lock()
+		dels := slices.Clone(s.deleted[typ])
+		s.mu.Unlock()
+		for _, d := range dels {
+			if d.at.After(q.Since) && (q.TransactionTime.IsZero() || !d.at.After(q.TransactionTime)) {
+				if err := w.Deleted(d.id, d.at); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for i := start; i < len(all); i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		e := all[i]
+		if !s.match(e, q, typ, members) {
+			continue
+		}
+		if s.OnResource != nil {
+			if err := s.OnResource(ctx, typ, i); err != nil {
+				return err
+			}
+		}
+		if s.Delay > 0 {
+			t := time.NewTimer(s.Delay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-t.C:
+			}
+		}
+		raw := e.raw
+		if q.Elements != nil {
+			raw = subset(e, q.Elements)
+		}
+		if err := w.Write(raw); err != nil {
+			return err
+		}
+		if err := w.Checkpoint(strconv.Itoa(i + 1)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// members is the set of patients the query may export, or nil for no
+// restriction.
+func (s *Source) members(q *bulkexport.Query) (map[string]bool, error) {
+	var set map[string]bool
+	if q.Level == bulkexport.LevelGroup {
+		s.mu.Lock()
+		ids, ok := s.groups[q.GroupID]
+		s.mu.Unlock()
+		if !ok {
+			return nil, fmt.Errorf("Group/%s: %w", q.GroupID, bulkexport.ErrNotFound)
+		}
+		set = map[string]bool{}
+		for _, id := range ids {
+			set[id] = true
+		}
+	}
+	if len(q.Patients) > 0 {
+		p := map[string]bool{}
+		for _, id := range q.Patients {
+			if set == nil || set[id] {
+				p[id] = true
+			}
+		}
+		set = p
+	}
+	return set, nil
+}
+
+func (s *Source) selected(ctx context.Context, q *bulkexport.Query, typ string) ([]*entry, error) {
+	members, err := s.members(q)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	all := s.resources[typ]
+	s.mu.Unlock()
+	var out []*entry
+	for _, e := range all {
+		if s.match(e, q, typ, members) {
+			out = append(out, e)
+		}
+	}
+	return out, nil
+}
+
+func (s *Source) match(e *entry, q *bulkexport.Query, typ string, members map[string]bool) bool {
+	if q.Level != bulkexport.LevelSystem && e.patient == "" {
+		return false
+	}
+	if members != nil && !members[e.patient] {
+		return false
+	}
+	if !e.lastUpdated.IsZero() {
+		if !q.Since.IsZero() && !e.lastUpdated.After(q.Since) {
+			return false
+		}
+		if !q.Until.IsZero() && !e.lastUpdated.Before(q.Until) {
+			return false
+		}
+		if !q.TransactionTime.IsZero() && e.lastUpdated.After(q.TransactionTime) {
+			return false
+		}
+	}
+	if len(q.TypeFilters) == 0 {
+		return true
+	}
+	for _, f := range q.TypeFilters {
+		if f.Type == typ && matchFilter(e, f.Values()) {
+			return true
+		}
+	}
+	return false
+}
+
+// matchFilter: every parameter must match (AND); a parameter's comma
+// values are OR'd. The parameter names a top-level element (kebab-case →
+// camelCase); a value matches a string anywhere in it, or a token
+// "system|code" against a Coding.
+func matchFilter(e *entry, q url.Values) bool {
+	for name, vals := range q {
+		raw, ok := e.fields[camel(name)]
+		if !ok {
+			return false
+		}
+		var v any
+		if json.Unmarshal(raw, &v) != nil {
+			return false
+		}
+		found := false
+		for _, list := range vals {
+			for _, want := range strings.Split(list, ",") {
+				if matchValue(v, want) {
+					found = true
+				}
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+func matchValue(v any, want string) bool {
+	system, code, hasSystem := strings.Cut(want, "|")
+	if !hasSystem {
+		code = want
+	}
+	switch x := v.(type) {
+	case string:
+		return !hasSystem && strings.EqualFold(x, code)
+	case bool:
+		return strconv.FormatBool(x) == want
+	case []any:
+		return slices.ContainsFunc(x, func(it any) bool { return matchValue(it, want) })
+	case map[string]any:
+		if c, ok := x["code"].(string); ok && c == code {
+			if !hasSystem || x["system"] == system {
+				return true
+			}
+		}
+		for k, it := range x {
+			if k == "coding" || k == "value" {
+				if matchValue(it, want) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func camel(s string) string {
+	parts := strings.Split(s, "-")
+	for i := 1; i < len(parts); i++ {
+		if parts[i] != "" {
+			parts[i] = strings.ToUpper(parts[i][:1]) + parts[i][1:]
+		}
+	}
+	return strings.Join(parts, "")
+}
+
+// subset keeps resourceType, id, meta and the listed elements, and tags
+// the result SUBSETTED.
+func subset(e *entry, keep []string) []byte {
+	out := map[string]json.RawMessage{}
+	for k, v := range e.fields {
+		if k == "resourceType" || k == "id" || slices.Contains(keep, k) {
+			out[k] = v
+		}
+	}
+	var meta map[string]any
+	_ = json.Unmarshal(e.fields["meta"], &meta)
+	if meta == nil {
+		meta = map[string]any{}
+	}
+	tags, _ := meta["tag"].([]any)
+	meta["tag"] = append(tags, map[string]any{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"})
+	out["meta"], _ = json.Marshal(meta)
+	b, _ := json.Marshal(out)
+	return b
+}
+
+func compactJSON(raw []byte) ([]byte, error) {
+	var v json.RawMessage
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(v) // compacts
+	return b, err
+}

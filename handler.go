@@ -1,0 +1,443 @@
+package bulkexport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// TypeLister says which resource types each level exports. Every Source is
+// one; a host that runs exports its own way can implement just this.
+type TypeLister interface {
+	ResourceTypes(ctx context.Context, level Level) ([]string, error)
+}
+
+// GroupChecker is an optional interface of a TypeLister (or Source): it
+// resolves a Group at kick-off, so that an unknown Group gets 404 at once
+// rather than a failed job later. It returns an error wrapping ErrNotFound
+// for an unknown group.
+type GroupChecker interface {
+	CheckGroup(ctx context.Context, groupID string) error
+}
+
+// TypeFilterChecker is an optional interface of a TypeLister (or Source):
+// it rejects _typeFilter searches the host cannot run, so that they get 400
+// (or are ignored under lenient handling) instead of being silently dropped.
+type TypeFilterChecker interface {
+	CheckTypeFilter(typ string, query url.Values) error
+}
+
+// DeletePolicy is what DELETE on the status URL does to a job that has
+// already finished (completed or failed). Queued and running jobs are
+// cancelled under either policy.
+type DeletePolicy int
+
+const (
+	// DeleteFinishedNotFound answers 404 with an OperationOutcome and keeps
+	// the job: the rule of the eHealth $export-poll-status operation (and of
+	// HAPI FHIR). It is the default.
+	DeleteFinishedNotFound DeletePolicy = iota
+	// DeleteFinishedRemoves answers 202 and removes the job and its files:
+	// the HL7 Bulk Data IG's reading, where a DELETE after completion tells
+	// the server the client has what it needs. Conformance kits that DELETE
+	// right after kick-off expect it from fast servers.
+	DeleteFinishedRemoves
+)
+
+// StatusURLStyle picks the form of the status URL the kick-off returns in
+// Content-Location. Both forms are always served.
+type StatusURLStyle int
+
+const (
+	// StatusQuery is [base]/$export-poll-status?_jobId={id} (the default,
+	// the eHealth operation's form).
+	StatusQuery StatusURLStyle = iota
+	// StatusPath is [base]/$export-poll-status/{id}.
+	StatusPath
+)
+
+// Options configures a Handler. Only BaseURL is required; every other field
+// has the default its comment gives.
+type Options struct {
+	// BaseURL is the absolute FHIR base URL the handler answers under, such
+	// as "https://fhir.example.org/fhir". Content-Location, manifest and file
+	// URLs are built from it, never from the request's Host.
+	BaseURL string
+
+	// Types lists the resource types per level and validates _type. A
+	// Source fits. Optional interfaces: GroupChecker, TypeFilterChecker.
+	// Default: nil, which accepts any well-formed type name.
+	Types TypeLister
+
+	// Authenticate returns the client id of a request. An error wrapping
+	// ErrUnauthorized gives 401; other errors go through ErrorMapper.
+	// Every endpoint calls it, and a job is visible only to the client id
+	// that created it. Default: nil, every request is the anonymous client
+	// "".
+	Authenticate func(r *http.Request) (clientID string, err error)
+
+	// Authorize decides whether a client may start the export req (for
+	// example against its scopes). An error wrapping ErrForbidden gives 403.
+	// Default: nil, everything is allowed.
+	Authorize func(ctx context.Context, clientID string, level Level, groupID string, req *Request) error
+
+	// ErrorMapper turns errors into HTTP answers. Default: DefaultErrorMapper.
+	ErrorMapper ErrorMapper
+
+	// RetryAfter is the Retry-After policy for in-progress polls. Default:
+	// DefaultRetryAfter.
+	RetryAfter func(job *Job, now time.Time) time.Duration
+
+	// DeletePolicy for finished jobs. Default: DeleteFinishedNotFound.
+	DeletePolicy DeletePolicy
+
+	// StatusURLStyle picks the Content-Location form. Default: StatusQuery.
+	StatusURLStyle StatusURLStyle
+
+	// AllowMissingRespondAsync accepts a kick-off without
+	// "Prefer: respond-async" (and processes it asynchronously anyway).
+	// Default: false, which answers 400 like the eHealth server.
+	AllowMissingRespondAsync bool
+
+	// RequiresAccessToken is the manifest's requiresAccessToken. Default:
+	// nil, which means true when Authenticate is set.
+	RequiresAccessToken *bool
+
+	// AssociatedData lists the includeAssociatedData codes accepted at
+	// kick-off and passed on to the Source. Default: none; any value gets
+	// 400 (or is ignored under lenient handling).
+	AssociatedData []string
+
+	// MaxBodyBytes caps a POST kick-off or status body. Default: 1 MiB.
+	MaxBodyBytes int64
+
+	// MaxParamValues caps the values of one repeated kick-off parameter
+	// (_type, _typeFilter, patient, ...). Default: 1000.
+	MaxParamValues int
+
+	// CancelledRetention is how long a cancelled job's record is kept (so
+	// that polls keep answering 404 "cancelled" rather than "unknown")
+	// before the purge removes it. Default: 24h.
+	CancelledRetention time.Duration
+
+	// Storage serves the files for download and removes them when the
+	// DeletePolicy says so. Default: nil, files are not served by this
+	// handler.
+	Storage Storage
+
+	// OnQueued, if set, is called after a kick-off has stored a new job,
+	// for instance with a Worker's Notify so that the job starts at once.
+	// It must not block.
+	OnQueued func(jobID string)
+
+	// Now is the clock. Default: time.Now.
+	Now func() time.Time
+
+	// Logger receives the handler's logs. Default: slog.Default().
+	Logger *slog.Logger
+}
+
+// Handler serves the bulk export protocol: kick-off, status, cancel and
+// file download. Create it with NewHandler; it is an http.Handler that can
+// be mounted under any prefix.
+type Handler struct {
+	store    JobStore
+	opts     Options
+	base     string // BaseURL without a trailing slash
+	basePath string // the path of BaseURL, without a trailing slash
+	mapErr   ErrorMapper
+	now      func() time.Time
+	log      *slog.Logger
+	token    bool
+}
+
+// NewHandler returns a Handler over store. It fails when opts.BaseURL is
+// not an absolute http(s) URL.
+func NewHandler(store JobStore, opts *Options) (*Handler, error) {
+	if store == nil {
+		return nil, errors.New("bulkexport: NewHandler: nil JobStore")
+	}
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	u, err := url.Parse(o.BaseURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+		return nil, fmt.Errorf("bulkexport: Options.BaseURL must be an absolute http(s) URL without query, got %q", o.BaseURL)
+	}
+	h := &Handler{
+		store:    store,
+		opts:     o,
+		base:     strings.TrimSuffix(o.BaseURL, "/"),
+		basePath: strings.TrimSuffix(u.EscapedPath(), "/"),
+		mapErr:   o.ErrorMapper,
+		now:      o.Now,
+		log:      o.Logger,
+		token:    o.Authenticate != nil,
+	}
+	if h.mapErr == nil {
+		h.mapErr = DefaultErrorMapper
+	}
+	if h.now == nil {
+		h.now = time.Now
+	}
+	if h.log == nil {
+		h.log = slog.Default()
+	}
+	if o.RequiresAccessToken != nil {
+		h.token = *o.RequiresAccessToken
+	}
+	if h.opts.RetryAfter == nil {
+		h.opts.RetryAfter = DefaultRetryAfter
+	}
+	if h.opts.MaxBodyBytes <= 0 {
+		h.opts.MaxBodyBytes = 1 << 20
+	}
+	if h.opts.CancelledRetention <= 0 {
+		h.opts.CancelledRetention = 24 * time.Hour
+	}
+	return h, nil
+}
+
+// Paths the handler serves, relative to the base URL.
+const (
+	pathExport     = "/$export"
+	pathPoll       = "/$export-poll-status"
+	pathPatient    = "/Patient/$export"
+	pathFiles      = "/bulkfiles/"
+	groupPrefix    = "/Group/"
+	groupSuffix    = "/$export"
+	pollPathPrefix = pathPoll + "/"
+)
+
+// ServeHTTP routes a request. Paths are taken relative to the BaseURL's
+// path, so the handler works both mounted at that path and behind
+// http.StripPrefix.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p := r.URL.EscapedPath()
+	if h.basePath != "" {
+		if rest, ok := strings.CutPrefix(p, h.basePath); ok && (rest == "" || rest[0] == '/') {
+			p = rest
+		}
+	}
+	if unescaped, err := url.PathUnescape(p); err == nil {
+		p = unescaped
+	}
+	switch {
+	case p == pathPoll:
+		h.serveStatus(w, r, "")
+	case strings.HasPrefix(p, pollPathPrefix):
+		id := p[len(pollPathPrefix):]
+		if id == "" {
+			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "missing job id"})
+			return
+		}
+		h.serveStatus(w, r, id)
+	case p == pathExport:
+		h.serveKickoff(w, r, LevelSystem, "")
+	case p == pathPatient:
+		h.serveKickoff(w, r, LevelPatient, "")
+	case len(p) >= len(groupPrefix)+len(groupSuffix) && strings.HasPrefix(p, groupPrefix) && strings.HasSuffix(p, groupSuffix):
+		// The length check: "/Group/$export" has both affixes, overlapping.
+		id := p[len(groupPrefix) : len(p)-len(groupSuffix)]
+		if !validID(id) {
+			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "invalid Group id"})
+			return
+		}
+		h.serveKickoff(w, r, LevelGroup, id)
+	case strings.HasPrefix(p, pathFiles):
+		h.serveFile(w, r, p[len(pathFiles):])
+	default:
+		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no bulk export endpoint at this path"})
+	}
+}
+
+// authenticate runs the host's Authenticate hook.
+func (h *Handler) authenticate(r *http.Request) (string, error) {
+	if h.opts.Authenticate == nil {
+		return "", nil
+	}
+	id, err := h.opts.Authenticate(r)
+	if err != nil {
+		return "", err
+	}
+	return id, nil
+}
+
+// writeError answers with the OperationOutcome the ErrorMapper gives. Every
+// error answer goes through here.
+func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	status, oo := h.mapErr(err)
+	if oo == nil {
+		oo = NewOutcome(SeverityError, IssueProcessing, http.StatusText(status))
+	}
+	if status >= 500 && !errors.Is(err, context.Canceled) {
+		h.log.LogAttrs(r.Context(), slog.LevelError, "bulkexport: request failed",
+			slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", status), slog.Any("err", err))
+	}
+	if status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer`)
+	}
+	writeJSON(w, status, contentTypeFHIRJSON, oo)
+}
+
+func methodNotAllowed(allow string) *Error {
+	return &Error{Status: http.StatusMethodNotAllowed, Code: IssueNotSupported, Message: "method not allowed; use " + allow}
+}
+
+// statusURL returns the absolute status URL of a job.
+func (h *Handler) statusURL(id string) string {
+	if h.opts.StatusURLStyle == StatusPath {
+		return h.base + pollPathPrefix + id
+	}
+	return h.base + pathPoll + "?_jobId=" + id
+}
+
+// StatusURL returns the absolute status URL of the job with the given id,
+// in the configured StatusURLStyle.
+func (h *Handler) StatusURL(id string) string { return h.statusURL(id) }
+
+// FileURL returns the absolute download URL of a job's file.
+func (h *Handler) FileURL(jobID, name string) string {
+	return h.base + pathFiles + jobID + "/" + url.PathEscape(name)
+}
+
+// DefaultRetryAfter advises a poll interval that grows with the job's age:
+// a tenth of the time since kick-off, at least 1 s and at most 2 min. Young
+// jobs are polled often (small exports finish fast); long ones are not
+// hammered.
+func DefaultRetryAfter(job *Job, now time.Time) time.Duration {
+	d := now.Sub(job.CreatedAt) / 10
+	return min(max(d, time.Second), 2*time.Minute)
+}
+
+// FixedRetryAfter returns a RetryAfter policy that always advises d, as the
+// eHealth server does with 120 s.
+func FixedRetryAfter(d time.Duration) func(*Job, time.Time) time.Duration {
+	return func(*Job, time.Time) time.Duration { return d }
+}
+
+// serveKickoff answers [base]/$export, [base]/Patient/$export and
+// [base]/Group/{id}/$export.
+func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Level, groupID string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodPost {
+		w.Header().Set("Allow", "GET, POST")
+		h.writeError(w, r, methodNotAllowed("GET or POST"))
+		return
+	}
+	ctx := r.Context()
+	clientID, err := h.authenticate(r)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	if !acceptsJSON(r.Header.Get("Accept")) {
+		h.writeError(w, r, &Error{Status: http.StatusNotAcceptable, Code: IssueNotSupported,
+			Message: "the kick-off answers in application/fhir+json; the Accept header admits none of it"})
+		return
+	}
+	prefs := parsePrefer(r.Header)
+	if !prefs.respondAsync && !h.opts.AllowMissingRespondAsync {
+		h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueInvalid,
+			Message: "the export runs asynchronously: send the header Prefer: respond-async"})
+		return
+	}
+	raw, err := readKickoffParams(r, h.opts.MaxBodyBytes)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues}
+	if h.opts.Types != nil {
+		types, err := h.opts.Types.ResourceTypes(ctx, level)
+		if err != nil {
+			h.writeError(w, r, err)
+			return
+		}
+		cfg.types = types
+		if tf, ok := h.opts.Types.(TypeFilterChecker); ok {
+			cfg.checkFilter = tf.CheckTypeFilter
+		}
+	}
+	req, err := parseKickoff(raw, r.Method, level, prefs.lenient, cfg)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	req.SeparateExportStatus = prefs.separateExportStatus
+	if level == LevelGroup {
+		if gc, ok := h.opts.Types.(GroupChecker); ok {
+			if err := gc.CheckGroup(ctx, groupID); err != nil {
+				if errors.Is(err, ErrNotFound) {
+					err = &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "Group/" + groupID + " is not known", Err: err}
+				}
+				h.writeError(w, r, err)
+				return
+			}
+		}
+	}
+	if h.opts.Authorize != nil {
+		if err := h.opts.Authorize(ctx, clientID, level, groupID, &req); err != nil {
+			h.writeError(w, r, err)
+			return
+		}
+	}
+	req.URL = h.base + kickoffPath(level, groupID)
+	if r.Method == http.MethodGet && r.URL.RawQuery != "" {
+		req.URL += "?" + r.URL.RawQuery
+	}
+	now := h.now()
+	job := &Job{
+		ID:        NewJobID(),
+		Owner:     clientID,
+		Level:     level,
+		GroupID:   groupID,
+		Request:   req,
+		State:     StateQueued,
+		Progress:  Progress{Percent: -1, Message: "queued"},
+		CreatedAt: now,
+		UpdatedAt: now,
+	}
+	if err := h.store.Create(ctx, job); err != nil {
+		h.writeError(w, r, storeError(err))
+		return
+	}
+	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued",
+		slog.String("job", job.ID), slog.String("client", clientID), slog.String("level", string(level)))
+
+	if h.opts.OnQueued != nil {
+		h.opts.OnQueued(job.ID)
+	}
+	oo := NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" queued")
+	oo.Issue = append(oo.Issue, req.Ignored...)
+	w.Header().Set("Content-Location", h.statusURL(job.ID))
+	writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON, oo)
+}
+
+func kickoffPath(level Level, groupID string) string {
+	switch level {
+	case LevelPatient:
+		return pathPatient
+	case LevelGroup:
+		return groupPrefix + groupID + groupSuffix
+	}
+	return pathExport
+}
+
+// storeError marks a JobStore failure other than the contract's sentinels
+// as transient: the store is unavailable, the client should retry.
+func storeError(err error) error {
+	var e *Error
+	switch {
+	case errors.As(err, &e), errors.Is(err, ErrNotFound), errors.Is(err, ErrConflict),
+		errors.Is(err, ErrAlreadyExists), errors.Is(err, ErrInvalidTransition):
+		return err
+	}
+	return &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient,
+		Message: "the job store is unavailable; retry later", Err: errors.Join(ErrUnavailable, err)}
+}

@@ -1,0 +1,443 @@
+package bulkexport
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+)
+
+// Why a job run stops early.
+var (
+	errJobCancelled = errors.New("bulkexport: job cancelled")
+	errLeaseLost    = errors.New("bulkexport: lease lost to another worker")
+)
+
+// checkpoint is the engine's resume state, stored in Job.Checkpoint.
+type checkpoint struct {
+	// Types holds the state of every type that has recorded anything.
+	Types map[string]*typeCheckpoint `json:"types,omitempty"`
+	// IgnoredRecorded: the lenient-handling issues file is in Errors.
+	IgnoredRecorded bool `json:"ignoredRecorded,omitempty"`
+}
+
+type typeCheckpoint struct {
+	// Done: every resource of the type is in recorded files.
+	Done bool `json:"done,omitempty"`
+	// Cursor is the Source's last recorded cursor.
+	Cursor string `json:"cursor,omitempty"`
+	// Seq is the next file number of the output, deleted and error streams.
+	Seq [3]int `json:"seq"`
+	// Written counts the resources in recorded files.
+	Written int64 `json:"written,omitempty"`
+}
+
+// jobRun is one execution of a claimed job.
+type jobRun struct {
+	w      *Worker
+	id     string // the job's id, readable without mu
+	cancel context.CancelCauseFunc
+
+	mu  sync.Mutex // guards job and cp; held across store updates
+	job *Job
+	cp  checkpoint
+
+	types []*typeRun // every type of the job, in export order
+}
+
+func (w *Worker) runJob(parent context.Context, job *Job) {
+	ctx, cancel := context.WithCancelCause(parent)
+	defer cancel(nil)
+	r := &jobRun{w: w, id: job.ID, cancel: cancel, job: job}
+	log := w.log.With(slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
+	if len(job.Checkpoint) > 0 {
+		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {
+			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueException, Message: "the job's checkpoint is unreadable", Err: err})
+			return
+		}
+	}
+	if r.cp.Types == nil {
+		r.cp.Types = map[string]*typeCheckpoint{}
+	}
+	if job.Attempts > w.opts.MaxAttempts {
+		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueException,
+			Message: fmt.Sprintf("the export was interrupted %d times and was given up", job.Attempts-1)})
+		return
+	}
+	resumed := !job.StartedAt.IsZero()
+	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job running", slog.String("worker", w.opts.ID), slog.Bool("resumed", resumed), slog.Int("attempt", job.Attempts))
+
+	err := r.run(ctx, resumed)
+	cause := context.Cause(ctx)
+	switch {
+	case errors.Is(cause, errLeaseLost):
+		log.LogAttrs(context.Background(), slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
+	case errors.Is(cause, errJobCancelled):
+		r.cleanup(log)
+		log.LogAttrs(context.Background(), slog.LevelInfo, "bulkexport: job stopped after cancel")
+	case parent.Err() != nil:
+		r.release(log)
+	case err != nil:
+		r.fail(ctx, log, err)
+	default:
+		r.complete(ctx, log)
+	}
+}
+
+// run does the work: set up, then export every type.
+func (r *jobRun) run(ctx context.Context, resumed bool) error {
+	w := r.w
+	now := w.opts.Now()
+	if err := r.update(ctx, func(j *Job) {
+		if j.TransactionTime.IsZero() {
+			j.TransactionTime = now
+			j.StartedAt = now
+		}
+		j.Progress = Progress{Percent: 0, Message: "starting"}
+		j.UpdatedAt = now
+	}); err != nil {
+		return err
+	}
+	if resumed {
+		if err := r.sweepOrphans(ctx); err != nil {
+			return err
+		}
+	}
+	if err := r.recordIgnored(ctx); err != nil {
+		return err
+	}
+	types, err := r.typesToExport(ctx)
+	if err != nil {
+		return err
+	}
+	for _, typ := range types {
+		r.types = append(r.types, newTypeRun(r, typ))
+	}
+
+	hbDone := make(chan struct{})
+	hbCtx, stopHB := context.WithCancel(ctx)
+	go func() {
+		defer close(hbDone)
+		r.heartbeat(hbCtx)
+	}()
+	defer func() {
+		stopHB()
+		<-hbDone
+	}()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(w.opts.TypeConcurrency)
+	for _, t := range r.types {
+		if t.done.Load() {
+			continue
+		}
+		g.Go(func() error { return t.export(gctx) })
+	}
+	return g.Wait()
+}
+
+// typesToExport is _type (in the client's order) or every type of the
+// level.
+func (r *jobRun) typesToExport(ctx context.Context) ([]string, error) {
+	req := &r.job.Request
+	all, err := r.w.src.ResourceTypes(ctx, r.job.Level)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.Types) == 0 {
+		return all, nil
+	}
+	var out []string
+	for _, t := range req.Types {
+		if slices.Contains(all, t) {
+			out = append(out, t)
+		}
+	}
+	return out, nil
+}
+
+// update applies fn to the job and saves it. On a version conflict it
+// reloads the job: if it is still ours and running, fn is applied again to
+// the fresh copy; otherwise the run is stopped (cancelled or lease lost).
+func (r *jobRun) update(ctx context.Context, fn func(*Job)) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.updateLocked(ctx, fn)
+}
+
+func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
+	for attempt := 0; ; attempt++ {
+		j := r.job.Clone()
+		fn(j)
+		if b, err := json.Marshal(r.cp); err == nil {
+			j.Checkpoint = b
+		}
+		err := r.w.store.Update(ctx, j)
+		if err == nil {
+			r.job = j
+			return nil
+		}
+		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrInvalidTransition) {
+			return err
+		}
+		fresh, gerr := r.w.store.Get(ctx, r.id)
+		switch {
+		case errors.Is(gerr, ErrNotFound), gerr == nil && fresh.State == StateCancelled:
+			r.cancel(errJobCancelled)
+			return errJobCancelled
+		case gerr != nil:
+			return gerr
+		case fresh.State != StateRunning || fresh.LeaseOwner != r.w.opts.ID || attempt >= 10:
+			r.cancel(errLeaseLost)
+			return errLeaseLost
+		}
+		r.job = fresh
+	}
+}
+
+// heartbeat saves progress, renews the lease and notices cancels.
+func (r *jobRun) heartbeat(ctx context.Context) {
+	t := time.NewTicker(r.w.opts.Heartbeat)
+	defer t.Stop()
+	lastRenew := r.w.opts.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := r.w.opts.Now()
+		p := r.progress()
+		r.mu.Lock()
+		changed := p != r.job.Progress
+		r.mu.Unlock()
+		if changed || now.Sub(lastRenew) >= r.w.opts.Lease/3 {
+			err := r.update(ctx, func(j *Job) {
+				j.Progress = p
+				j.LeaseExpiresAt = now.Add(r.w.opts.Lease)
+				j.UpdatedAt = now
+			})
+			if err == nil {
+				lastRenew = now
+			}
+			continue
+		}
+		j, err := r.w.store.Get(ctx, r.id)
+		switch {
+		case errors.Is(err, ErrNotFound), err == nil && j.State == StateCancelled:
+			r.cancel(errJobCancelled)
+		case err == nil && (j.State != StateRunning || j.LeaseOwner != r.w.opts.ID):
+			r.cancel(errLeaseLost)
+		}
+	}
+}
+
+// progress computes the percentage: each type weighs the same, and counts
+// in proportion to its estimate when the Source is a Counter.
+func (r *jobRun) progress() Progress {
+	if len(r.types) == 0 {
+		return Progress{Percent: 0, Message: "starting"}
+	}
+	var sum float64
+	var active []string
+	for _, t := range r.types {
+		switch {
+		case t.done.Load():
+			sum++
+		case t.started.Load():
+			active = append(active, t.typ)
+			if est := t.estimate.Load(); est > 0 {
+				sum += min(float64(t.written.Load())/float64(est), 0.99)
+			}
+		}
+	}
+	pct := float64(int(min(sum/float64(len(r.types))*100, 99)))
+	msg := strings.Join(active, ", ")
+	if len(msg) > 80 {
+		msg = msg[:77] + "..."
+	}
+	return Progress{Percent: pct, Message: msg}
+}
+
+// sweepOrphans deletes files a crashed run committed but never recorded:
+// a resumed type rewrites everything after its last checkpoint.
+func (r *jobRun) sweepOrphans(ctx context.Context) error {
+	names, err := r.w.storage.List(ctx, r.id)
+	if err != nil {
+		return err
+	}
+	var orphans []string
+	for _, n := range names {
+		if !r.job.hasFile(n) {
+			orphans = append(orphans, n)
+		}
+	}
+	fd, ok := r.w.storage.(FileDeleter)
+	if !ok {
+		return nil
+	}
+	for _, n := range orphans {
+		if err := fd.DeleteFile(ctx, r.id, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// recordIgnored writes the lenient-handling issues as the first error file.
+func (r *jobRun) recordIgnored(ctx context.Context) error {
+	ignored := r.job.Request.Ignored
+	if len(ignored) == 0 || r.cp.IgnoredRecorded {
+		return nil
+	}
+	const name = "request.error.ndjson"
+	fw, err := r.w.storage.Create(ctx, r.id, name)
+	if err != nil {
+		return err
+	}
+	var size int64
+	for _, is := range ignored {
+		b, _ := json.Marshal(OperationOutcome{ResourceType: "OperationOutcome", Issue: []Issue{is}})
+		b = append(b, '\n')
+		if _, err := fw.Write(b); err != nil {
+			_ = fw.Abort()
+			return err
+		}
+		size += int64(len(b))
+	}
+	if err := fw.Commit(); err != nil {
+		return err
+	}
+	return r.update(ctx, func(j *Job) {
+		r.cp.IgnoredRecorded = true
+		j.Errors = append(j.Errors, File{Type: "OperationOutcome", Name: name, Count: int64(len(ignored)), Size: size})
+	})
+}
+
+// complete marks the job completed.
+func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
+	now := r.w.opts.Now()
+	err := r.update(ctx, func(j *Job) {
+		j.State = StateCompleted
+		j.Progress = Progress{Percent: 100, Message: "completed"}
+		j.CompletedAt = now
+		j.UpdatedAt = now
+		j.ExpiresAt = now.Add(r.w.opts.Retention)
+		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
+		sortFiles(j.Output)
+		sortFiles(j.Deleted)
+		sortFiles(j.Errors)
+	})
+	switch {
+	case errors.Is(err, errJobCancelled):
+		r.cleanup(log)
+	case err != nil:
+		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record completion", slog.Any("err", err))
+	default:
+		var n int64
+		for _, f := range r.job.Output {
+			n += f.Count
+		}
+		log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job completed", slog.Int("files", len(r.job.Output)), slog.Int64("resources", n),
+			slog.Duration("took", now.Sub(r.job.StartedAt)))
+	}
+}
+
+func sortFiles(fs []File) {
+	slices.SortFunc(fs, func(a, b File) int { return strings.Compare(a.Name, b.Name) })
+}
+
+// fail marks the job failed with an OperationOutcome and removes its files.
+func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
+	status, oo := failureOutcome(cause)
+	now := r.w.opts.Now()
+	err := r.update(context.WithoutCancel(ctx), func(j *Job) {
+		j.State = StateFailed
+		j.Failure = &Failure{Status: status, Outcome: oo}
+		j.Progress.Message = "failed"
+		j.CompletedAt = now
+		j.UpdatedAt = now
+		j.ExpiresAt = now.Add(r.w.opts.Retention)
+		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
+	})
+	if errors.Is(err, errJobCancelled) || errors.Is(err, errLeaseLost) {
+		if errors.Is(err, errJobCancelled) {
+			r.cleanup(log)
+		}
+		return
+	}
+	log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: job failed", slog.Int("status", status), slog.Any("err", cause))
+	if err != nil {
+		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record failure", slog.Any("err", err))
+	}
+	if err := r.w.storage.Delete(context.WithoutCancel(ctx), r.id); err != nil {
+		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a failed job", slog.Any("err", err))
+	}
+}
+
+// failureOutcome is the status and outcome a failed job reports. Only an
+// *Error's message reaches the client; other errors may carry internal
+// detail and are only logged.
+func failureOutcome(err error) (int, *OperationOutcome) {
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+		return e.Status, e.Outcome()
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound, NewOutcome(SeverityError, IssueNotFound, "a resource the export depends on was not found")
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden, NewOutcome(SeverityError, IssueForbidden, "the export is not allowed")
+	}
+	msg := "the export failed"
+	var te *typeError
+	if errors.As(err, &te) {
+		msg = "the export of " + te.typ + " failed"
+	}
+	return http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueProcessing, msg)
+}
+
+// typeError ties an error to the type whose export raised it.
+type typeError struct {
+	typ string
+	err error
+}
+
+func (e *typeError) Error() string { return e.typ + ": " + e.err.Error() }
+func (e *typeError) Unwrap() error { return e.err }
+
+// cleanup removes a cancelled job's files.
+func (r *jobRun) cleanup(log *slog.Logger) {
+	if err := r.w.storage.Delete(context.Background(), r.id); err != nil {
+		log.LogAttrs(context.Background(), slog.LevelWarn, "bulkexport: could not remove the files of a cancelled job", slog.Any("err", err))
+	}
+}
+
+// release hands an interrupted job back to the queue on shutdown; it
+// resumes from its last checkpoint.
+func (r *jobRun) release(log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := r.update(ctx, func(j *Job) {
+		j.State = StateQueued
+		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
+		j.Progress.Message = "interrupted; waiting to resume"
+		j.UpdatedAt = r.w.opts.Now()
+	})
+	if errors.Is(err, errJobCancelled) {
+		r.cleanup(log)
+		return
+	}
+	if err != nil {
+		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not hand the job back; its lease will expire", slog.Any("err", err))
+		return
+	}
+	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job handed back on shutdown")
+}

@@ -1,0 +1,267 @@
+package bulkexport
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// serveStatus answers the status URL: [base]/$export-poll-status?_jobId=ID
+// (GET, POST with a Parameters body, DELETE) and [base]/$export-poll-status/ID.
+// pathID is the id from the path form, or "".
+func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID string) {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodDelete:
+	default:
+		w.Header().Set("Allow", "GET, HEAD, POST, DELETE")
+		h.writeError(w, r, methodNotAllowed("GET, POST or DELETE"))
+		return
+	}
+	clientID, err := h.authenticate(r)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	id, err := h.jobIDOf(r, pathID)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	job, err := h.lookup(r, clientID, id)
+	if err != nil {
+		h.writeError(w, r, err)
+		return
+	}
+	if r.Method == http.MethodDelete {
+		h.cancel(w, r, job)
+		return
+	}
+	h.writeStatus(w, r, job)
+}
+
+// jobIDOf finds the job id of a status request: from the path, the _jobId
+// query parameter, or (POST) a Parameters body.
+func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, error) {
+	id := pathID
+	if id == "" {
+		var err error
+		if id, err = queryJobID(r.URL.RawQuery); err != nil {
+			return "", err
+		}
+	}
+	if id == "" && r.Method == http.MethodPost {
+		body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.opts.MaxBodyBytes))
+		if err != nil {
+			return "", err
+		}
+		params, err := parseParametersBody(body)
+		if err != nil {
+			return "", err
+		}
+		for _, p := range params {
+			switch {
+			case p.name != "_jobId":
+				return "", paramError(p.name, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+			case id != "":
+				return "", paramError("_jobId", IssueInvalid, "may appear only once")
+			}
+			id = p.value
+		}
+	}
+	if id == "" {
+		return "", &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
+	}
+	if !validJobID(id) {
+		// No store could hold it: answer like an unknown job.
+		return "", &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_jobId", Message: "no such export job"}
+	}
+	return id, nil
+}
+
+// queryJobID extracts _jobId from a raw query without building a map (this
+// is the poll's hot path). Other parameters are refused, so that a typo
+// such as _jobid is not silently read as "missing".
+func queryJobID(raw string) (string, error) {
+	var id string
+	seen := false
+	for raw != "" {
+		var kv string
+		kv, raw, _ = strings.Cut(raw, "&")
+		if kv == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(kv, "=")
+		if strings.ContainsAny(k, "%+") {
+			var err error
+			if k, err = url.QueryUnescape(k); err != nil {
+				return "", &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+			}
+		}
+		switch k {
+		case "_jobId":
+			if seen {
+				return "", paramError("_jobId", IssueInvalid, "may appear only once")
+			}
+			seen = true
+			if strings.ContainsAny(v, "%+") {
+				var err error
+				if v, err = url.QueryUnescape(v); err != nil {
+					return "", paramError("_jobId", IssueInvalid, "malformed value")
+				}
+			}
+			id = v
+		case "_format":
+			// FHIR's general parameter; the answers are JSON either way.
+		default:
+			return "", paramError(k, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+		}
+	}
+	return id, nil
+}
+
+// lookup loads a job for a client. A job owned by another client, expired,
+// or missing answers 404 with the same outcome, so that its existence does
+// not leak.
+func (h *Handler) lookup(r *http.Request, clientID, id string) (*Job, error) {
+	job, err := h.store.Get(r.Context(), id)
+	if err != nil || job.Owner != clientID {
+		if err == nil || errors.Is(err, ErrNotFound) {
+			return nil, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no such export job"}
+		}
+		return nil, storeError(err)
+	}
+	if job.State.Terminal() && !job.ExpiresAt.IsZero() && !h.now().Before(job.ExpiresAt) {
+		return nil, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "the export job has expired and its files were removed"}
+	}
+	return job, nil
+}
+
+// writeStatus answers a poll for a job the client may see.
+func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job) {
+	hdr := w.Header()
+	switch job.State {
+	case StateQueued, StateRunning:
+		// Retry-After is delta-seconds: never negative or zero, whatever
+		// the host's policy returns.
+		retry := max(h.opts.RetryAfter(job, h.now()), time.Second)
+		hdr.Set("X-Progress", progressText(job))
+		hdr.Set("Retry-After", strconv.FormatInt(int64((retry+time.Second-1)/time.Second), 10))
+		w.WriteHeader(http.StatusAccepted)
+	case StateCompleted:
+		if !job.ExpiresAt.IsZero() {
+			hdr.Set("Expires", job.ExpiresAt.UTC().Format(http.TimeFormat))
+		}
+		writeJSON(w, http.StatusOK, contentTypeJSON, h.Manifest(job))
+	case StateFailed:
+		// Not IssueException: it is in the transient branch, which would
+		// tell the client to keep polling a dead job.
+		status, oo := http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueProcessing, "the export failed")
+		if job.Failure != nil {
+			if job.Failure.Status >= 400 && job.Failure.Status <= 599 {
+				status = job.Failure.Status
+			}
+			if job.Failure.Outcome != nil {
+				oo = job.Failure.Outcome
+			}
+		}
+		writeJSON(w, status, contentTypeFHIRJSON, oo)
+	case StateCancelled:
+		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueDeleted, Message: "the export job was cancelled"})
+	default:
+		h.writeError(w, r, errors.New("bulkexport: job in unknown state "+string(job.State)))
+	}
+}
+
+// progressText is the X-Progress value: under 100 characters, printable
+// ASCII, with a percentage when one is known ("42% complete: Observation").
+func progressText(job *Job) string {
+	var b strings.Builder
+	switch {
+	case job.State == StateQueued:
+		b.WriteString("queued")
+	case job.Progress.Percent >= 0:
+		b.WriteString(strconv.Itoa(int(min(job.Progress.Percent, 100))))
+		b.WriteString("% complete")
+	default:
+		b.WriteString("in progress")
+	}
+	if m := job.Progress.Message; m != "" && m != "queued" {
+		b.WriteString(": ")
+		for i := 0; i < len(m) && b.Len() < 99; i++ {
+			if c := m[i]; c >= 0x20 && c < 0x7f {
+				b.WriteByte(c)
+			}
+		}
+	}
+	return b.String()
+}
+
+// cancel answers DELETE on the status URL.
+func (h *Handler) cancel(w http.ResponseWriter, r *http.Request, job *Job) {
+	ctx := r.Context()
+	for attempt := 0; ; attempt++ {
+		switch job.State {
+		case StateQueued, StateRunning:
+			now := h.now()
+			job.State = StateCancelled
+			job.Progress.Message = "cancelled"
+			job.CompletedAt = now
+			job.UpdatedAt = now
+			job.ExpiresAt = now.Add(h.opts.CancelledRetention)
+			err := h.store.Update(ctx, job)
+			if errors.Is(err, ErrConflict) && attempt < 10 {
+				// A worker moved the job on (progress, or it finished);
+				// look again and decide on the fresh state.
+				if job, err = h.store.Get(ctx, job.ID); err == nil {
+					continue
+				}
+			}
+			if err != nil {
+				h.writeError(w, r, storeError(err))
+				return
+			}
+			h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job cancelled",
+				slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
+			writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
+				NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" cancelled"))
+			return
+		case StateCompleted, StateFailed:
+			if h.opts.DeletePolicy != DeleteFinishedRemoves {
+				h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound,
+					Message: "the export job has already " + string(job.State) + " and cannot be cancelled"})
+				return
+			}
+			if err := h.remove(r, job); err != nil {
+				h.writeError(w, r, err)
+				return
+			}
+			writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
+				NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" and its files deleted"))
+			return
+		default: // cancelled
+			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueDeleted, Message: "the export job was already cancelled"})
+			return
+		}
+	}
+}
+
+// remove deletes a finished job's files, then the job.
+func (h *Handler) remove(r *http.Request, job *Job) error {
+	ctx := r.Context()
+	if h.opts.Storage != nil {
+		if err := h.opts.Storage.Delete(ctx, job.ID); err != nil {
+			return &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient, Message: "the files could not be removed; retry later", Err: err}
+		}
+	}
+	if err := h.store.Delete(ctx, job.ID); err != nil && !errors.Is(err, ErrNotFound) {
+		return storeError(err)
+	}
+	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job deleted",
+		slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
+	return nil
+}

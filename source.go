@@ -1,0 +1,98 @@
+package bulkexport
+
+import (
+	"context"
+	"time"
+)
+
+// Source is what a host implements: where its resources live. The Worker
+// calls Export once per resource type of a job (several types at once, on
+// separate goroutines), and the handler calls ResourceTypes to validate
+// _type at kick-off.
+//
+// Optional interfaces, detected by type assertion: GroupChecker (unknown
+// Groups get 404 at kick-off), TypeFilterChecker (unsupported _typeFilter
+// searches get 400), Counter (percentages in X-Progress).
+type Source interface {
+	// ResourceTypes lists the types exported at a level, in export order.
+	ResourceTypes(ctx context.Context, level Level) ([]string, error)
+
+	// Export streams every resource of type typ that q selects into w, and
+	// returns when done. It must honour ctx: when ctx is done it returns
+	// promptly (its error is then ignored). An error fails the job; an
+	// *Error keeps its status and message in the job's OperationOutcome,
+	// any other error is reported as a generic processing failure (and
+	// logged).
+	//
+	// To make long exports resumable, Export calls w.Checkpoint with a
+	// cursor after which it could continue; a job resumed after a crash
+	// calls Export again with q.Cursor set to the last recorded cursor.
+	Export(ctx context.Context, q *Query, typ string, w ResourceWriter) error
+}
+
+// Query is what one Source.Export call selects.
+type Query struct {
+	// JobID and Owner identify the job and the client that started it (for
+	// sources that apply per-client authorization).
+	JobID string
+	Owner string
+	// Level and GroupID: for LevelGroup the Source resolves membership.
+	Level   Level
+	GroupID string
+	// Patients restricts Patient/Group exports to these patient ids (the
+	// patient parameter); empty means no restriction.
+	Patients []string
+	// Since and Until bound meta.lastUpdated (exclusive); zero when unset.
+	Since time.Time
+	Until time.Time
+	// TypeFilters are the _typeFilter searches for this type, OR'd. Empty
+	// means no filter.
+	TypeFilters []TypeFilter
+	// Elements are the top-level elements _elements keeps for this type;
+	// nil means all. See SubsetElements.
+	Elements []string
+	// IncludeAssociatedData holds the requested codes the handler accepted.
+	IncludeAssociatedData []string
+	// TransactionTime: resources changed after it are left out.
+	TransactionTime time.Time
+	// Cursor is the last cursor passed to ResourceWriter.Checkpoint for
+	// this type, when the job resumes; "" starts from the beginning.
+	Cursor string
+}
+
+// ResourceWriter receives what a Source exports for one type. It is not
+// safe for concurrent use: one Export call owns its writer.
+type ResourceWriter interface {
+	// Write adds one resource: a JSON object whose resourceType is the
+	// type being exported. Multi-line JSON is compacted. A resource that is
+	// not a JSON object of that type is rejected: it is left out and
+	// reported in the manifest's error[], and Write returns nil. Write
+	// returns an error only when the export must stop (cancelled, storage
+	// failure); Export should then return.
+	Write(resource []byte) error
+
+	// Deleted records that the resource typ/id was deleted (at the given
+	// time) within the _since window. It is listed in the manifest's
+	// deleted[] as a transaction Bundle entry with request DELETE.
+	Deleted(id string, at time.Time) error
+
+	// Issue records a problem with one resource, such as a resource that
+	// was withheld by policy, as an OperationOutcome in error[]. It does not
+	// fail the job.
+	Issue(issue Issue) error
+
+	// Checkpoint declares that every resource up to cursor has been
+	// written: if the job is interrupted, Export is called again with
+	// Query.Cursor = cursor and must continue after it. The writer may make
+	// the written files final at this point. It is cheap to call often;
+	// the writer records checkpoints at most every
+	// WorkerOptions.CheckpointInterval.
+	Checkpoint(cursor string) error
+}
+
+// Counter is an optional interface of a Source: it estimates how many
+// resources Export will write, so that progress can be reported as a
+// percentage.
+type Counter interface {
+	Count(ctx context.Context, q *Query, typ string) (int64, error)
+}

@@ -1,0 +1,92 @@
+package bulkexport
+
+import (
+	"context"
+	"time"
+)
+
+// JobStore persists export jobs. The handler creates jobs and answers polls
+// from it; the Worker claims, updates and purges them. Implementations must
+// be safe for concurrent use, and every method takes the caller's context.
+//
+// Jobs are copied in and out: a store never keeps a *Job it was handed and
+// never hands out one it keeps. The package storetest checks every point of
+// this contract; an implementation runs it with storetest.Run.
+type JobStore interface {
+	// Create stores a new job. It sets job.Version to 1 (in the stored copy
+	// and in job). An id that already exists gives ErrAlreadyExists and
+	// leaves the stored job as it was.
+	Create(ctx context.Context, job *Job) error
+
+	// Get returns the job with the given id, or an error wrapping
+	// ErrNotFound. It never returns (nil, nil).
+	Get(ctx context.Context, id string) (*Job, error)
+
+	// Update replaces the stored job with job if, and only if, the stored
+	// Version equals job.Version (compare-and-set). On success it stores
+	// and writes back job.Version+1. A stale Version gives ErrConflict; a
+	// missing job gives ErrNotFound; a state change that CheckTransition
+	// refuses (for instance leaving a terminal state) gives
+	// ErrInvalidTransition. On any error the stored job is unchanged.
+	Update(ctx context.Context, job *Job) error
+
+	// Delete removes the job. A missing job gives ErrNotFound.
+	Delete(ctx context.Context, id string) error
+
+	// Claim hands one job to a worker: the oldest (by CreatedAt, then ID)
+	// job that is queued, or running with an expired lease (LeaseExpiresAt
+	// before now); see Claimable. It moves the job to StateRunning, sets
+	// LeaseOwner to worker and LeaseExpiresAt to now+lease, increments
+	// Attempts and Version, and returns the stored copy. With nothing to
+	// claim it returns ErrNoJob. Concurrent claims never hand out the same
+	// job twice while its lease is live. now is the caller's clock: stores
+	// compare leases against it and do not read their own.
+	Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*Job, error)
+
+	// List returns the jobs that match every set field of f, oldest
+	// CreatedAt first (then ID). An empty result is not an error.
+	List(ctx context.Context, f Filter) ([]*Job, error)
+}
+
+// Filter selects jobs for JobStore.List. Zero fields match everything.
+type Filter struct {
+	// Owner keeps the jobs of one client.
+	Owner string
+	// States keeps jobs in any of these states.
+	States []JobState
+	// ExpiresBefore keeps jobs with a non-zero ExpiresAt before it: the
+	// purge's query.
+	ExpiresBefore time.Time
+	// Limit caps the result; 0 means no cap.
+	Limit int
+}
+
+// Match reports whether j satisfies f (ignoring Limit). Stores that filter
+// in memory use it, so that every store agrees on the meaning of a Filter.
+func (f Filter) Match(j *Job) bool {
+	if f.Owner != "" && j.Owner != f.Owner {
+		return false
+	}
+	if len(f.States) > 0 {
+		ok := false
+		for _, s := range f.States {
+			if j.State == s {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	if !f.ExpiresBefore.IsZero() && (j.ExpiresAt.IsZero() || !j.ExpiresAt.Before(f.ExpiresBefore)) {
+		return false
+	}
+	return true
+}
+
+// Claimable reports whether Claim may hand j out at now: it is queued, or
+// running with an expired lease.
+func Claimable(j *Job, now time.Time) bool {
+	return j.State == StateQueued || (j.State == StateRunning && j.LeaseExpiresAt.Before(now))
+}

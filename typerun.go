@@ -1,0 +1,273 @@
+package bulkexport
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+// The three file streams of a type.
+const (
+	streamOutput = iota
+	streamDeleted
+	streamError
+)
+
+// typeRun exports one resource type of a job. It is the ResourceWriter the
+// Source writes to: three NDJSON streams (output, deleted, error) whose
+// files are committed as they fill, and recorded in the job at each
+// checkpoint and at the end.
+type typeRun struct {
+	r   *jobRun
+	typ string
+	ctx context.Context
+
+	streams [3]stream
+	scratch []byte
+	n       int // Write calls, to check ctx now and then
+
+	lastCheckpoint time.Time
+
+	started  atomic.Bool
+	done     atomic.Bool
+	written  atomic.Int64 // resources written (recorded or not)
+	estimate atomic.Int64
+}
+
+var _ ResourceWriter = (*typeRun)(nil)
+
+func newTypeRun(r *jobRun, typ string) *typeRun {
+	t := &typeRun{r: r, typ: typ}
+	cp := r.cp.Types[typ]
+	if cp == nil {
+		cp = &typeCheckpoint{}
+		r.cp.Types[typ] = cp
+	}
+	t.done.Store(cp.Done)
+	t.written.Store(cp.Written)
+	t.streams[streamOutput] = stream{fileType: typ, prefix: typ + ".", seq: cp.Seq[streamOutput]}
+	t.streams[streamDeleted] = stream{fileType: "Bundle", prefix: typ + ".deleted.", seq: cp.Seq[streamDeleted]}
+	t.streams[streamError] = stream{fileType: "OperationOutcome", prefix: typ + ".error.", seq: cp.Seq[streamError]}
+	return t
+}
+
+// export runs the Source for this type and records the result.
+func (t *typeRun) export(ctx context.Context) (err error) {
+	t.ctx = ctx
+	t.started.Store(true)
+	t.lastCheckpoint = t.r.w.opts.Now()
+	defer func() {
+		if err != nil {
+			for i := range t.streams {
+				t.streams[i].abort()
+			}
+		}
+	}()
+	q := t.query()
+	if c, ok := t.r.w.src.(Counter); ok {
+		if n, err := c.Count(ctx, q, t.typ); err == nil {
+			t.estimate.Store(n)
+		}
+	}
+	if err := t.r.w.src.Export(ctx, q, t.typ, t); err != nil {
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		return &typeError{typ: t.typ, err: err}
+	}
+	if err := ctx.Err(); err != nil {
+		return context.Cause(ctx)
+	}
+	if err := t.record(ctx, "", true); err != nil {
+		return err
+	}
+	t.done.Store(true)
+	return nil
+}
+
+func (t *typeRun) query() *Query {
+	t.r.mu.Lock()
+	defer t.r.mu.Unlock()
+	j := t.r.job
+	req := &j.Request
+	q := &Query{
+		JobID:                 j.ID,
+		Owner:                 j.Owner,
+		Level:                 j.Level,
+		GroupID:               j.GroupID,
+		Patients:              req.Patients,
+		Since:                 req.Since,
+		Until:                 req.Until,
+		TypeFilters:           req.FiltersFor(t.typ),
+		Elements:              req.ElementsFor(t.typ),
+		IncludeAssociatedData: req.IncludeAssociatedData,
+		TransactionTime:       j.TransactionTime,
+		Cursor:                t.r.cp.Types[t.typ].Cursor,
+	}
+	return q
+}
+
+// Write implements ResourceWriter.
+func (t *typeRun) Write(resource []byte) error {
+	if t.n++; t.n&255 == 0 {
+		if err := t.ctx.Err(); err != nil {
+			return context.Cause(t.ctx)
+		}
+	}
+	line, compacted, err := checkResource(resource, t.typ, t.scratch)
+	if err != nil {
+		return t.Issue(Issue{Severity: SeverityError, Code: IssueStructure,
+			Diagnostics: fmt.Sprintf("a %s resource was left out: %v", t.typ, err)})
+	}
+	if compacted {
+		t.scratch = line[:0] // reuse the compaction buffer
+	}
+	if err := t.streams[streamOutput].write(t, line); err != nil {
+		return err
+	}
+	t.written.Add(1)
+	return nil
+}
+
+// Deleted implements ResourceWriter.
+func (t *typeRun) Deleted(id string, at time.Time) error {
+	if !validID(id) {
+		return t.Issue(Issue{Severity: SeverityWarning, Code: IssueValue,
+			Diagnostics: fmt.Sprintf("a deleted %s with the invalid id %q was left out", t.typ, id)})
+	}
+	b := make([]byte, 0, 160)
+	b = append(b, `{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":`...)
+	b = strconv.AppendQuote(b, t.typ+"/"+id)
+	b = append(b, `}`...)
+	if !at.IsZero() {
+		b = append(b, `,"response":{"status":"204","lastModified":`...)
+		b = strconv.AppendQuote(b, FormatInstant(at))
+		b = append(b, `}`...)
+	}
+	b = append(b, `}]}`...)
+	return t.streams[streamDeleted].write(t, b)
+}
+
+// Issue implements ResourceWriter.
+func (t *typeRun) Issue(issue Issue) error {
+	b, err := json.Marshal(OperationOutcome{ResourceType: "OperationOutcome", Issue: []Issue{issue}})
+	if err != nil {
+		return err
+	}
+	return t.streams[streamError].write(t, b)
+}
+
+// Checkpoint implements ResourceWriter.
+func (t *typeRun) Checkpoint(cursor string) error {
+	if err := t.ctx.Err(); err != nil {
+		return context.Cause(t.ctx)
+	}
+	if cursor == "" {
+		return nil
+	}
+	now := t.r.w.opts.Now()
+	if now.Sub(t.lastCheckpoint) < t.r.w.opts.CheckpointInterval {
+		return nil
+	}
+	t.lastCheckpoint = now
+	return t.record(t.ctx, cursor, false)
+}
+
+// record commits the open files and records every committed file in the
+// job, with the cursor to resume from (or done at the end).
+func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
+	for i := range t.streams {
+		if err := t.streams[i].commit(); err != nil {
+			return err
+		}
+	}
+	written := t.written.Load()
+	err := t.r.update(ctx, func(j *Job) {
+		cp := t.r.cp.Types[t.typ]
+		cp.Cursor = cursor
+		cp.Done = done
+		cp.Written = written
+		for i := range t.streams {
+			cp.Seq[i] = t.streams[i].seq
+		}
+		j.Output = append(j.Output, t.streams[streamOutput].pending...)
+		j.Deleted = append(j.Deleted, t.streams[streamDeleted].pending...)
+		j.Errors = append(j.Errors, t.streams[streamError].pending...)
+	})
+	if err != nil {
+		return err
+	}
+	for i := range t.streams {
+		t.streams[i].pending = t.streams[i].pending[:0]
+	}
+	return nil
+}
+
+// stream is a sequence of NDJSON files of one kind.
+type stream struct {
+	fileType string
+	prefix   string
+	seq      int
+
+	fw    FileWriter
+	name  string
+	count int64
+	size  int64
+
+	pending []File // committed, not yet recorded in the job
+}
+
+var newline = []byte{'\n'}
+
+func (s *stream) write(t *typeRun, line []byte) error {
+	opts := &t.r.w.opts
+	if s.fw != nil && (s.count >= opts.MaxFileResources || s.size+int64(len(line))+1 > opts.MaxFileBytes) {
+		if err := s.commit(); err != nil {
+			return err
+		}
+	}
+	if s.fw == nil {
+		s.seq++
+		s.name = s.prefix + fmt.Sprintf("%06d", s.seq) + ".ndjson"
+		fw, err := t.r.w.storage.Create(t.ctx, t.r.id, s.name)
+		if err != nil {
+			return err
+		}
+		s.fw = fw
+	}
+	if _, err := s.fw.Write(line); err != nil {
+		return err
+	}
+	if _, err := s.fw.Write(newline); err != nil {
+		return err
+	}
+	s.count++
+	s.size += int64(len(line)) + 1
+	return nil
+}
+
+// commit makes the open file final and queues it for recording.
+func (s *stream) commit() error {
+	if s.fw == nil {
+		return nil
+	}
+	fw := s.fw
+	s.fw = nil
+	if err := fw.Commit(); err != nil {
+		_ = fw.Abort()
+		return err
+	}
+	s.pending = append(s.pending, File{Type: s.fileType, Name: s.name, Count: s.count, Size: s.size})
+	s.count, s.size = 0, 0
+	return nil
+}
+
+func (s *stream) abort() {
+	if s.fw != nil {
+		_ = s.fw.Abort()
+		s.fw = nil
+	}
+}

@@ -1,0 +1,224 @@
+package bulkexport
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+)
+
+// WorkerOptions configures a Worker. Every field has the default its
+// comment gives.
+type WorkerOptions struct {
+	// ID names this worker in job leases. Default: hostname plus a random
+	// suffix, unique per Worker.
+	ID string
+	// Concurrency is how many jobs run at once. Default: 2.
+	Concurrency int
+	// TypeConcurrency is how many resource types of one job are exported
+	// at once. Default: 2.
+	TypeConcurrency int
+	// Lease is how long a claim holds a job without renewal. A worker that
+	// dies loses its jobs to other workers after this long. Default: 30s.
+	Lease time.Duration
+	// Heartbeat is how often a running job's progress is saved, its lease
+	// renewed when due (every Lease/3), and the store checked for a
+	// cancel. Default: 500ms, so a cancel stops a job within a second.
+	Heartbeat time.Duration
+	// PollInterval is how long an idle worker waits before it asks the
+	// store for work again. Notify wakes it earlier. Default: 1s.
+	PollInterval time.Duration
+	// MaxFileResources and MaxFileBytes split output files: a file is
+	// closed and a new one started when either would be exceeded.
+	// Defaults: 100,000 resources and 256 MiB.
+	MaxFileResources int64
+	MaxFileBytes     int64
+	// CheckpointInterval is the least time between two recorded
+	// checkpoints of one type (each one makes the files written so far
+	// final). Default: 5s.
+	CheckpointInterval time.Duration
+	// Retention is how long a finished job and its files are kept after
+	// completion; the manifest's Expires says when. Default: 24h.
+	Retention time.Duration
+	// PurgeInterval is how often expired jobs and files are removed.
+	// Default: 1m.
+	PurgeInterval time.Duration
+	// MaxAttempts fails a job that has been claimed this many times
+	// without finishing (it keeps killing workers). Default: 5.
+	MaxAttempts int
+	// Now is the clock. Default: time.Now.
+	Now func() time.Time
+	// Logger receives the worker's logs. Default: slog.Default().
+	Logger *slog.Logger
+}
+
+func (o *WorkerOptions) fill() {
+	if o.ID == "" {
+		host, _ := os.Hostname()
+		var b [4]byte
+		_, _ = rand.Read(b[:])
+		o.ID = host + "-" + hex.EncodeToString(b[:])
+	}
+	setDefault(&o.Concurrency, 2)
+	setDefault(&o.TypeConcurrency, 2)
+	setDefault(&o.Lease, 30*time.Second)
+	setDefault(&o.Heartbeat, 500*time.Millisecond)
+	setDefault(&o.PollInterval, time.Second)
+	setDefault(&o.MaxFileResources, 100_000)
+	setDefault(&o.MaxFileBytes, 256<<20)
+	setDefault(&o.CheckpointInterval, 5*time.Second)
+	setDefault(&o.Retention, 24*time.Hour)
+	setDefault(&o.PurgeInterval, time.Minute)
+	setDefault(&o.MaxAttempts, 5)
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+}
+
+func setDefault[T int | int64 | time.Duration](p *T, def T) {
+	if *p <= 0 {
+		*p = def
+	}
+}
+
+// Worker runs export jobs: it claims queued jobs from a JobStore, asks the
+// Source for their resources type by type, writes NDJSON files to Storage,
+// and completes, fails or abandons the jobs. It also purges expired jobs.
+// Several Workers (in one process or many) may share a store.
+type Worker struct {
+	store   JobStore
+	src     Source
+	storage Storage
+	opts    WorkerOptions
+	log     *slog.Logger
+	wake    chan struct{}
+}
+
+// NewWorker returns a Worker. It starts nothing: call Run.
+func NewWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions) (*Worker, error) {
+	if store == nil || src == nil || storage == nil {
+		return nil, errors.New("bulkexport: NewWorker needs a JobStore, a Source and a Storage")
+	}
+	var o WorkerOptions
+	if opts != nil {
+		o = *opts
+	}
+	o.fill()
+	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger, wake: make(chan struct{}, 1)}, nil
+}
+
+// ID returns the worker's lease owner name.
+func (w *Worker) ID() string { return w.opts.ID }
+
+// Notify wakes an idle worker so that it claims new work at once, for
+// instance right after a kick-off (see Options.OnQueued). It never blocks.
+func (w *Worker) Notify() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run claims and runs jobs, and purges expired ones, until ctx is done.
+// It blocks, and returns only after every goroutine it started has
+// exited. Jobs interrupted by the shutdown are handed back to the queue
+// and resume from their last checkpoint. Run returns nil after a shutdown.
+func (w *Worker) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		w.purgeLoop(ctx)
+	}()
+
+	slots := make(chan struct{}, w.opts.Concurrency)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return nil
+		}
+		job, err := w.store.Claim(ctx, w.opts.ID, w.opts.Now(), w.opts.Lease)
+		if err == nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-slots }()
+				w.runJob(ctx, job)
+			}()
+			continue
+		}
+		<-slots
+		if !errors.Is(err, ErrNoJob) && ctx.Err() == nil {
+			w.log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: claim failed", slog.String("worker", w.opts.ID), slog.Any("err", err))
+		}
+		timer.Reset(w.opts.PollInterval)
+		select {
+		case <-timer.C:
+		case <-w.wake:
+			if !timer.Stop() {
+				<-timer.C
+			}
+		case <-ctx.Done():
+			wg.Wait()
+			return nil
+		}
+	}
+}
+
+func (w *Worker) purgeLoop(ctx context.Context) {
+	t := time.NewTicker(w.opts.PurgeInterval)
+	defer t.Stop()
+	for {
+		if _, err := w.Purge(ctx); err != nil && ctx.Err() == nil {
+			w.log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: purge failed", slog.Any("err", err))
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// Purge removes every job whose ExpiresAt has passed, files first, and
+// returns how many it removed. Run calls it every PurgeInterval.
+func (w *Worker) Purge(ctx context.Context) (int, error) {
+	jobs, err := w.store.List(ctx, Filter{ExpiresBefore: w.opts.Now(), Limit: 1000})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	var errs []error
+	for _, j := range jobs {
+		if !j.State.Terminal() {
+			continue
+		}
+		if err := w.storage.Delete(ctx, j.ID); err != nil {
+			errs = append(errs, fmt.Errorf("job %s files: %w", j.ID, err))
+			continue
+		}
+		if err := w.store.Delete(ctx, j.ID); err != nil && !errors.Is(err, ErrNotFound) {
+			errs = append(errs, fmt.Errorf("job %s: %w", j.ID, err))
+			continue
+		}
+		n++
+		w.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job purged", jobAttrs(j)...)
+	}
+	return n, errors.Join(errs...)
+}
+
+func jobAttrs(j *Job) []slog.Attr {
+	return []slog.Attr{slog.String("job", j.ID), slog.String("client", j.Owner), slog.String("level", string(j.Level))}
+}
