@@ -84,6 +84,13 @@ var strSafe = func() (t [256]bool) {
 }()
 
 func (s *jsonScanner) skipWS() {
+	if s.i < len(s.b) && s.b[s.i] > ' ' {
+		return // the common case: no whitespace at all
+	}
+	s.skipWSSlow()
+}
+
+func (s *jsonScanner) skipWSSlow() {
 	for s.i < len(s.b) {
 		switch s.b[s.i] {
 		case ' ', '\t':

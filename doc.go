@@ -1,0 +1,68 @@
+// Package bulkexport gives a Go FHIR server the FHIR Bulk Data async
+// export protocol (HL7 Bulk Data Access IG, STU2 baseline with STU3
+// features) and the eHealth $export-poll-status operation, over storage
+// the host chooses.
+//
+// # The flow
+//
+// A client kicks an export off, polls its status, downloads the files, and
+// may cancel:
+//
+//	GET  [base]/$export?_type=Patient,Observation     Prefer: respond-async
+//	  → 202 Accepted, Content-Location: [base]/$export-poll-status?_jobId=ID
+//	GET  [base]/$export-poll-status?_jobId=ID
+//	  → 202 Accepted, X-Progress: 42% complete: Observation, Retry-After: 3
+//	  → 200 OK, Expires: …, the manifest (output[], error[], …)
+//	GET  [base]/bulkfiles/ID/Observation.000001.ndjson
+//	  → 200 OK, application/fhir+ndjson (Range and gzip supported)
+//	DELETE [base]/$export-poll-status?_jobId=ID
+//	  → 202 Accepted (queued or running job cancelled)
+//
+// Kick-off works at three levels — [base]/$export (system),
+// [base]/Patient/$export and [base]/Group/{id}/$export — by GET with a
+// query string or POST with a FHIR Parameters body. The status URL also
+// answers as [base]/$export-poll-status/ID, and to POST with a Parameters
+// body carrying _jobId.
+//
+// # The pieces
+//
+// Each layer is usable without the ones above it:
+//
+//   - Handler (NewHandler) is the http.Handler for the whole protocol. It
+//     validates kick-offs and creates Jobs in a JobStore, answers polls
+//     from the store, cancels, and serves files from a Storage. A host that
+//     runs exports its own way can use it alone and update the jobs itself.
+//   - JobStore keeps Job records: MemoryStore here; SQLite and PostgreSQL
+//     stores live in their own modules. Compare-and-set on Job.Version and
+//     leases (Claim) let several workers and replicas share one store.
+//   - Worker claims queued jobs and runs them: it asks the host's Source
+//     for the resources of each type, validates every line, and streams
+//     NDJSON files into a Storage, split by count and size. It records
+//     checkpoints so that a job interrupted by a crash resumes where it
+//     stopped, honours cancels within a second, and purges expired jobs.
+//   - Source is the one interface a host implements to export its data.
+//   - Storage holds the files: DirStorage (a local directory) here; object
+//     storage lives in the blobstorage module.
+//
+// # Jobs
+//
+// A job moves queued → running → completed | failed, or to cancelled from
+// queued or running (JobState.CanTransition is the one definition). Every
+// job belongs to the client that created it (Options.Authenticate gives
+// the client id); any other client gets 404 for its status URL and files,
+// so a job's existence does not leak. Job ids are 128 random bits.
+//
+// # Errors
+//
+// Every error answer is an OperationOutcome. One function, the
+// ErrorMapper (DefaultErrorMapper unless the host sets its own), maps
+// errors to status codes: bad input gets a 4xx naming the parameter at
+// fault, an unavailable store gets 503 with a transient issue code.
+//
+// # Compatibility
+//
+// DELETE on a finished job answers 404 by default, as the eHealth operation
+// defines; DeleteFinishedRemoves follows the IG instead (202, files
+// removed). Prefer: respond-async is required unless
+// Options.AllowMissingRespondAsync is set.
+package bulkexport

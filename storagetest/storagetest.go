@@ -1,0 +1,829 @@
+// Package storagetest checks that an implementation of bulkexport.Storage
+// keeps the contract documented on that interface. An implementation's
+// tests call Run with a constructor:
+//
+//	func TestMyStorage(t *testing.T) {
+//		storagetest.Run(t, func(t *testing.T) bulkexport.Storage {
+//			return newMyStorage(t) // empty, cleaned up with t.Cleanup
+//		})
+//	}
+//
+// It uses the standard library only.
+package storagetest
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bulkfhir/bulkexport"
+)
+
+// Run checks the Storage contract in named subtests. newStorage is called
+// once per subtest, with that subtest's t, and must return an empty
+// storage; it can register its cleanup with t.Cleanup. The subtests run
+// one after another (none calls t.Parallel), but several of them use the
+// storage from many goroutines, so run them with -race.
+func Run(t *testing.T, newStorage func(t *testing.T) bulkexport.Storage) {
+	t.Helper()
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			s := newStorage(t)
+			if s == nil {
+				t.Fatal("newStorage returned nil")
+			}
+			c.fn(t, s)
+		})
+	}
+}
+
+// cases are Run's subtests, in order.
+var cases = []struct {
+	name string
+	fn   func(t *testing.T, s bulkexport.Storage)
+}{
+	{"InvisibleBeforeCommit", testInvisibleBeforeCommit},
+	{"CommitRoundTrip", testCommitRoundTrip},
+	{"EmptyFile", testEmptyFile},
+	{"Seek", testSeek},
+	{"IndependentReaders", testIndependentReaders},
+	{"AbortLeavesNoTrace", testAbortLeavesNoTrace},
+	{"AbortAfterCommitIsNoop", testAbortAfterCommit},
+	{"ReplaceOnCommit", testReplaceOnCommit},
+	{"AbortedReplaceKeepsOld", testAbortedReplace},
+	{"ListSorted", testListSorted},
+	{"ListIsolatesJobs", testListIsolatesJobs},
+	{"ListUnknownJob", testListUnknownJob},
+	{"OpenMissing", testOpenMissing},
+	{"Delete", testDelete},
+	{"DeleteInProgress", testDeleteInProgress},
+	{"DeleteUnknownJob", testDeleteUnknownJob},
+	{"ValidEdgeNames", testValidEdgeNames},
+	{"InvalidNames", testInvalidNames},
+	{"ConcurrentWriters", testConcurrentWriters},
+	{"ConcurrentReplace", testConcurrentReplace},
+	{"LargeFile", testLargeFile},
+}
+
+// ctx is the context of every call: the contract says nothing of
+// cancellation.
+var ctx = context.Background()
+
+// put writes a committed file.
+func put(t *testing.T, s bulkexport.Storage, jobID, name string, data []byte) {
+	t.Helper()
+	w, err := s.Create(ctx, jobID, name)
+	if err != nil {
+		t.Fatalf("Create(%q, %q): %v", jobID, name, err)
+	}
+	write(t, w, data)
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit %s/%s: %v", jobID, name, err)
+	}
+}
+
+// write writes data through w, failing on a short write or an error.
+func write(t *testing.T, w bulkexport.FileWriter, data []byte) {
+	t.Helper()
+	n, err := w.Write(data)
+	if err != nil || n != len(data) {
+		t.Fatalf("Write(%d bytes) = %d, %v", len(data), n, err)
+	}
+}
+
+// open opens a file that must exist.
+func open(t *testing.T, s bulkexport.Storage, jobID, name string) bulkexport.FileReader {
+	t.Helper()
+	r, err := s.Open(ctx, jobID, name)
+	if err != nil {
+		t.Fatalf("Open(%q, %q): %v", jobID, name, err)
+	}
+	if r == nil {
+		t.Fatalf("Open(%q, %q) returned a nil FileReader and no error", jobID, name)
+	}
+	return r
+}
+
+// read returns the whole content of a file that must exist.
+func read(t *testing.T, s bulkexport.Storage, jobID, name string) []byte {
+	t.Helper()
+	r := open(t, s, jobID, name)
+	defer r.Close()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatalf("reading %s/%s: %v", jobID, name, err)
+	}
+	return b
+}
+
+// wantContent checks a file's bytes and Size.
+func wantContent(t *testing.T, s bulkexport.Storage, jobID, name string, want []byte) {
+	t.Helper()
+	r := open(t, s, jobID, name)
+	defer r.Close()
+	if r.Size() != int64(len(want)) {
+		t.Errorf("%s/%s: Size() = %d, want %d", jobID, name, r.Size(), len(want))
+	}
+	got, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatalf("reading %s/%s: %v", jobID, name, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s/%s: content = %s, want %s", jobID, name, abbrev(got), abbrev(want))
+	}
+}
+
+// wantMissing checks that Open fails with an error wrapping fs.ErrNotExist.
+func wantMissing(t *testing.T, s bulkexport.Storage, jobID, name string) {
+	t.Helper()
+	r, err := s.Open(ctx, jobID, name)
+	if err == nil {
+		r.Close()
+		t.Errorf("Open(%q, %q) succeeded, want an error wrapping fs.ErrNotExist", jobID, name)
+		return
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Open(%q, %q) = %v, want an error wrapping fs.ErrNotExist", jobID, name, err)
+	}
+}
+
+// list returns List's answer, failing on an error.
+func list(t *testing.T, s bulkexport.Storage, jobID string) []string {
+	t.Helper()
+	names, err := s.List(ctx, jobID)
+	if err != nil {
+		t.Fatalf("List(%q): %v", jobID, err)
+	}
+	return names
+}
+
+// wantList checks List's answer; want nil or empty means no files.
+func wantList(t *testing.T, s bulkexport.Storage, jobID string, want ...string) {
+	t.Helper()
+	got := list(t, s, jobID)
+	if len(got) != len(want) || (len(want) > 0 && !slices.Equal(got, want)) {
+		t.Errorf("List(%q) = %q, want %q", jobID, got, want)
+	}
+}
+
+// abbrev describes content for an error message.
+func abbrev(b []byte) string {
+	if len(b) <= 64 {
+		return fmt.Sprintf("%q", b)
+	}
+	return fmt.Sprintf("%q... (%d bytes)", b[:64], len(b))
+}
+
+// lines returns n NDJSON-like lines, each tagged with tag.
+func lines(tag string, n int) []byte {
+	var b bytes.Buffer
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "{\"resourceType\":\"Patient\",\"id\":\"%s-%d\"}\n", tag, i)
+	}
+	return b.Bytes()
+}
+
+func testInvisibleBeforeCommit(t *testing.T, s bulkexport.Storage) {
+	w, err := s.Create(ctx, "job1", "Patient.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	data := lines("p", 100)
+	write(t, w, data)
+	wantMissing(t, s, "job1", "Patient.ndjson")
+	wantList(t, s, "job1")
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantList(t, s, "job1", "Patient.ndjson")
+	wantContent(t, s, "job1", "Patient.ndjson", data)
+}
+
+func testCommitRoundTrip(t *testing.T, s bulkexport.Storage) {
+	// Write in pieces of varied sizes, including an empty one.
+	data := lines("x", 500)
+	w, err := s.Create(ctx, "job1", "Observation.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	for off, step := 0, 0; off < len(data); step++ {
+		n := min(step*37%4096, len(data)-off)
+		write(t, w, data[off:off+n])
+		off += n
+	}
+	before := time.Now()
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantContent(t, s, "job1", "Observation.ndjson", data)
+
+	r := open(t, s, "job1", "Observation.ndjson")
+	mt := r.ModTime()
+	if mt.IsZero() {
+		t.Errorf("ModTime() is zero")
+	} else if d := mt.Sub(before); d < -24*time.Hour || d > 24*time.Hour {
+		t.Errorf("ModTime() = %v, far from the commit at %v", mt, before)
+	}
+	if err := r.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+}
+
+func testEmptyFile(t *testing.T, s bulkexport.Storage) {
+	put(t, s, "job1", "empty.ndjson", nil)
+	wantList(t, s, "job1", "empty.ndjson")
+	r := open(t, s, "job1", "empty.ndjson")
+	defer r.Close()
+	if r.Size() != 0 {
+		t.Errorf("Size() = %d, want 0", r.Size())
+	}
+	n, err := r.Read(make([]byte, 16))
+	if n != 0 || err != io.EOF {
+		t.Errorf("Read on an empty file = %d, %v; want 0, io.EOF", n, err)
+	}
+}
+
+// seekTo seeks and checks the new offset.
+func seekTo(t *testing.T, r io.Seeker, offset int64, whence int, want int64) {
+	t.Helper()
+	got, err := r.Seek(offset, whence)
+	if err != nil || got != want {
+		t.Fatalf("Seek(%d, %d) = %d, %v; want %d, nil", offset, whence, got, err, want)
+	}
+}
+
+// readN reads exactly len(want) bytes and compares them.
+func readN(t *testing.T, r io.Reader, want []byte) {
+	t.Helper()
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(r, got); err != nil {
+		t.Fatalf("reading %d bytes: %v", len(want), err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %q, want %q", got, want)
+	}
+}
+
+// pattern returns n bytes that differ at every offset of a small window, so
+// that a read at the wrong offset shows.
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[i%62]
+		if i%61 == 60 {
+			b[i] = '\n'
+		}
+	}
+	return b
+}
+
+func testSeek(t *testing.T, s bulkexport.Storage) {
+	data := pattern(10000)
+	size := int64(len(data))
+	put(t, s, "job1", "seek.ndjson", data)
+	r := open(t, s, "job1", "seek.ndjson")
+	defer r.Close()
+
+	seekTo(t, r, 100, io.SeekStart, 100)
+	readN(t, r, data[100:150])
+	seekTo(t, r, 0, io.SeekCurrent, 150)
+	seekTo(t, r, 1000, io.SeekCurrent, 1150)
+	readN(t, r, data[1150:1160])
+	seekTo(t, r, -60, io.SeekCurrent, 1100)
+	readN(t, r, data[1100:1110])
+	seekTo(t, r, -10, io.SeekEnd, size-10)
+	readN(t, r, data[size-10:])
+	if n, err := r.Read(make([]byte, 8)); n != 0 || err != io.EOF {
+		t.Errorf("Read at the end = %d, %v; want 0, io.EOF", n, err)
+	}
+	seekTo(t, r, 0, io.SeekEnd, size)
+	if n, err := r.Read(make([]byte, 8)); n != 0 || err != io.EOF {
+		t.Errorf("Read after Seek(0, SeekEnd) = %d, %v; want 0, io.EOF", n, err)
+	}
+	// A read across the end stops at the end.
+	seekTo(t, r, -5, io.SeekEnd, size-5)
+	got, err := io.ReadAll(r)
+	if err != nil || !bytes.Equal(got, data[size-5:]) {
+		t.Errorf("ReadAll from 5 before the end = %q, %v; want %q", got, err, data[size-5:])
+	}
+	seekTo(t, r, 0, io.SeekStart, 0)
+	got, err = io.ReadAll(r)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Errorf("ReadAll after Seek(0, SeekStart) = %s, %v; want the whole file", abbrev(got), err)
+	}
+	if _, err := r.Seek(-1, io.SeekStart); err == nil {
+		t.Errorf("Seek(-1, SeekStart) succeeded, want an error")
+	}
+	if _, err := r.Seek(-size-1, io.SeekEnd); err == nil {
+		t.Errorf("Seek(-size-1, SeekEnd) succeeded, want an error")
+	}
+	if r.Size() != size {
+		t.Errorf("Size() = %d after seeking, want %d", r.Size(), size)
+	}
+}
+
+func testIndependentReaders(t *testing.T, s bulkexport.Storage) {
+	data := pattern(4096)
+	put(t, s, "job1", "f", data)
+	r1 := open(t, s, "job1", "f")
+	defer r1.Close()
+	r2 := open(t, s, "job1", "f")
+	defer r2.Close()
+	seekTo(t, r1, 2000, io.SeekStart, 2000)
+	readN(t, r2, data[:100])
+	readN(t, r1, data[2000:2100])
+	readN(t, r2, data[100:200])
+	if err := r1.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	readN(t, r2, data[200:300])
+}
+
+func testAbortLeavesNoTrace(t *testing.T, s bulkexport.Storage) {
+	// In a job with no other files...
+	w, err := s.Create(ctx, "job1", "a.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	write(t, w, lines("a", 100))
+	if err := w.Abort(); err != nil {
+		t.Fatalf("Abort: %v", err)
+	}
+	wantMissing(t, s, "job1", "a.ndjson")
+	wantList(t, s, "job1")
+
+	// ...and next to a committed one.
+	put(t, s, "job2", "keep.ndjson", []byte("keep\n"))
+	w, err = s.Create(ctx, "job2", "b.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	write(t, w, lines("b", 100))
+	if err := w.Abort(); err != nil {
+		t.Fatalf("Abort: %v", err)
+	}
+	wantMissing(t, s, "job2", "b.ndjson")
+	wantList(t, s, "job2", "keep.ndjson")
+	wantContent(t, s, "job2", "keep.ndjson", []byte("keep\n"))
+
+	// An aborted name can be written again.
+	put(t, s, "job1", "a.ndjson", []byte("again\n"))
+	wantContent(t, s, "job1", "a.ndjson", []byte("again\n"))
+	wantList(t, s, "job1", "a.ndjson")
+}
+
+func testAbortAfterCommit(t *testing.T, s bulkexport.Storage) {
+	w, err := s.Create(ctx, "job1", "f.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	write(t, w, []byte("data\n"))
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	if err := w.Abort(); err != nil {
+		t.Errorf("Abort after Commit = %v, want nil (a no-op)", err)
+	}
+	wantList(t, s, "job1", "f.ndjson")
+	wantContent(t, s, "job1", "f.ndjson", []byte("data\n"))
+}
+
+func testReplaceOnCommit(t *testing.T, s bulkexport.Storage) {
+	v1, v2 := lines("v1", 50), lines("version-two", 20)
+	put(t, s, "job1", "f.ndjson", v1)
+	w, err := s.Create(ctx, "job1", "f.ndjson")
+	if err != nil {
+		t.Fatalf("Create of an existing name: %v", err)
+	}
+	write(t, w, v2)
+	// The old content stays until Commit.
+	wantContent(t, s, "job1", "f.ndjson", v1)
+	wantList(t, s, "job1", "f.ndjson")
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantContent(t, s, "job1", "f.ndjson", v2)
+	wantList(t, s, "job1", "f.ndjson")
+}
+
+func testAbortedReplace(t *testing.T, s bulkexport.Storage) {
+	v1 := lines("v1", 50)
+	put(t, s, "job1", "f.ndjson", v1)
+	w, err := s.Create(ctx, "job1", "f.ndjson")
+	if err != nil {
+		t.Fatalf("Create of an existing name: %v", err)
+	}
+	write(t, w, lines("v2", 10))
+	if err := w.Abort(); err != nil {
+		t.Fatalf("Abort: %v", err)
+	}
+	wantContent(t, s, "job1", "f.ndjson", v1)
+	wantList(t, s, "job1", "f.ndjson")
+}
+
+func testListSorted(t *testing.T, s bulkexport.Storage) {
+	names := []string{
+		"Patient.ndjson", "Observation.2.ndjson", "Observation.10.ndjson",
+		"Observation.1.ndjson", "a.ndjson", "Z.ndjson", "_x", "-y", ".z", "0",
+	}
+	for _, n := range names {
+		put(t, s, "job1", n, []byte(n+"\n"))
+	}
+	want := slices.Clone(names)
+	slices.Sort(want)
+	wantList(t, s, "job1", want...)
+	for _, n := range names {
+		wantContent(t, s, "job1", n, []byte(n+"\n"))
+	}
+}
+
+func testListIsolatesJobs(t *testing.T, s bulkexport.Storage) {
+	put(t, s, "job1", "Patient.ndjson", []byte("1\n"))
+	put(t, s, "job1", "Observation.ndjson", []byte("1o\n"))
+	put(t, s, "job2", "Patient.ndjson", []byte("2\n"))
+	put(t, s, "job10", "Encounter.ndjson", []byte("10\n"))
+	wantList(t, s, "job1", "Observation.ndjson", "Patient.ndjson")
+	wantList(t, s, "job2", "Patient.ndjson")
+	wantList(t, s, "job10", "Encounter.ndjson")
+	wantContent(t, s, "job1", "Patient.ndjson", []byte("1\n"))
+	wantContent(t, s, "job2", "Patient.ndjson", []byte("2\n"))
+	wantMissing(t, s, "job2", "Observation.ndjson")
+	wantMissing(t, s, "job1", "Encounter.ndjson")
+	// A job whose id prefixes another's sees only its own files.
+	wantList(t, s, "job")
+}
+
+func testListUnknownJob(t *testing.T, s bulkexport.Storage) {
+	names, err := s.List(ctx, "no-such-job")
+	if err != nil {
+		t.Fatalf("List of an unknown job: %v, want no error", err)
+	}
+	if len(names) != 0 {
+		t.Errorf("List of an unknown job = %q, want none", names)
+	}
+}
+
+func testOpenMissing(t *testing.T, s bulkexport.Storage) {
+	wantMissing(t, s, "no-such-job", "Patient.ndjson")
+	put(t, s, "job1", "Patient.ndjson", []byte("p\n"))
+	wantMissing(t, s, "job1", "Observation.ndjson")
+	wantMissing(t, s, "job1", "patient.ndjson")
+	wantMissing(t, s, "job2", "Patient.ndjson")
+}
+
+func testDelete(t *testing.T, s bulkexport.Storage) {
+	put(t, s, "job1", "Patient.ndjson", []byte("p1\n"))
+	put(t, s, "job1", "Observation.ndjson", []byte("o1\n"))
+	put(t, s, "job2", "Patient.ndjson", []byte("p2\n"))
+	if err := s.Delete(ctx, "job1"); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	wantList(t, s, "job1")
+	wantMissing(t, s, "job1", "Patient.ndjson")
+	wantMissing(t, s, "job1", "Observation.ndjson")
+	// Other jobs keep their files.
+	wantList(t, s, "job2", "Patient.ndjson")
+	wantContent(t, s, "job2", "Patient.ndjson", []byte("p2\n"))
+	// A deleted job's id can be used again.
+	put(t, s, "job1", "Patient.ndjson", []byte("new\n"))
+	wantList(t, s, "job1", "Patient.ndjson")
+	wantContent(t, s, "job1", "Patient.ndjson", []byte("new\n"))
+}
+
+func testDeleteInProgress(t *testing.T, s bulkexport.Storage) {
+	put(t, s, "job1", "done.ndjson", lines("done", 10))
+	w, err := s.Create(ctx, "job1", "partial.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	written := lines("first", 200)
+	write(t, w, written)
+	if err := s.Delete(ctx, "job1"); err != nil {
+		t.Fatalf("Delete with a file in progress: %v", err)
+	}
+	wantList(t, s, "job1")
+	wantMissing(t, s, "job1", "done.ndjson")
+	wantMissing(t, s, "job1", "partial.ndjson")
+
+	// The writer outlived its job. Writing and committing may fail or
+	// succeed, but must not panic, and must not leave half a file.
+	more := lines("second", 200)
+	if n, err := w.Write(more); err == nil && n == len(more) {
+		written = append(written, more...)
+	}
+	if err := w.Commit(); err != nil {
+		_ = w.Abort()
+		wantMissing(t, s, "job1", "partial.ndjson")
+	} else if slices.Contains(list(t, s, "job1"), "partial.ndjson") {
+		if got := read(t, s, "job1", "partial.ndjson"); !bytes.Equal(got, written) {
+			t.Errorf("a writer committed after Delete left %s, want nothing or all of %s", abbrev(got), abbrev(written))
+		}
+	}
+
+	// The job can be used again.
+	put(t, s, "job1", "again.ndjson", []byte("again\n"))
+	if names := list(t, s, "job1"); !slices.Contains(names, "again.ndjson") {
+		t.Errorf("List after writing again = %q, want again.ndjson in it", names)
+	}
+	wantContent(t, s, "job1", "again.ndjson", []byte("again\n"))
+	if err := s.Delete(ctx, "job1"); err != nil {
+		t.Fatalf("second Delete: %v", err)
+	}
+	wantList(t, s, "job1")
+}
+
+func testDeleteUnknownJob(t *testing.T, s bulkexport.Storage) {
+	if err := s.Delete(ctx, "no-such-job"); err != nil {
+		t.Errorf("Delete of an unknown job = %v, want nil", err)
+	}
+	put(t, s, "job1", "f", []byte("x"))
+	if err := s.Delete(ctx, "job1"); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if err := s.Delete(ctx, "job1"); err != nil {
+		t.Errorf("Delete of a deleted job = %v, want nil", err)
+	}
+}
+
+func testValidEdgeNames(t *testing.T, s bulkexport.Storage) {
+	names := []string{
+		"a", "0", "-", "_", ".x", "..x", "x..", "...", "A.b-C_9.ndjson",
+		strings.Repeat("n", 128),
+	}
+	for _, n := range names {
+		put(t, s, "job1", n, []byte(n))
+	}
+	jobs := []string{".job", "..job", "-", strings.Repeat("j", 128)}
+	for _, j := range jobs {
+		put(t, s, j, "f", []byte(j))
+	}
+	want := slices.Clone(names)
+	slices.Sort(want)
+	wantList(t, s, "job1", want...)
+	for _, n := range names {
+		wantContent(t, s, "job1", n, []byte(n))
+	}
+	for _, j := range jobs {
+		wantList(t, s, j, "f")
+		wantContent(t, s, j, "f", []byte(j))
+	}
+}
+
+// invalidNames are names and job ids outside the contract.
+var invalidNames = []string{
+	"", ".", "..", "../x", "a/b", "/abs", `a\b`, `..\x`, "x\x00y", "a b",
+	"a\nb", "é", "x:y", "*", strings.Repeat("x", 129), strings.Repeat("x", 200),
+}
+
+func testInvalidNames(t *testing.T, s bulkexport.Storage) {
+	put(t, s, "job1", "ok", []byte("ok"))
+	for _, bad := range invalidNames {
+		if w, err := s.Create(ctx, "job1", bad); err == nil {
+			_ = w.Abort()
+			t.Errorf("Create(job1, %q) succeeded, want an error", bad)
+		}
+		if r, err := s.Open(ctx, "job1", bad); err == nil {
+			r.Close()
+			t.Errorf("Open(job1, %q) succeeded, want an error", bad)
+		}
+		if w, err := s.Create(ctx, bad, "f"); err == nil {
+			_ = w.Abort()
+			t.Errorf("Create(%q, f) succeeded, want an error", bad)
+		}
+		if r, err := s.Open(ctx, bad, "f"); err == nil {
+			r.Close()
+			t.Errorf("Open(%q, f) succeeded, want an error", bad)
+		}
+	}
+	// Nothing was made by the refused calls.
+	wantList(t, s, "job1", "ok")
+	wantContent(t, s, "job1", "ok", []byte("ok"))
+	wantList(t, s, "x")
+	wantList(t, s, "a")
+}
+
+// content is the deterministic content of one file in the concurrency
+// tests: chunks lines of 1 KiB, tagged with the job and name.
+func content(jobID, name string, chunks int) []byte {
+	line := make([]byte, 1024)
+	b := make([]byte, 0, chunks*len(line))
+	for i := 0; i < chunks; i++ {
+		copy(line, fmt.Sprintf("%s/%s/%06d ", jobID, name, i))
+		for j := len(jobID) + len(name) + 9; j < len(line)-1; j++ {
+			line[j] = byte('a' + (i+j)%26)
+		}
+		line[len(line)-1] = '\n'
+		b = append(b, line...)
+	}
+	return b
+}
+
+func testConcurrentWriters(t *testing.T, s bulkexport.Storage) {
+	jobs := []string{"jobA", "jobB", "jobC"}
+	const files, chunks = 6, 48
+	type key struct{ job, name string }
+	want := make(map[key][]byte)
+	for _, j := range jobs {
+		for f := 0; f < files; f++ {
+			n := fmt.Sprintf("File%d.ndjson", f)
+			want[key{j, n}] = content(j, n, chunks+f)
+		}
+	}
+
+	var writers, readers sync.WaitGroup
+	done := make(chan struct{})
+	// Readers poll while the writers work: every listed file must be
+	// complete.
+	for _, j := range jobs {
+		readers.Add(1)
+		go func() {
+			defer readers.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				names, err := s.List(ctx, j)
+				if err != nil {
+					t.Errorf("List(%q) during writes: %v", j, err)
+					return
+				}
+				if !slices.IsSorted(names) {
+					t.Errorf("List(%q) = %q, not sorted", j, names)
+				}
+				for _, n := range names {
+					w, ok := want[key{j, n}]
+					if !ok {
+						t.Errorf("List(%q) during writes shows %q, never written", j, n)
+						continue
+					}
+					r, err := s.Open(ctx, j, n)
+					if err != nil {
+						t.Errorf("Open(%q, %q) of a listed file: %v", j, n, err)
+						continue
+					}
+					got, err := io.ReadAll(r)
+					r.Close()
+					if err != nil || !bytes.Equal(got, w) {
+						t.Errorf("%s/%s read during writes: %s, %v; want all of %s", j, n, abbrev(got), err, abbrev(w))
+					}
+				}
+			}
+		}()
+	}
+	for k, data := range want {
+		writers.Add(1)
+		go func() {
+			defer writers.Done()
+			w, err := s.Create(ctx, k.job, k.name)
+			if err != nil {
+				t.Errorf("Create(%q, %q): %v", k.job, k.name, err)
+				return
+			}
+			for off := 0; off < len(data); off += 1024 {
+				if _, err := w.Write(data[off : off+1024]); err != nil {
+					t.Errorf("Write %s/%s: %v", k.job, k.name, err)
+					_ = w.Abort()
+					return
+				}
+			}
+			if err := w.Commit(); err != nil {
+				t.Errorf("Commit %s/%s: %v", k.job, k.name, err)
+			}
+		}()
+	}
+	writers.Wait()
+	close(done)
+	readers.Wait()
+
+	for _, j := range jobs {
+		var names []string
+		for f := 0; f < files; f++ {
+			names = append(names, fmt.Sprintf("File%d.ndjson", f))
+		}
+		wantList(t, s, j, names...)
+		for _, n := range names {
+			wantContent(t, s, j, n, want[key{j, n}])
+		}
+	}
+}
+
+func testConcurrentReplace(t *testing.T, s bulkexport.Storage) {
+	const writers = 8
+	versions := make([][]byte, writers)
+	for i := range versions {
+		versions[i] = content("job1", fmt.Sprintf("v%d", i), 16+4*i)
+	}
+	isVersion := func(b []byte) bool {
+		return slices.ContainsFunc(versions, func(v []byte) bool { return bytes.Equal(v, b) })
+	}
+	put(t, s, "job1", "f.ndjson", versions[0])
+
+	var wg, rg sync.WaitGroup
+	done := make(chan struct{})
+	rg.Add(1)
+	go func() {
+		defer rg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			r, err := s.Open(ctx, "job1", "f.ndjson")
+			if err != nil {
+				t.Errorf("Open during replaces: %v", err)
+				return
+			}
+			got, err := io.ReadAll(r)
+			r.Close()
+			if err != nil || !isVersion(got) {
+				t.Errorf("read during replaces: %s, %v; want one whole version", abbrev(got), err)
+				return
+			}
+		}
+	}()
+	for i := 0; i < writers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w, err := s.Create(ctx, "job1", "f.ndjson")
+			if err != nil {
+				t.Errorf("Create: %v", err)
+				return
+			}
+			data := versions[i]
+			for off := 0; off < len(data); off += 1024 {
+				if _, err := w.Write(data[off : off+1024]); err != nil {
+					t.Errorf("Write: %v", err)
+					_ = w.Abort()
+					return
+				}
+			}
+			if err := w.Commit(); err != nil {
+				t.Errorf("Commit: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(done)
+	rg.Wait()
+	wantList(t, s, "job1", "f.ndjson")
+	if got := read(t, s, "job1", "f.ndjson"); !isVersion(got) {
+		t.Errorf("after concurrent replaces: %s, want one whole version", abbrev(got))
+	}
+}
+
+func testLargeFile(t *testing.T, s bulkexport.Storage) {
+	const chunk, size = 1 << 10, 8 << 20
+	w, err := s.Create(ctx, "job1", "large.ndjson")
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	line := make([]byte, chunk) // after the loop, the last chunk
+	h := sha256.New()
+	for i := 0; i < size/chunk; i++ {
+		for j := range line[:chunk-1] {
+			line[j] = byte('a' + (i*7+j)%26)
+		}
+		copy(line, fmt.Sprintf("%08d", i))
+		line[chunk-1] = '\n'
+		h.Write(line)
+		if n, err := w.Write(line); err != nil || n != chunk {
+			_ = w.Abort()
+			t.Fatalf("Write chunk %d = %d, %v", i, n, err)
+		}
+	}
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantSum := h.Sum(nil)
+
+	r := open(t, s, "job1", "large.ndjson")
+	defer r.Close()
+	if r.Size() != size {
+		t.Errorf("Size() = %d, want %d", r.Size(), size)
+	}
+	h.Reset()
+	n, err := io.Copy(h, r)
+	if err != nil || n != size {
+		t.Fatalf("reading: %d bytes, %v; want %d", n, err, size)
+	}
+	if !bytes.Equal(h.Sum(nil), wantSum) {
+		t.Errorf("content differs from what was written")
+	}
+	seekTo(t, r, -chunk, io.SeekEnd, size-chunk)
+	readN(t, r, line)
+	seekTo(t, r, size/2, io.SeekStart, size/2)
+	readN(t, r, []byte(fmt.Sprintf("%08d", size/2/chunk)))
+}
