@@ -13,6 +13,7 @@ import (
 //
 //	queued → running → completed | failed
 //	queued | running → cancelled
+//	queued → failed (the host gives up before any worker claims it)
 //	running → queued (a worker hands a job back)
 //
 // Terminal states (completed, failed, cancelled) are never left; the purge

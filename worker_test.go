@@ -383,7 +383,14 @@ func TestResumeAfterLeaseLoss(t *testing.T) {
 	go func() { doneA <- a.Run(ctxA) }()
 	<-reached
 
-	// Worker A is stuck; its lease runs out. Worker B takes over.
+	// Worker A is stuck; its lease runs out. Worker B takes over. A file
+	// committed but never recorded (as a crash between the two leaves it)
+	// must not survive the resume.
+	orphan, err := srv.Storage.Create(context.Background(), lastJob(t, srv).ID, "Observation.999999.ndjson")
+	require.NoError(t, err)
+	_, err = orphan.Write([]byte(`{"resourceType":"Observation","id":"orphan"}` + "\n"))
+	require.NoError(t, err)
+	require.NoError(t, orphan.Commit())
 	frozen.Store(true)
 	clock.Advance(2 * time.Minute)
 	b, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)

@@ -336,4 +336,3 @@ func (s *Server) Send(t testing.TB, method, url string, body []byte) (*http.Resp
 	resp.Body.Close()
 	return resp, b
 }
-
