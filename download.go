@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 )
@@ -64,7 +65,12 @@ func (h *Handler) serveFile(w http.ResponseWriter, r *http.Request, rest string)
 		gzipPool.Put(zw)
 		return
 	}
-	http.ServeContent(w, r, name, f.ModTime(), f)
+	var content io.ReadSeeker = f
+	if of, ok := f.(interface{ OSFile() *os.File }); ok {
+		// A plain *os.File lets net/http use sendfile.
+		content = of.OSFile()
+	}
+	http.ServeContent(w, r, name, f.ModTime(), content)
 }
 
 // hasFile reports whether name is one of the job's manifest files.

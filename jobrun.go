@@ -29,6 +29,16 @@ type checkpoint struct {
 	IgnoredRecorded bool `json:"ignoredRecorded,omitempty"`
 }
 
+func (c checkpoint) clone() checkpoint {
+	out := c
+	out.Types = make(map[string]*typeCheckpoint, len(c.Types))
+	for k, v := range c.Types {
+		tc := *v
+		out.Types[k] = &tc
+	}
+	return out
+}
+
 type typeCheckpoint struct {
 	// Done: every resource of the type is in recorded files.
 	Done bool `json:"done,omitempty"`
@@ -174,7 +184,12 @@ func (r *jobRun) update(ctx context.Context, fn func(*Job)) error {
 }
 
 func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
+	// fn may advance the checkpoint; if the update does not land, the
+	// checkpoint must fall back with it, or a later update would record a
+	// cursor past files that were never recorded.
+	saved := r.cp.clone()
 	for attempt := 0; ; attempt++ {
+		r.cp = saved.clone()
 		j := r.job.Clone()
 		fn(j)
 		if b, err := json.Marshal(r.cp); err == nil {
@@ -185,6 +200,7 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			r.job = j
 			return nil
 		}
+		r.cp = saved
 		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrInvalidTransition) {
 			return err
 		}

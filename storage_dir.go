@@ -419,3 +419,8 @@ func (s *DirStorage) DeleteFile(ctx context.Context, jobID, name string) error {
 	}
 	return nil
 }
+
+// OSFile returns the underlying file, so that the download handler can
+// hand it to net/http as is and the kernel copies it to the socket
+// (sendfile) without passing through user space.
+func (r *dirFile) OSFile() *os.File { return r.f }

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+)
+
+func TestDemo(t *testing.T) {
+	t.Parallel()
+	for _, level := range []bulkexport.Level{bulkexport.LevelSystem, bulkexport.LevelPatient, bulkexport.LevelGroup} {
+		t.Run(string(level), func(t *testing.T) {
+			t.Parallel()
+			var stdout, stderr bytes.Buffer
+			res, err := demo(context.Background(), config{patients: 20, level: level}, &stdout, &stderr)
+			require.NoError(t, err, stderr.String())
+
+			tx, err := bulkexport.ParseInstant(res.manifest.TransactionTime)
+			require.NoError(t, err)
+			q := &bulkexport.Query{Level: level, TransactionTime: tx}
+			if level == bulkexport.LevelGroup {
+				q.GroupID = "all"
+				require.True(t, strings.HasSuffix(res.manifest.Request, "/Group/all/$export"), res.manifest.Request)
+			}
+			ds := dataset.New(20)
+			types, err := ds.ResourceTypes(context.Background(), level)
+			require.NoError(t, err)
+			got := map[string]int64{}
+			for _, f := range res.files {
+				require.Equal(t, "output", f.kind)
+				require.Positive(t, f.bytes)
+				got[f.typ] += f.count
+			}
+			require.Len(t, got, len(types))
+			for _, typ := range types {
+				want, err := ds.Count(context.Background(), q, typ)
+				require.NoError(t, err)
+				require.Equal(t, want, got[typ], typ)
+			}
+
+			out := stdout.String()
+			require.True(t, strings.HasPrefix(out, "Manifest:\n{\n  \"transactionTime\""), out)
+			require.Contains(t, out, "TYPE")
+			require.Contains(t, out, "COUNT")
+			require.Contains(t, out, "BYTES")
+			require.Contains(t, out, "Patient.000001.ndjson")
+			require.Regexp(t, `(?m)^Patient +20 +\d+ +Patient\.000001\.ndjson$`, out)
+			require.Regexp(t, `(?m)^TOTAL +\d+ +\d+ +\d+ files$`, out)
+			require.Contains(t, stderr.String(), "kick-off: 202 Accepted")
+		})
+	}
+}
+
+func TestRun(t *testing.T) {
+	t.Parallel()
+	var stdout bytes.Buffer
+	require.NoError(t, run(context.Background(), []string{"-patients", "3", "-level", "group"}, &stdout, io.Discard))
+	require.Contains(t, stdout.String(), "TOTAL")
+
+	for _, args := range [][]string{{"-level", "world"}, {"-patients", "-2"}, {"-x"}, {"extra"}} {
+		var stderr bytes.Buffer
+		err := run(context.Background(), args, io.Discard, &stderr)
+		require.ErrorIs(t, err, errUsage, "%v", args)
+		require.NotEmpty(t, stderr.String())
+	}
+}
+
+func TestRetryAfter(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for h, want := range map[string]time.Duration{
+		"":                              time.Second,
+		"0":                             100 * time.Millisecond,
+		"1":                             time.Second,
+		"120":                           time.Second,
+		"-5":                            100 * time.Millisecond,
+		"soon":                          time.Second,
+		"Thu, 01 Jan 2026 00:00:00 GMT": 100 * time.Millisecond,
+		"Thu, 01 Jan 2026 00:01:00 GMT": time.Second,
+	} {
+		require.Equal(t, want, retryAfter(h, now), h)
+	}
+}
+
+func TestCancelledDemo(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := demo(ctx, config{patients: 5, level: bulkexport.LevelSystem}, io.Discard, io.Discard)
+	require.ErrorIs(t, err, context.Canceled)
+}

@@ -1,0 +1,300 @@
+package dataset
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/bulkfhir/bulkexport"
+)
+
+// tokenFn returns the (system, code) a token search parameter sees on a
+// resource.
+type tokenFn func(r *rec) (system, code string)
+
+// searchParams are the _typeFilter search parameters each type supports.
+// All are token parameters: code, system|code, system| and |code forms,
+// with comma-separated values OR'd.
+var searchParams = map[kind]map[string]tokenFn{
+	kindPatient: {
+		"gender": func(r *rec) (string, string) { return sysGender, genders[r.gender] },
+	},
+	kindEncounter: {
+		"status": func(r *rec) (string, string) { return sysEncStatus, r.status },
+		"class": func(r *rec) (string, string) {
+			c := &encounterClasses[r.class]
+			return c.system, c.code
+		},
+	},
+	kindCondition: {
+		"clinical-status": func(r *rec) (string, string) { return sysClinical, r.clinical },
+		"code":            func(r *rec) (string, string) { return r.code.system, r.code.code },
+	},
+	kindObservation: {
+		"code":     func(r *rec) (string, string) { return r.code.system, r.code.code },
+		"status":   func(r *rec) (string, string) { return sysObsStatus, r.status },
+		"category": func(r *rec) (string, string) { return r.obs.category.system, r.obs.category.code },
+	},
+	kindMedicationRequest: {
+		"status": func(r *rec) (string, string) { return sysMedStatus, r.status },
+		"intent": func(r *rec) (string, string) { return sysMedIntent, "order" },
+		"code":   func(r *rec) (string, string) { return r.code.system, r.code.code },
+	},
+}
+
+// SearchParams returns the _typeFilter search parameters supported on typ,
+// sorted. All are of type token.
+func SearchParams(typ string) []string {
+	var out []string
+	for name := range searchParams[kindOf(typ)] {
+		out = append(out, name)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// token is one value of a token search: [system|]code.
+type token struct {
+	system    string
+	hasSystem bool
+	code      string
+}
+
+// condition is one search parameter of a filter: any of its values
+// matches.
+type condition struct {
+	get    tokenFn
+	values []token
+}
+
+// filter is one _typeFilter query: every condition must match.
+type filter []condition
+
+// parseFilter turns a _typeFilter query on type k into a filter, or says
+// why the dataset cannot run it.
+func parseFilter(k kind, q url.Values) (filter, error) {
+	params := searchParams[k]
+	if len(q) == 0 {
+		return nil, errors.New("empty search")
+	}
+	names := make([]string, 0, len(q))
+	for name := range q {
+		names = append(names, name)
+	}
+	sort.Strings(names) // deterministic errors
+	var f filter
+	for _, name := range names {
+		base, modifier, hasModifier := strings.Cut(name, ":")
+		get, ok := params[base]
+		switch {
+		case !ok && len(params) == 0:
+			return nil, fmt.Errorf("no search parameters are supported on %s", k)
+		case !ok:
+			return nil, fmt.Errorf("search parameter %q is not supported on %s (supported: %s)", base, k, strings.Join(SearchParams(k.String()), ", "))
+		case hasModifier:
+			return nil, fmt.Errorf("modifier :%s of search parameter %s is not supported", modifier, base)
+		}
+		for _, v := range q[name] {
+			c := condition{get: get}
+			for _, item := range strings.Split(v, ",") {
+				if item == "" {
+					return nil, fmt.Errorf("search parameter %s has an empty value", base)
+				}
+				var t token
+				if sys, code, ok := strings.Cut(item, "|"); ok {
+					t = token{system: sys, hasSystem: true, code: code}
+				} else {
+					t = token{code: item}
+				}
+				c.values = append(c.values, t)
+			}
+			f = append(f, c)
+		}
+	}
+	return f, nil
+}
+
+func (f filter) match(r *rec) bool {
+	for _, c := range f {
+		sys, code := c.get(r)
+		ok := false
+		for _, t := range c.values {
+			if (!t.hasSystem || t.system == sys) && (t.code == "" || t.code == code) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// plan is a Query resolved against the dataset for one type: which owners
+// (patients, or practitioners and organizations) to visit and which of
+// their resources to keep.
+type plan struct {
+	d       *Dataset
+	kind    kind
+	filters []filter // OR'd; none keeps everything
+	since   time.Time
+	until   time.Time
+	tx      time.Time
+	keep    *elementSet
+
+	// Owners: patients 1..n (or the listed ones) that member accepts, or
+	// practitioners/organizations 1..n.
+	n       int
+	list    []int // the patient parameter's indices, sorted; nil without it
+	member  func(idx int) bool
+	after   int      // the cursor: owners up to it are done
+	missing []string // patient ids the patient parameter named in vain
+}
+
+// newPlan resolves q for typ. With resume, q.Cursor is honoured.
+func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, error) {
+	k := kindOf(typ)
+	if k == 0 {
+		return nil, fmt.Errorf("dataset: resource type %q is not in the dataset", typ)
+	}
+	p := &plan{d: d, kind: k, since: q.Since, until: q.Until, tx: q.TransactionTime}
+	compartment := k != kindPractitioner && k != kindOrganization
+	switch q.Level {
+	case bulkexport.LevelSystem, bulkexport.LevelPatient:
+	case bulkexport.LevelGroup:
+		m, err := membership(q.GroupID)
+		if err != nil {
+			return nil, err
+		}
+		p.member = m
+	default:
+		return nil, fmt.Errorf("dataset: unknown export level %q", q.Level)
+	}
+	if !compartment && q.Level != bulkexport.LevelSystem {
+		return nil, fmt.Errorf("dataset: %s is exported at system level only", typ)
+	}
+	for _, tf := range q.TypeFilters {
+		if tf.Type != typ {
+			continue
+		}
+		f, err := parseFilter(k, tf.Values())
+		if err != nil {
+			return nil, &bulkexport.Error{Status: http.StatusBadRequest, Code: bulkexport.IssueNotSupported, Param: "_typeFilter",
+				Message: fmt.Sprintf("%s: %v", tf, err)}
+		}
+		p.filters = append(p.filters, f)
+	}
+	p.keep = newElementSet(k, q.Elements)
+
+	switch k {
+	case kindPractitioner:
+		p.n = d.practitioners
+	case kindOrganization:
+		p.n = d.organizations
+	default:
+		p.n = d.patients
+		if len(q.Patients) > 0 {
+			p.list = []int{}
+			for _, id := range q.Patients {
+				idx, ok := d.patientIndex(id)
+				if !ok || (p.member != nil && !p.member(idx)) {
+					p.missing = append(p.missing, id)
+					continue
+				}
+				p.list = append(p.list, idx)
+			}
+			slices.Sort(p.list)
+			p.list = slices.Compact(p.list)
+		}
+	}
+	if resume && q.Cursor != "" {
+		n, err := strconv.Atoi(q.Cursor)
+		if err != nil || n < 0 {
+			return nil, fmt.Errorf("dataset: invalid cursor %q", q.Cursor)
+		}
+		p.after = n
+	}
+	return p, nil
+}
+
+// each calls fn for every owner after the cursor, in increasing order, and
+// stops at the first error or when ctx is done.
+func (p *plan) each(ctx context.Context, fn func(idx int) error) error {
+	visit := func(idx int) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return fn(idx)
+	}
+	if p.list != nil {
+		for _, idx := range p.list {
+			if idx <= p.after {
+				continue
+			}
+			if err := visit(idx); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for idx := p.after + 1; idx <= p.n; idx++ {
+		if p.member != nil && !p.member(idx) {
+			continue
+		}
+		if err := visit(idx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// resources calls fn for every resource of owner idx that the plan keeps.
+// r is reused between calls.
+func (p *plan) resources(idx int, r *rec, fn func(r *rec) error) error {
+	// Patients, practitioners and organizations are one resource (seq 0);
+	// a patient's other resources are numbered from 1.
+	first, last := 0, 0
+	switch p.kind {
+	case kindEncounter, kindCondition, kindObservation, kindMedicationRequest:
+		first, last = 1, p.d.perPatient(p.kind, idx)
+	}
+	for seq := first; seq <= last; seq++ {
+		p.d.gen(p.kind, idx, seq, r)
+		if !p.match(r) {
+			continue
+		}
+		if err := fn(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *plan) match(r *rec) bool {
+	if !p.since.IsZero() && !r.lastUpdated.After(p.since) {
+		return false
+	}
+	if !p.until.IsZero() && !r.lastUpdated.Before(p.until) {
+		return false
+	}
+	if !p.tx.IsZero() && r.lastUpdated.After(p.tx) {
+		return false
+	}
+	if len(p.filters) == 0 {
+		return true
+	}
+	for _, f := range p.filters {
+		if f.match(r) {
+			return true
+		}
+	}
+	return false
+}

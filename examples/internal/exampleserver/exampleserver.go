@@ -1,0 +1,261 @@
+// Package exampleserver wires a complete bulk export server out of the
+// library's parts: a JobStore, a DirStorage, the synthetic dataset as the
+// Source, the protocol Handler and a Worker. The example server and the
+// demo both build theirs with New.
+package exampleserver
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+)
+
+// StoreMemory is the only JobStore the examples offer for now: jobs live in
+// memory and are lost on restart.
+const StoreMemory = "memory"
+
+// Config describes a server. Addr and StorageDir are required.
+type Config struct {
+	// Addr is the host:port clients reach the server at; the FHIR base URL
+	// is http://Addr/fhir (an unspecified host such as "" or 0.0.0.0 is
+	// given as localhost).
+	Addr string
+	// Clients maps client names to bearer tokens. Empty: no
+	// authentication, every request is the anonymous client.
+	Clients map[string]string
+	// Patients is the size of the synthetic dataset.
+	Patients int
+	// Store names the JobStore. Default: "memory", the only one for now.
+	Store string
+	// StorageDir is the directory export files are written to.
+	StorageDir string
+	// Logger receives the handler's and worker's logs. Default:
+	// slog.Default().
+	Logger *slog.Logger
+	// Worker tunes the worker (nil: the library's defaults). Its Logger
+	// defaults to Logger.
+	Worker *bulkexport.WorkerOptions
+	// RetryAfter is the handler's Retry-After policy. Default:
+	// bulkexport.DefaultRetryAfter.
+	RetryAfter func(job *bulkexport.Job, now time.Time) time.Duration
+}
+
+// Server is a wired bulk export server. Serve Handler over HTTP and run
+// Worker (Worker.Run blocks until its context is done).
+type Server struct {
+	// Handler routes /fhir/metadata, the bulk data endpoints under /fhir/
+	// and answers anything else with a 404 OperationOutcome.
+	Handler http.Handler
+	// Worker runs the export jobs.
+	Worker *bulkexport.Worker
+	// BaseURL is the FHIR base URL, http://Addr/fhir.
+	BaseURL string
+
+	Bulk    *bulkexport.Handler
+	Dataset *dataset.Dataset
+	Store   bulkexport.JobStore
+	Storage *bulkexport.DirStorage
+}
+
+// New builds a server from cfg. It starts nothing.
+func New(cfg Config) (*Server, error) {
+	base, err := BaseURL(cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.StorageDir == "" {
+		return nil, errors.New("exampleserver: no storage directory")
+	}
+	if cfg.Patients < 0 {
+		return nil, fmt.Errorf("exampleserver: negative patient count %d", cfg.Patients)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	var store bulkexport.JobStore
+	switch cfg.Store {
+	case "", StoreMemory:
+		store = bulkexport.NewMemoryStore()
+	default:
+		return nil, fmt.Errorf("exampleserver: unsupported store %q (only %q for now)", cfg.Store, StoreMemory)
+	}
+	storage, err := bulkexport.NewDirStorage(cfg.StorageDir)
+	if err != nil {
+		return nil, err
+	}
+	ds := dataset.New(cfg.Patients)
+
+	var wopts bulkexport.WorkerOptions
+	if cfg.Worker != nil {
+		wopts = *cfg.Worker
+	}
+	if wopts.Logger == nil {
+		wopts.Logger = log
+	}
+	worker, err := bulkexport.NewWorker(store, ds, storage, &wopts)
+	if err != nil {
+		return nil, err
+	}
+
+	opts := &bulkexport.Options{
+		BaseURL:    base,
+		Types:      ds,
+		Storage:    storage,
+		OnQueued:   func(string) { worker.Notify() },
+		RetryAfter: cfg.RetryAfter,
+		Logger:     log,
+	}
+	if len(cfg.Clients) > 0 {
+		auth, err := BearerAuth(cfg.Clients)
+		if err != nil {
+			return nil, err
+		}
+		opts.Authenticate = auth
+	}
+	bulk, err := bulkexport.NewHandler(store, opts)
+	if err != nil {
+		return nil, err
+	}
+	metadata, err := capabilityStatement(bulk, ds, base, len(cfg.Clients) > 0)
+	if err != nil {
+		return nil, err
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle("/fhir/", bulk)
+	mux.Handle("/fhir/metadata", metadataHandler(metadata))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeOutcome(w, http.StatusNotFound, bulkexport.IssueNotFound, "nothing here; the FHIR base URL is "+base)
+	})
+	return &Server{Handler: mux, Worker: worker, BaseURL: base, Bulk: bulk, Dataset: ds, Store: store, Storage: storage}, nil
+}
+
+// BaseURL returns the FHIR base URL of a server reached at addr (host:port).
+func BaseURL(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port == "" {
+		return "", fmt.Errorf("exampleserver: address %q is not host:port", addr)
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, port) + "/fhir", nil
+}
+
+// BearerAuth returns an Options.Authenticate hook that accepts
+// "Authorization: Bearer <token>" with one of the clients' tokens and
+// answers the client's name. Anything else is an error wrapping
+// bulkexport.ErrUnauthorized (401 with an OperationOutcome).
+func BearerAuth(clients map[string]string) (func(*http.Request) (string, error), error) {
+	type client struct{ name, token string }
+	var list []client
+	seen := map[string]string{}
+	for name, token := range clients {
+		if name == "" || token == "" {
+			return nil, errors.New("exampleserver: clients need a name and a token")
+		}
+		if other, ok := seen[token]; ok {
+			return nil, fmt.Errorf("exampleserver: clients %q and %q share a token", other, name)
+		}
+		seen[token] = name
+		list = append(list, client{name, token})
+	}
+	return func(r *http.Request) (string, error) {
+		scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+		token = strings.TrimSpace(token)
+		if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
+			return "", fmt.Errorf("no bearer token: %w", bulkexport.ErrUnauthorized)
+		}
+		match := ""
+		for _, c := range list {
+			// Compare every token in constant time, so that timing tells
+			// nothing about which one (if any) matched.
+			if subtle.ConstantTimeCompare([]byte(c.token), []byte(token)) == 1 {
+				match = c.name
+			}
+		}
+		if match == "" {
+			return "", fmt.Errorf("unknown bearer token: %w", bulkexport.ErrUnauthorized)
+		}
+		return match, nil
+	}, nil
+}
+
+// capabilityStatement builds the server's CapabilityStatement: a minimal
+// R4 one listing the exported types and their _typeFilter search
+// parameters, with the library's bulk data fragment merged in.
+func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, base string, auth bool) ([]byte, error) {
+	var resources []any
+	types, err := ds.ResourceTypes(context.Background(), bulkexport.LevelSystem)
+	if err != nil {
+		return nil, err
+	}
+	for _, typ := range types {
+		res := map[string]any{"type": typ}
+		var params []any
+		for _, p := range dataset.SearchParams(typ) {
+			params = append(params, map[string]any{"name": p, "type": "token"})
+		}
+		if params != nil {
+			res["searchParam"] = params
+		}
+		resources = append(resources, res)
+	}
+	rest := map[string]any{"mode": "server", "resource": resources}
+	if auth {
+		rest["security"] = map[string]any{"description": "Send Authorization: Bearer <token> on every bulk data request, file downloads included."}
+	}
+	cs := map[string]any{
+		"resourceType": "CapabilityStatement",
+		"status":       "active",
+		"date":         time.Now().UTC().Format("2006-01-02"),
+		"publisher":    "bulkexport examples",
+		"kind":         "instance",
+		"software":     map[string]any{"name": "bulkexport example server"},
+		"implementation": map[string]any{
+			"description": "FHIR Bulk Data export over a synthetic dataset",
+			"url":         base,
+		},
+		"fhirVersion": "4.0.1",
+		"format":      []any{"json"},
+		"rest":        []any{rest},
+	}
+	bulk.Capability().MergeInto(cs)
+	return json.Marshal(cs)
+}
+
+// metadataHandler serves GET [base]/metadata. It needs no token, as FHIR
+// clients read it before they authenticate.
+func metadataHandler(body []byte) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			writeOutcome(w, http.StatusMethodNotAllowed, bulkexport.IssueNotSupported, "method not allowed; use GET")
+			return
+		}
+		w.Header().Set("Content-Type", "application/fhir+json")
+		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+		if r.Method == http.MethodHead {
+			return
+		}
+		_, _ = w.Write(body)
+	})
+}
+
+func writeOutcome(w http.ResponseWriter, status int, code bulkexport.IssueType, msg string) {
+	b, _ := json.Marshal(bulkexport.NewOutcome(bulkexport.SeverityError, code, msg))
+	w.Header().Set("Content-Type", "application/fhir+json")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
