@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 )
@@ -32,20 +33,32 @@ type TypeFilterChecker interface {
 	CheckTypeFilter(typ string, query url.Values) error
 }
 
+// AssociatedDataLister is an optional interface of a TypeLister (or
+// Source): the includeAssociatedData codes its exports honour, such as
+// AssociatedLatestProvenance and AssociatedRelevantProvenance. Requested
+// codes reach the Source in Query.IncludeAssociatedData.
+type AssociatedDataLister interface {
+	AssociatedData() []string
+}
+
 // DeletePolicy is what DELETE on the status URL does to a job that has
 // already finished (completed or failed). Queued and running jobs are
 // cancelled under either policy.
 type DeletePolicy int
 
 const (
-	// DeleteFinishedNotFound answers 404 with an OperationOutcome and keeps
-	// the job: the rule of the eHealth $export-poll-status operation (and of
-	// HAPI FHIR). It is the default.
+	// DeleteFinishedNotFound is the eHealth profile: 404 with an
+	// OperationOutcome, and the job and its files stay until they expire.
+	// It is the rule of the eHealth $export-poll-status operation and of
+	// HAPI FHIR, so clients written against eHealth or HAPI servers expect
+	// it. It is the default.
 	DeleteFinishedNotFound DeletePolicy = iota
-	// DeleteFinishedRemoves answers 202 and removes the job and its files:
-	// the HL7 Bulk Data IG's reading, where a DELETE after completion tells
-	// the server the client has what it needs. Conformance kits that DELETE
-	// right after kick-off expect it from fast servers.
+	// DeleteFinishedRemoves is the HL7 IG profile: 202, and the job and its
+	// files are removed (later polls get 404). The IG lets a client signal
+	// with DELETE that it has what it needs. Conformance kits (Inferno's
+	// bulk-data-test-kit) DELETE right after a kick-off and want 202 even
+	// when a fast server has already finished the job: choose this profile
+	// for them.
 	DeleteFinishedRemoves
 )
 
@@ -109,9 +122,23 @@ type Options struct {
 	RequiresAccessToken *bool
 
 	// AssociatedData lists the includeAssociatedData codes accepted at
-	// kick-off and passed on to the Source. Default: none; any value gets
-	// 400 (or is ignored under lenient handling).
+	// kick-off and passed on to the Source, on top of those a Types that
+	// implements AssociatedDataLister declares. Default: none; any other
+	// value gets 400 (or is ignored under lenient handling).
 	AssociatedData []string
+
+	// ManifestVersion picks the manifest's shape. Default: ManifestSTU3
+	// (the STU2/STU3 shape Inferno and most clients read).
+	ManifestVersion ManifestVersion
+
+	// ManifestPageSize is how many output[] entries one manifest page
+	// holds when the client sent allowPartialManifests=true; further files
+	// are reached through link[] "next". Default: 1000.
+	ManifestPageSize int
+
+	// DisableSeparateExportStatus ignores Prefer: separate-export-status
+	// (STU3). Default: false, the preference is honoured.
+	DisableSeparateExportStatus bool
 
 	// MaxBodyBytes caps a POST kick-off or status body. Default: 1 MiB.
 	MaxBodyBytes int64
@@ -197,6 +224,9 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	}
 	if h.opts.MaxBodyBytes <= 0 {
 		h.opts.MaxBodyBytes = 1 << 20
+	}
+	if h.opts.ManifestPageSize <= 0 {
+		h.opts.ManifestPageSize = 1000
 	}
 	if h.opts.CancelledRetention <= 0 {
 		h.opts.CancelledRetention = 24 * time.Hour
@@ -352,6 +382,12 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		h.writeError(w, r, err)
 		return
 	}
+	if h.opts.ManifestVersion == ManifestSTU4 && r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		h.writeError(w, r, &Error{Status: http.StatusMethodNotAllowed, Code: IssueNotSupported,
+			Message: "this server follows the STU4 ballot: kick off with POST and a Parameters body"})
+		return
+	}
 	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues}
 	if h.opts.Types != nil {
 		types, err := h.opts.Types.ResourceTypes(ctx, level)
@@ -363,13 +399,22 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		if tf, ok := h.opts.Types.(TypeFilterChecker); ok {
 			cfg.checkFilter = tf.CheckTypeFilter
 		}
+		if org, ok := h.opts.Types.(Organizer); ok {
+			if cfg.organizeBy, err = org.OrganizeTypes(ctx, level); err != nil {
+				h.writeError(w, r, err)
+				return
+			}
+		}
+		if al, ok := h.opts.Types.(AssociatedDataLister); ok {
+			cfg.associated = append(slices.Clip(cfg.associated), al.AssociatedData()...)
+		}
 	}
 	req, err := parseKickoff(raw, r.Method, level, prefs.lenient, cfg)
 	if err != nil {
 		h.writeError(w, r, err)
 		return
 	}
-	req.SeparateExportStatus = prefs.separateExportStatus
+	req.SeparateExportStatus = prefs.separateExportStatus && !h.opts.DisableSeparateExportStatus
 	if level == LevelGroup {
 		if gc, ok := h.opts.Types.(GroupChecker); ok {
 			if err := gc.CheckGroup(ctx, groupID); err != nil {
@@ -416,6 +461,9 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 	oo := NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" queued")
 	oo.Issue = append(oo.Issue, req.Ignored...)
 	w.Header().Set("Content-Location", h.statusURL(job.ID))
+	if req.SeparateExportStatus {
+		w.Header().Set("Preference-Applied", "respond-async, separate-export-status")
+	}
 	writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON, oo)
 }
 

@@ -169,7 +169,8 @@ type Progress struct {
 // File is one entry of a manifest's output[], deleted[] or error[] array.
 type File struct {
 	// Type is the resource type of every line (Bundle for deleted[],
-	// OperationOutcome for error[]).
+	// OperationOutcome for error[]); empty for organized output, whose
+	// files hold resource blocks of several types.
 	Type string `json:"type"`
 	// Name identifies the file within its job in Storage. The download URL
 	// is derived from it.
@@ -178,6 +179,9 @@ type File struct {
 	Count int64 `json:"count"`
 	// Size is the file's size in bytes.
 	Size int64 `json:"size"`
+	// ContinuesIn names the file where the last resource block of this
+	// file continues (organized output only).
+	ContinuesIn string `json:"continuesIn,omitempty"`
 }
 
 // Failure is why a job failed, as the status endpoint reports it.

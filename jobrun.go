@@ -70,7 +70,7 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	log := w.log.With(slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
 	if len(job.Checkpoint) > 0 {
 		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {
-			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueException, Message: "the job's checkpoint is unreadable", Err: err})
+			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
 			return
 		}
 	}
@@ -78,7 +78,7 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 		r.cp.Types = map[string]*typeCheckpoint{}
 	}
 	if job.Attempts > w.opts.MaxAttempts {
-		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueException,
+		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
 			Message: fmt.Sprintf("the export was interrupted %d times and was given up", job.Attempts-1)})
 		return
 	}
@@ -128,8 +128,12 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 	if err != nil {
 		return err
 	}
-	for _, typ := range types {
-		r.types = append(r.types, newTypeRun(r, typ))
+	if by := r.job.Request.OrganizeOutputBy; by != "" {
+		r.types = append(r.types, newOrganizedRun(r, by, types))
+	} else {
+		for _, typ := range types {
+			r.types = append(r.types, newTypeRun(r, typ))
+		}
 	}
 
 	hbDone := make(chan struct{})
@@ -348,9 +352,13 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 		j.UpdatedAt = now
 		j.ExpiresAt = now.Add(r.w.opts.Retention)
 		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
-		sortFiles(j.Output)
-		sortFiles(j.Deleted)
-		sortFiles(j.Errors)
+		if !j.Request.AllowPartialManifests {
+			// Partial manifests may already have listed the files in the
+			// order they were recorded; that order must not change.
+			sortFiles(j.Output)
+			sortFiles(j.Deleted)
+			sortFiles(j.Errors)
+		}
 	})
 	switch {
 	case errors.Is(err, errJobCancelled):

@@ -1,19 +1,44 @@
 package bulkexport
 
 import (
+	"bytes"
 	"encoding/json"
+	"strconv"
 	"time"
 )
 
-// Manifest is the body of a completed status response (Bulk Data IG
-// STU2/STU3 shape). The client package decodes the same type.
+// ManifestVersion picks the shape of the completion manifest.
+type ManifestVersion int
+
+const (
+	// ManifestSTU3 is the Bulk Data IG STU2/STU3 manifest: request,
+	// error[] always present, extension as a JSON object. The default.
+	ManifestSTU3 ManifestVersion = iota
+	// ManifestSTU4 is the STU4 ballot shape: outcome[] in place of error[],
+	// no request, extension as an array of FHIR Extensions, plus
+	// manifestType, outputFormat and fileSize. Kick-off is POST only.
+	ManifestSTU4
+)
+
+// ManifestTypeURL is the STU4 manifestType.
+const ManifestTypeURL = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest"
+
+// Manifest is the body of a completed status response. The handler writes
+// it in the STU2/STU3 shape; the STU4 fields (Outcome, OutputFormat,
+// ManifestType) are there so that clients can decode either shape.
 type Manifest struct {
+	// ManifestType is the STU4 profile URL.
+	ManifestType string `json:"manifestType,omitempty"`
 	// TransactionTime is the instant the export's data reflects.
 	TransactionTime string `json:"transactionTime"`
-	// Request is the full kick-off URL.
+	// Request is the full kick-off URL (not in STU4).
 	Request string `json:"request"`
 	// RequiresAccessToken says whether downloads need the kick-off's token.
 	RequiresAccessToken bool `json:"requiresAccessToken"`
+	// OutputFormat is the files' MIME type (STU4).
+	OutputFormat string `json:"outputFormat,omitempty"`
+	// OutputOrganizedBy echoes organizeOutputBy.
+	OutputOrganizedBy string `json:"outputOrganizedBy,omitempty"`
 	// Output lists the data files; always present, [] when empty.
 	Output []ManifestFile `json:"output"`
 	// Deleted lists NDJSON files of transaction Bundles with DELETE
@@ -21,40 +46,182 @@ type Manifest struct {
 	Deleted []ManifestFile `json:"deleted,omitempty"`
 	// Error lists NDJSON files of OperationOutcomes; always present.
 	Error []ManifestFile `json:"error"`
-	// Extension is a JSON object of custom fields.
+	// Outcome is STU4's name for Error.
+	Outcome []ManifestFile `json:"outcome,omitempty"`
+	// Link points to the next page of a paged manifest.
+	Link []ManifestLink `json:"link,omitempty"`
+	// Extension is a JSON object of custom fields (an array of FHIR
+	// Extensions in STU4).
 	Extension json.RawMessage `json:"extension,omitempty"`
 }
 
 // ManifestFile is one entry of output[], deleted[] or error[].
 type ManifestFile struct {
-	Type  string `json:"type"`
-	URL   string `json:"url"`
+	// Type is the resource type of every line; absent for organized
+	// output (and for deleted[] in STU4).
+	Type string `json:"type,omitempty"`
+	URL  string `json:"url"`
+	// Count is the number of resources in the file.
 	Count *int64 `json:"count,omitempty"`
+	// ContinuesInFile is the URL of the file where this file's last
+	// resource block continues (organized output).
+	ContinuesInFile string `json:"continuesInFile,omitempty"`
+	// FileSize is the size in bytes (STU4).
+	FileSize *int64 `json:"fileSize,omitempty"`
 }
 
-// Manifest builds the manifest of a job, with absolute file URLs.
+// ManifestLink is one entry of a manifest's link[].
+type ManifestLink struct {
+	Relation string `json:"relation"`
+	URL      string `json:"url"`
+}
+
+// manifestSTU4 is the wire shape of an STU4 manifest.
+type manifestSTU4 struct {
+	ManifestType        string          `json:"manifestType"`
+	TransactionTime     string          `json:"transactionTime"`
+	RequiresAccessToken bool            `json:"requiresAccessToken"`
+	OutputFormat        string          `json:"outputFormat"`
+	OutputOrganizedBy   string          `json:"outputOrganizedBy,omitempty"`
+	Output              []ManifestFile  `json:"output"`
+	Deleted             []ManifestFile  `json:"deleted,omitempty"`
+	Outcome             []ManifestFile  `json:"outcome"`
+	Link                []ManifestLink  `json:"link,omitempty"`
+	Extension           json.RawMessage `json:"extension,omitempty"`
+}
+
+// Manifest builds the whole (unpaged) manifest of a job, with absolute
+// file URLs, in the STU2/STU3 shape.
 func (h *Handler) Manifest(job *Job) *Manifest {
 	m := &Manifest{
 		TransactionTime:     FormatInstant(job.TransactionTime),
 		Request:             job.Request.URL,
 		RequiresAccessToken: h.token,
-		Output:              h.manifestFiles(job, job.Output),
-		Error:               h.manifestFiles(job, job.Errors),
-		Extension:           job.Extension,
+		OutputOrganizedBy:   job.Request.OrganizeOutputBy,
+		Output:              h.manifestFiles(job, job.Output, false),
+		Error:               h.manifestFiles(job, job.Errors, false),
+	}
+	if jsonKind(job.Extension) == '{' {
+		m.Extension = job.Extension
 	}
 	if len(job.Deleted) > 0 {
-		m.Deleted = h.manifestFiles(job, job.Deleted)
+		m.Deleted = h.manifestFiles(job, job.Deleted, false)
 	}
 	return m
 }
 
-func (h *Handler) manifestFiles(job *Job, files []File) []ManifestFile {
+// manifestPage is page k (from 1) of a job's manifest, or ok false when
+// that page cannot be served yet (or ever).
+//
+// Unless the client allowed partial manifests, there is one page, served
+// once the job is complete. With allowPartialManifests=true, output[] is
+// cut into pages of ManifestPageSize entries. Full pages are served as
+// soon as their files are final, even while the job runs, and never change
+// afterwards except by gaining a "next" link. The last page, served once
+// the job is complete, holds the remaining output[] entries together with
+// deleted[] and error[].
+func (h *Handler) manifestPage(job *Job, k int) (body any, ok bool) {
+	completed := job.State == StateCompleted
+	output, deleted, errs := job.Output, job.Deleted, job.Errors
+	next := 0
+	if !job.Request.AllowPartialManifests {
+		if k != 1 || !completed {
+			return nil, false
+		}
+	} else {
+		n := h.opts.ManifestPageSize
+		full := len(output) / n // pages 1..full are full
+		switch {
+		case k <= full:
+			output, deleted, errs = output[(k-1)*n:k*n], nil, nil
+			if k < full || completed {
+				next = k + 1
+			}
+		case k == full+1 && completed:
+			output = output[full*n:]
+		default:
+			return nil, false
+		}
+	}
+	var links []ManifestLink
+	if next > 0 {
+		links = []ManifestLink{{Relation: "next", URL: h.pageURL(job.ID, next)}}
+	}
+	if h.opts.ManifestVersion == ManifestSTU4 {
+		m := &manifestSTU4{
+			ManifestType:        ManifestTypeURL,
+			TransactionTime:     FormatInstant(job.TransactionTime),
+			RequiresAccessToken: h.token,
+			OutputFormat:        job.Request.OutputFormat,
+			OutputOrganizedBy:   job.Request.OrganizeOutputBy,
+			Output:              h.manifestFiles(job, output, true),
+			Outcome:             h.manifestFiles(job, errs, true),
+			Link:                links,
+		}
+		if m.OutputFormat == "" {
+			m.OutputFormat = FormatNDJSON
+		}
+		if len(deleted) > 0 {
+			m.Deleted = h.manifestFiles(job, deleted, true)
+			for i := range m.Deleted {
+				m.Deleted[i].Type = "" // STU4 deleted items carry no type
+			}
+		}
+		if jsonKind(job.Extension) == '[' {
+			m.Extension = job.Extension
+		}
+		return m, true
+	}
+	m := &Manifest{
+		TransactionTime:     FormatInstant(job.TransactionTime),
+		Request:             job.Request.URL,
+		RequiresAccessToken: h.token,
+		OutputOrganizedBy:   job.Request.OrganizeOutputBy,
+		Output:              h.manifestFiles(job, output, false),
+		Error:               h.manifestFiles(job, errs, false),
+		Link:                links,
+	}
+	if len(deleted) > 0 {
+		m.Deleted = h.manifestFiles(job, deleted, false)
+	}
+	if jsonKind(job.Extension) == '{' {
+		m.Extension = job.Extension
+	}
+	return m, true
+}
+
+func (h *Handler) manifestFiles(job *Job, files []File, withSize bool) []ManifestFile {
 	out := make([]ManifestFile, len(files))
 	for i, f := range files {
 		count := f.Count
 		out[i] = ManifestFile{Type: f.Type, URL: h.FileURL(job.ID, f.Name), Count: &count}
+		if f.ContinuesIn != "" {
+			out[i].ContinuesInFile = h.FileURL(job.ID, f.ContinuesIn)
+		}
+		if withSize {
+			size := f.Size
+			out[i].FileSize = &size
+		}
 	}
 	return out
+}
+
+// pageURL is the status URL of manifest page k.
+func (h *Handler) pageURL(id string, k int) string {
+	sep := "&"
+	if h.opts.StatusURLStyle == StatusPath {
+		sep = "?"
+	}
+	return h.statusURL(id) + sep + "_page=" + strconv.Itoa(k)
+}
+
+// jsonKind is the first non-space byte of a JSON value, or 0.
+func jsonKind(raw json.RawMessage) byte {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 {
+		return 0
+	}
+	return raw[0]
 }
 
 // FormatInstant formats t as a FHIR instant in UTC with millisecond

@@ -22,6 +22,12 @@ var errBadResource = errors.New("not a single JSON object")
 // or a compacted copy (written over scratch, compacted true) when it spans
 // lines. It never returns bytes that would break NDJSON.
 func checkResource(raw []byte, typ string, scratch []byte) (line []byte, compacted bool, err error) {
+	return checkResourceFunc(raw, func(rt string) bool { return rt == typ }, typ, scratch)
+}
+
+// checkResourceFunc is checkResource with a predicate on the resourceType;
+// want names the accepted types in errors.
+func checkResourceFunc(raw []byte, ok func(resourceType string) bool, want string, scratch []byte) (line []byte, compacted bool, err error) {
 	s := jsonScanner{b: raw}
 	s.skipWS()
 	if s.i >= len(s.b) || s.b[s.i] != '{' {
@@ -40,14 +46,14 @@ func checkResource(raw []byte, typ string, scratch []byte) (line []byte, compact
 	switch {
 	case s.rtStart < 0:
 		return nil, false, fmt.Errorf("resource has no resourceType")
-	case string(raw[s.rtStart:s.rtEnd]) != typ:
+	case !ok(string(raw[s.rtStart:s.rtEnd])):
 		if s.rtEscaped {
 			var got string
-			if json.Unmarshal(raw[s.rtStart-1:s.rtEnd+1], &got) == nil && got == typ {
+			if json.Unmarshal(raw[s.rtStart-1:s.rtEnd+1], &got) == nil && ok(got) {
 				break
 			}
 		}
-		return nil, false, fmt.Errorf("resourceType %q in a file of %s", raw[s.rtStart:s.rtEnd], typ)
+		return nil, false, fmt.Errorf("resourceType %q in a file of %s", raw[s.rtStart:s.rtEnd], want)
 	}
 	if !s.newline {
 		// Leading or trailing spaces are harmless on a line, but trim them

@@ -27,7 +27,7 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID str
 		h.writeError(w, r, err)
 		return
 	}
-	id, err := h.jobIDOf(r, pathID)
+	id, page, err := h.jobIDOf(r, pathID)
 	if err != nil {
 		h.writeError(w, r, err)
 		return
@@ -41,54 +41,59 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID str
 		h.cancel(w, r, job)
 		return
 	}
-	h.writeStatus(w, r, job)
+	h.writeStatus(w, r, job, page)
 }
 
-// jobIDOf finds the job id of a status request: from the path, the _jobId
-// query parameter, or (POST) a Parameters body.
-func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, error) {
+// jobIDOf finds the job id of a status request, from the path, the _jobId
+// query parameter, or (POST) a Parameters body, and the manifest page
+// (_page, default 1).
+func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
+	qid, page, err := parseStatusQuery(r.URL.RawQuery)
+	if err != nil {
+		return "", 0, err
+	}
 	id := pathID
 	if id == "" {
-		var err error
-		if id, err = queryJobID(r.URL.RawQuery); err != nil {
-			return "", err
-		}
+		id = qid
+	} else if qid != "" {
+		return "", 0, paramError("_jobId", IssueInvalid, "the job id is already in the path")
 	}
 	if id == "" && r.Method == http.MethodPost {
 		body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.opts.MaxBodyBytes))
 		if err != nil {
-			return "", err
+			return "", 0, err
 		}
 		params, err := parseParametersBody(body)
 		if err != nil {
-			return "", err
+			return "", 0, err
 		}
 		for _, p := range params {
 			switch {
 			case p.name != "_jobId":
-				return "", paramError(p.name, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+				return "", 0, paramError(p.name, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
 			case id != "":
-				return "", paramError("_jobId", IssueInvalid, "may appear only once")
+				return "", 0, paramError("_jobId", IssueInvalid, "may appear only once")
 			}
 			id = p.value
 		}
 	}
 	if id == "" {
-		return "", &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
+		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
 	}
 	if !validJobID(id) {
 		// No store could hold it: answer like an unknown job.
-		return "", &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_jobId", Message: "no such export job"}
+		return "", 0, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_jobId", Message: "no such export job"}
 	}
-	return id, nil
+	return id, page, nil
 }
 
-// queryJobID extracts _jobId from a raw query without building a map (this
-// is the poll's hot path). Other parameters are refused, so that a typo
-// such as _jobid is not silently read as "missing".
-func queryJobID(raw string) (string, error) {
-	var id string
-	seen := false
+// parseStatusQuery extracts _jobId and _page from a raw query without
+// building a map (this is the poll's hot path). Other parameters are
+// refused, so that a typo such as _jobid is not silently read as
+// "missing".
+func parseStatusQuery(raw string) (id string, page int, err error) {
+	page = 1
+	seenID, seenPage := false, false
 	for raw != "" {
 		var kv string
 		kv, raw, _ = strings.Cut(raw, "&")
@@ -97,31 +102,34 @@ func queryJobID(raw string) (string, error) {
 		}
 		k, v, _ := strings.Cut(kv, "=")
 		if strings.ContainsAny(k, "%+") {
-			var err error
 			if k, err = url.QueryUnescape(k); err != nil {
-				return "", &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+				return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+			}
+		}
+		if strings.ContainsAny(v, "%+") {
+			if v, err = url.QueryUnescape(v); err != nil {
+				return "", 0, paramError(k, IssueInvalid, "malformed value")
 			}
 		}
 		switch k {
 		case "_jobId":
-			if seen {
-				return "", paramError("_jobId", IssueInvalid, "may appear only once")
+			if seenID {
+				return "", 0, paramError("_jobId", IssueInvalid, "may appear only once")
 			}
-			seen = true
-			if strings.ContainsAny(v, "%+") {
-				var err error
-				if v, err = url.QueryUnescape(v); err != nil {
-					return "", paramError("_jobId", IssueInvalid, "malformed value")
-				}
+			seenID, id = true, v
+		case "_page":
+			n, perr := strconv.Atoi(v)
+			if seenPage || perr != nil || n < 1 || n > 1_000_000 {
+				return "", 0, paramError("_page", IssueInvalid, "must be a page number from 1, given once")
 			}
-			id = v
+			seenPage, page = true, n
 		case "_format":
 			// FHIR's general parameter; the answers are JSON either way.
 		default:
-			return "", paramError(k, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+			return "", 0, paramError(k, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
 		}
 	}
-	return id, nil
+	return id, page, nil
 }
 
 // lookup loads a job for a client. A job owned by another client, expired,
@@ -142,24 +150,46 @@ func (h *Handler) lookup(r *http.Request, clientID, id string) (*Job, error) {
 }
 
 // writeStatus answers a poll for a job the client may see.
-func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job) {
+func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, page int) {
 	hdr := w.Header()
+	// Under Prefer: separate-export-status the HTTP status describes the
+	// poll (200) and X-Export-Status the job.
+	separate := job.Request.SeparateExportStatus
+	answer := func(status int) int {
+		if !separate {
+			return status
+		}
+		hdr.Set("X-Export-Status", strconv.Itoa(status)+" "+http.StatusText(status))
+		return http.StatusOK
+	}
 	switch job.State {
 	case StateQueued, StateRunning:
-		// Retry-After is delta-seconds: never negative or zero, whatever
-		// the host's policy returns.
-		retry := max(h.opts.RetryAfter(job, h.now()), time.Second)
+		// Integer seconds, at least 1: clients read the header with an
+		// integer parse, and 0 would invite a busy loop.
+		secs := max(int64((h.opts.RetryAfter(job, h.now())+time.Second-1)/time.Second), 1)
 		hdr.Set("X-Progress", progressText(job))
-		hdr.Set("Retry-After", strconv.FormatInt(int64((retry+time.Second-1)/time.Second), 10))
-		w.WriteHeader(http.StatusAccepted)
+		hdr.Set("Retry-After", strconv.FormatInt(secs, 10))
+		if job.Request.AllowPartialManifests {
+			// A page whose files are all final may be served already.
+			if body, ok := h.manifestPage(job, page); ok {
+				writeJSON(w, answer(http.StatusAccepted), contentTypeJSON, body)
+				return
+			}
+		}
+		w.WriteHeader(answer(http.StatusAccepted))
 	case StateCompleted:
+		body, ok := h.manifestPage(job, page)
+		if !ok {
+			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_page", Message: "the manifest has no such page"})
+			return
+		}
 		if !job.ExpiresAt.IsZero() {
 			hdr.Set("Expires", job.ExpiresAt.UTC().Format(http.TimeFormat))
 		}
-		writeJSON(w, http.StatusOK, contentTypeJSON, h.Manifest(job))
+		writeJSON(w, answer(http.StatusOK), contentTypeJSON, body)
 	case StateFailed:
-		// Not IssueException: it is in the transient branch, which would
-		// tell the client to keep polling a dead job.
+		// processing, not exception: exception is in the transient branch,
+		// which would tell the client to retry a job that is dead.
 		status, oo := http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueProcessing, "the export failed")
 		if job.Failure != nil {
 			if job.Failure.Status >= 400 && job.Failure.Status <= 599 {
@@ -169,7 +199,7 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job) 
 				oo = job.Failure.Outcome
 			}
 		}
-		writeJSON(w, status, contentTypeFHIRJSON, oo)
+		writeJSON(w, answer(status), contentTypeFHIRJSON, oo)
 	case StateCancelled:
 		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueDeleted, Message: "the export job was cancelled"})
 	default:

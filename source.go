@@ -96,3 +96,30 @@ type ResourceWriter interface {
 type Counter interface {
 	Count(ctx context.Context, q *Query, typ string) (int64, error)
 }
+
+// Organizer is an optional interface of a Source that can arrange output in
+// resource blocks, for the organizeOutputBy kick-off parameter (Bulk Data
+// STU3). The handler accepts organizeOutputBy only for the types
+// OrganizeTypes lists.
+type Organizer interface {
+	// OrganizeTypes lists the types output can be organized by at a level
+	// (typically "Patient").
+	OrganizeTypes(ctx context.Context, level Level) ([]string, error)
+
+	// ExportBlocks streams one block per instance of the organizing type
+	// by that q selects: w.StartBlock with the instance's reference
+	// ("Patient/123"), then the instance itself, then the resources of the
+	// given types that belong to it. Resources of any of the types may be
+	// written; the engine writes each block's header. Checkpoints work as
+	// in Source.Export, with the cursor placed between blocks.
+	ExportBlocks(ctx context.Context, q *Query, by string, types []string, w BlockWriter) error
+}
+
+// BlockWriter receives resource blocks from an Organizer.
+type BlockWriter interface {
+	ResourceWriter
+	// StartBlock ends the current block, if any, and starts the block of
+	// the instance ref ("Type/id"). The engine writes the block's header:
+	// a Parameters resource whose "header" parameter references ref.
+	StartBlock(ref string) error
+}

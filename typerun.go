@@ -3,8 +3,11 @@ package bulkexport
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -22,8 +25,13 @@ const (
 // checkpoint and at the end.
 type typeRun struct {
 	r   *jobRun
-	typ string
+	typ string // the type, or organizedKey for organized output
 	ctx context.Context
+
+	// Organized output (organizeOutputBy): the organizing type and the
+	// types a block may hold.
+	by      string
+	allowed map[string]bool
 
 	streams [3]stream
 	scratch []byte
@@ -37,7 +45,24 @@ type typeRun struct {
 	estimate atomic.Int64
 }
 
-var _ ResourceWriter = (*typeRun)(nil)
+var _ BlockWriter = (*typeRun)(nil)
+
+// organizedKey names the single run of an organized export in checkpoints
+// and file names.
+const organizedKey = "organized"
+
+// newOrganizedRun returns the run of an organizeOutputBy export: one
+// stream of resource blocks holding every type.
+func newOrganizedRun(r *jobRun, by string, types []string) *typeRun {
+	t := newTypeRun(r, organizedKey)
+	t.by = by
+	t.allowed = map[string]bool{by: true}
+	for _, typ := range types {
+		t.allowed[typ] = true
+	}
+	t.streams[streamOutput].fileType = ""
+	return t
+}
 
 func newTypeRun(r *jobRun, typ string) *typeRun {
 	t := &typeRun{r: r, typ: typ}
@@ -67,12 +92,27 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 		}
 	}()
 	q := t.query()
-	if c, ok := t.r.w.src.(Counter); ok {
-		if n, err := c.Count(ctx, q, t.typ); err == nil {
-			t.estimate.Store(n)
+	var err2 error
+	if t.by != "" {
+		org, _ := t.r.w.src.(Organizer)
+		if org == nil {
+			return &Error{Status: 400, Code: IssueNotSupported, Param: "organizeOutputBy", Message: "the source cannot organize output"}
 		}
+		types := make([]string, 0, len(t.allowed))
+		for typ := range t.allowed {
+			types = append(types, typ)
+		}
+		slices.Sort(types)
+		err2 = org.ExportBlocks(ctx, q, t.by, types, t)
+	} else {
+		if c, ok := t.r.w.src.(Counter); ok {
+			if n, err := c.Count(ctx, q, t.typ); err == nil {
+				t.estimate.Store(n)
+			}
+		}
+		err2 = t.r.w.src.Export(ctx, q, t.typ, t)
 	}
-	if err := t.r.w.src.Export(ctx, q, t.typ, t); err != nil {
+	if err := err2; err != nil {
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
 		}
@@ -117,7 +157,14 @@ func (t *typeRun) Write(resource []byte) error {
 			return context.Cause(t.ctx)
 		}
 	}
-	line, compacted, err := checkResource(resource, t.typ, t.scratch)
+	var line []byte
+	var compacted bool
+	var err error
+	if t.allowed != nil {
+		line, compacted, err = checkResourceFunc(resource, func(rt string) bool { return t.allowed[rt] }, "organized output", t.scratch)
+	} else {
+		line, compacted, err = checkResource(resource, t.typ, t.scratch)
+	}
 	if err != nil {
 		return t.Issue(Issue{Severity: SeverityError, Code: IssueStructure,
 			Diagnostics: fmt.Sprintf("a %s resource was left out: %v", t.typ, err)})
@@ -129,6 +176,36 @@ func (t *typeRun) Write(resource []byte) error {
 		return err
 	}
 	t.written.Add(1)
+	return nil
+}
+
+// StartBlock implements BlockWriter: it writes the block's header, and
+// starts a new file first when the current one is nearly full, so that
+// blocks are split across files only when one block alone is too big.
+func (t *typeRun) StartBlock(ref string) error {
+	if t.by == "" {
+		return errors.New("bulkexport: StartBlock outside an organized export")
+	}
+	typ, id, ok := strings.Cut(ref, "/")
+	if !ok || !validTypeName(typ) || !validID(id) {
+		return fmt.Errorf("bulkexport: StartBlock: %q is not a Type/id reference", ref)
+	}
+	s := &t.streams[streamOutput]
+	opts := &t.r.w.opts
+	if s.fw != nil && (s.count*10 >= opts.MaxFileResources*9 || s.size*10 >= opts.MaxFileBytes*9) {
+		if err := s.commit(); err != nil {
+			return err
+		}
+	}
+	h := make([]byte, 0, 120)
+	h = append(h, `{"resourceType":"Parameters","parameter":[{"name":"header","valueReference":{"reference":`...)
+	h = strconv.AppendQuote(h, ref)
+	h = append(h, `}}]}`...)
+	s.header = nil
+	if err := s.write(t, h); err != nil {
+		return err
+	}
+	s.header = h
 	return nil
 }
 
@@ -183,6 +260,9 @@ func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 		if err := t.streams[i].commit(); err != nil {
 			return err
 		}
+		// A checkpoint falls between resource blocks: the next file
+		// starts a new block.
+		t.streams[i].header = nil
 	}
 	written := t.written.Load()
 	err := t.r.update(ctx, func(j *Job) {
@@ -218,26 +298,46 @@ type stream struct {
 	size  int64
 
 	pending []File // committed, not yet recorded in the job
+
+	// header is the current resource block's header line (organized
+	// output): a file that starts in the middle of a block repeats it, and
+	// the previous file names the new one in ContinuesIn.
+	header []byte
 }
 
 var newline = []byte{'\n'}
 
 func (s *stream) write(t *typeRun, line []byte) error {
 	opts := &t.r.w.opts
+	continued := false
 	if s.fw != nil && (s.count >= opts.MaxFileResources || s.size+int64(len(line))+1 > opts.MaxFileBytes) {
 		if err := s.commit(); err != nil {
 			return err
 		}
+		continued = s.header != nil
 	}
 	if s.fw == nil {
 		s.seq++
-		s.name = s.prefix + fmt.Sprintf("%06d", s.seq) + ".ndjson"
-		fw, err := t.r.w.storage.Create(t.ctx, t.r.id, s.name)
+		name := s.prefix + fmt.Sprintf("%06d", s.seq) + ".ndjson"
+		fw, err := t.r.w.storage.Create(t.ctx, t.r.id, name)
 		if err != nil {
 			return err
 		}
-		s.fw = fw
+		s.fw, s.name = fw, name
+		if continued {
+			s.pending[len(s.pending)-1].ContinuesIn = name
+		}
+		if s.header != nil {
+			if err := s.put(s.header); err != nil {
+				return err
+			}
+		}
 	}
+	return s.put(line)
+}
+
+// put appends one line to the open file.
+func (s *stream) put(line []byte) error {
 	if _, err := s.fw.Write(line); err != nil {
 		return err
 	}

@@ -42,6 +42,8 @@ type Source struct {
 type entry struct {
 	id          string
 	patient     string // Patient compartment owner, or ""
+	target      string // Provenance: its first target reference
+	recorded    string // Provenance: when it was recorded
 	lastUpdated time.Time
 	fields      map[string]json.RawMessage
 	raw         []byte
@@ -83,7 +85,7 @@ func (s *Source) Add(resources ...any) error {
 			}
 			raw = b
 		}
-		e, typ, err := parseEntry(raw)
+		e, typ, err := s.parseEntry(raw)
 		if err != nil {
 			return err
 		}
@@ -102,7 +104,7 @@ func (s *Source) MustAdd(resources ...any) *Source {
 	return s
 }
 
-func parseEntry(raw []byte) (*entry, string, error) {
+func (s *Source) parseEntry(raw []byte) (*entry, string, error) {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &fields); err != nil {
 		return nil, "", fmt.Errorf("bulkexporttest: resource is not a JSON object: %w", err)
@@ -130,6 +132,8 @@ func parseEntry(raw []byte) (*entry, string, error) {
 	}
 	if typ == "Patient" {
 		e.patient = id
+	} else if typ == "Provenance" {
+		e.patient, e.target, e.recorded = s.provenanceTarget(fields)
 	} else {
 		for _, k := range []string{"subject", "patient", "beneficiary"} {
 			var ref struct {
@@ -144,6 +148,53 @@ func parseEntry(raw []byte) (*entry, string, error) {
 		}
 	}
 	return e, typ, nil
+}
+
+// provenanceTarget finds a Provenance's first target, the patient it
+// belongs to (the target's compartment, for targets added before it), and
+// its recorded time.
+func (s *Source) provenanceTarget(fields map[string]json.RawMessage) (patient, target, recorded string) {
+	var targets []struct {
+		Reference string `json:"reference"`
+	}
+	_ = json.Unmarshal(fields["target"], &targets)
+	_ = json.Unmarshal(fields["recorded"], &recorded)
+	if len(targets) == 0 {
+		return "", "", recorded
+	}
+	target = targets[0].Reference
+	typ, id, _ := strings.Cut(target, "/")
+	if typ == "Patient" {
+		return id, target, recorded
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range s.resources[typ] {
+		if e.id == id {
+			return e.patient, target, recorded
+		}
+	}
+	return "", target, recorded
+}
+
+// latestProvenance returns the ids of the newest Provenance per target
+// among the selected ones, when the query asks for only the latest.
+func latestProvenance(q *bulkexport.Query, selected []*entry) map[string]bool {
+	if !slices.Contains(q.IncludeAssociatedData, bulkexport.AssociatedLatestProvenance) ||
+		slices.Contains(q.IncludeAssociatedData, bulkexport.AssociatedRelevantProvenance) {
+		return nil // the least restrictive code wins
+	}
+	newest := map[string]*entry{}
+	for _, e := range selected {
+		if cur, ok := newest[e.target]; !ok || e.recorded > cur.recorded {
+			newest[e.target] = e
+		}
+	}
+	keep := map[string]bool{}
+	for _, e := range newest {
+		keep[e.id] = true
+	}
+	return keep
 }
 
 // AddGroup defines a Group and its member patient ids.
@@ -203,6 +254,9 @@ func (s *Source) CheckTypeFilter(typ string, q url.Values) error {
 // Count implements bulkexport.Counter.
 func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (int64, error) {
 	sel, err := s.selected(ctx, q, typ)
+	if keep := latestProvenance(q, sel); typ == "Provenance" && keep != nil {
+		return int64(len(keep)), err
+	}
 	return int64(len(sel)), err
 }
 
@@ -238,12 +292,20 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 			}
 		}
 	}
+	var keep map[string]bool
+	if typ == "Provenance" {
+		sel, err := s.selected(ctx, q, typ)
+		if err != nil {
+			return err
+		}
+		keep = latestProvenance(q, sel)
+	}
 	for i := start; i < len(all); i++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		e := all[i]
-		if !s.match(e, q, typ, members) {
+		if !s.match(e, q, typ, members) || (keep != nil && !keep[e.id]) {
 			continue
 		}
 		if s.OnResource != nil {
@@ -444,4 +506,101 @@ func compactJSON(raw []byte) ([]byte, error) {
 	}
 	b, err := json.Marshal(v) // compacts
 	return b, err
+}
+
+var (
+	_ bulkexport.Organizer            = (*Source)(nil)
+	_ bulkexport.AssociatedDataLister = (*Source)(nil)
+)
+
+// OrganizeTypes implements bulkexport.Organizer: output can be organized
+// by Patient at every level.
+func (s *Source) OrganizeTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+	return []string{"Patient"}, nil
+}
+
+// ExportBlocks implements bulkexport.Organizer for organizeOutputBy=Patient:
+// one block per selected Patient, holding the patient and the resources
+// of the given types in its compartment. Resources outside every
+// compartment are left out. The cursor is the position of the next
+// patient.
+func (s *Source) ExportBlocks(ctx context.Context, q *bulkexport.Query, by string, types []string, w bulkexport.BlockWriter) error {
+	if by != "Patient" {
+		return fmt.Errorf("bulkexporttest: cannot organize by %s", by)
+	}
+	start := 0
+	if q.Cursor != "" {
+		n, err := strconv.Atoi(q.Cursor)
+		if err != nil || n < 0 {
+			return fmt.Errorf("bulkexporttest: bad cursor %q", q.Cursor)
+		}
+		start = n
+	}
+	members, err := s.members(q)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	patients := s.resources["Patient"]
+	s.mu.Unlock()
+	wantPatients := slices.Contains(types, "Patient")
+	for i := start; i < len(patients); i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		p := patients[i]
+		if members != nil && !members[p.id] {
+			continue
+		}
+		if err := w.StartBlock("Patient/" + p.id); err != nil {
+			return err
+		}
+		if wantPatients && s.match(p, q, "Patient", members) {
+			if err := w.Write(s.view(p, q)); err != nil {
+				return err
+			}
+		}
+		for _, typ := range types {
+			if typ == "Patient" {
+				continue
+			}
+			s.mu.Lock()
+			all := s.resources[typ]
+			s.mu.Unlock()
+			for n, e := range all {
+				if e.patient != p.id || !s.match(e, q, typ, members) {
+					continue
+				}
+				if s.OnResource != nil {
+					if err := s.OnResource(ctx, typ, n); err != nil {
+						return err
+					}
+				}
+				if err := w.Write(s.view(e, q)); err != nil {
+					return err
+				}
+			}
+		}
+		if err := w.Checkpoint(strconv.Itoa(i + 1)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// view is the resource as the query wants it (subset by _elements).
+func (s *Source) view(e *entry, q *bulkexport.Query) []byte {
+	if q.Elements != nil {
+		return subset(e, q.Elements)
+	}
+	return e.raw
+}
+
+// AssociatedData implements bulkexport.AssociatedDataLister. With
+// LatestProvenanceResources, a Provenance export keeps only the newest
+// Provenance (by recorded, then meta.lastUpdated) per target; with
+// RelevantProvenanceResources, or without either code, every Provenance
+// whose target is exported is kept (the IG's default rule).
+func (s *Source) AssociatedData() []string {
+	return []string{bulkexport.AssociatedLatestProvenance, bulkexport.AssociatedRelevantProvenance}
 }
