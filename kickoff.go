@@ -428,15 +428,21 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 			for _, v := range vs {
 				id, ok := strings.CutPrefix(v, "Patient/")
 				if !ok || !validID(id) {
-					perr = paramError(name, IssueInvalid, "%q is not a Patient reference (Patient/{id})", v)
-					break
+					// Under lenient handling only this reference is
+					// dropped; the others still restrict the export.
+					if err := reject(paramError(name, IssueInvalid, "%q is not a Patient reference (Patient/{id})", v)); err != nil {
+						return req, err
+					}
+					continue
 				}
 				if !slices.Contains(req.Patients, id) {
 					req.Patients = append(req.Patients, id)
 				}
 			}
-			if perr != nil {
-				req.Patients = nil
+			if len(req.Patients) == 0 {
+				// Every reference was dropped: an empty list would
+				// silently widen the export to every patient.
+				return req, paramError(name, IssueInvalid, "none of the patient references is valid")
 			}
 		}
 		if perr != nil {
