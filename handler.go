@@ -143,6 +143,25 @@ type Options struct {
 	// MaxBodyBytes caps a POST kick-off or status body. Default: 1 MiB.
 	MaxBodyBytes int64
 
+	// MaxActiveJobsPerClient caps the queued and running jobs of one
+	// client; a kick-off beyond it gets 429 with Retry-After. Default: 10;
+	// negative means no cap.
+	MaxActiveJobsPerClient int
+
+	// ReuseInFlight answers a kick-off that repeats one of the same
+	// client's queued or running jobs exactly (same level, group and
+	// parameters) with that job's status URL instead of starting a second
+	// export. Default: false.
+	ReuseInFlight bool
+
+	// PollLimit rate-limits status requests per client and job; nil means
+	// no limit. See PollLimit.
+	PollLimit *PollLimit
+
+	// MaxParamLength caps the length of one kick-off parameter value, in
+	// bytes. Default: 8 KiB.
+	MaxParamLength int
+
 	// MaxParamValues caps the values of one repeated kick-off parameter
 	// (_type, _typeFilter, patient, ...). Default: 1000.
 	MaxParamValues int
@@ -181,6 +200,7 @@ type Handler struct {
 	now      func() time.Time
 	log      *slog.Logger
 	token    bool
+	polls    *pollLimiter // nil when polls are not limited
 }
 
 // NewHandler returns a Handler over store. It fails when opts.BaseURL is
@@ -224,6 +244,15 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	}
 	if h.opts.MaxBodyBytes <= 0 {
 		h.opts.MaxBodyBytes = 1 << 20
+	}
+	if h.opts.MaxActiveJobsPerClient == 0 {
+		h.opts.MaxActiveJobsPerClient = 10
+	}
+	if h.opts.MaxParamLength <= 0 {
+		h.opts.MaxParamLength = 8 << 10
+	}
+	if h.opts.PollLimit != nil {
+		h.polls = newPollLimiter(*h.opts.PollLimit)
 	}
 	if h.opts.ManifestPageSize <= 0 {
 		h.opts.ManifestPageSize = 1000
@@ -302,6 +331,11 @@ func (h *Handler) authenticate(r *http.Request) (string, error) {
 // writeError answers with the OperationOutcome the ErrorMapper gives. Every
 // error answer goes through here.
 func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	var tmr *tooManyRequests
+	if errors.As(err, &tmr) {
+		w.Header().Set("Retry-After", retryAfterSeconds(tmr.retry))
+		err = tmr.asError()
+	}
 	status, oo := h.mapErr(err)
 	if oo == nil {
 		oo = NewOutcome(SeverityError, IssueProcessing, http.StatusText(status))
@@ -388,7 +422,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 			Message: "this server follows the STU4 ballot: kick off with POST and a Parameters body"})
 		return
 	}
-	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues}
+	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues, maxLength: h.opts.MaxParamLength}
 	if h.opts.Types != nil {
 		types, err := h.opts.Types.ResourceTypes(ctx, level)
 		if err != nil {
@@ -435,6 +469,16 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 	req.URL = h.base + kickoffPath(level, groupID)
 	if r.Method == http.MethodGet && r.URL.RawQuery != "" {
 		req.URL += "?" + r.URL.RawQuery
+	}
+	if reused, err := h.admit(ctx, clientID, level, groupID, &req); err != nil || reused != nil {
+		if err != nil {
+			h.writeError(w, r, err)
+			return
+		}
+		w.Header().Set("Content-Location", h.statusURL(reused.ID))
+		writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
+			NewOutcome(SeverityInformation, IssueInformational, "an identical export is already in progress: job "+reused.ID))
+		return
 	}
 	now := h.now()
 	job := &Job{

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -61,12 +62,14 @@ type jobRun struct {
 	cp  checkpoint
 
 	types []*typeRun // every type of the job, in export order
+	files atomic.Int64 // files created, for MaxFilesPerJob
 }
 
 func (w *Worker) runJob(parent context.Context, job *Job) {
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
 	r := &jobRun{w: w, id: job.ID, cancel: cancel, job: job}
+	r.files.Store(int64(len(job.Output) + len(job.Deleted) + len(job.Errors)))
 	log := w.log.With(slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
 	if len(job.Checkpoint) > 0 {
 		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {

@@ -71,6 +71,8 @@ type kickoffConfig struct {
 	checkFilter func(typ string, q url.Values) error
 	// maxValues caps the number of values of one repeated parameter.
 	maxValues int
+	// maxLength caps the length of one value.
+	maxLength int
 }
 
 // readKickoffParams collects the parameters of a GET (query string) or POST
@@ -236,12 +238,26 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		maxValues = 1000
 	}
 
+	maxLength := cfg.maxLength
+	if maxLength <= 0 {
+		maxLength = 8 << 10
+	}
+	if len(params) > 4*maxValues {
+		return req, &Error{Status: http.StatusBadRequest, Code: IssueTooCostly, Message: fmt.Sprintf("more than %d parameters", 4*maxValues)}
+	}
 	// Group the values by name, in the order the client sent them.
 	values := map[string][]string{}
 	var order []string
 	for _, p := range params {
 		if !utf8.ValidString(p.name) || !utf8.ValidString(p.value) {
 			return req, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "parameters must be valid UTF-8"}
+		}
+		if len(p.value) > maxLength || len(p.name) > 64 {
+			name := p.name
+			if len(name) > 64 {
+				name = name[:64] + "…"
+			}
+			return req, paramError(name, IssueTooCostly, "value longer than %d bytes", maxLength)
 		}
 		if _, seen := values[p.name]; !seen {
 			order = append(order, p.name)

@@ -41,6 +41,13 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID str
 		h.cancel(w, r, job)
 		return
 	}
+	if h.polls != nil && !job.State.Terminal() {
+		now := h.now()
+		if ok, wait := h.polls.allow(clientID+"\x00"+job.ID, now, h.opts.RetryAfter(job, now)); !ok {
+			h.writeError(w, r, &tooManyRequests{retry: wait, msg: "polling much faster than the advised Retry-After; slow down"})
+			return
+		}
+	}
 	h.writeStatus(w, r, job, page)
 }
 

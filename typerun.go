@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -317,6 +318,10 @@ func (s *stream) write(t *typeRun, line []byte) error {
 		continued = s.header != nil
 	}
 	if s.fw == nil {
+		if n := t.r.files.Add(1); n > int64(opts.MaxFilesPerJob) {
+			return &Error{Status: http.StatusRequestEntityTooLarge, Code: IssueTooCostly,
+				Message: fmt.Sprintf("the export would need more than %d files; narrow it with _type, _since or _typeFilter", opts.MaxFilesPerJob)}
+		}
 		s.seq++
 		name := s.prefix + fmt.Sprintf("%06d", s.seq) + ".ndjson"
 		fw, err := t.r.w.storage.Create(t.ctx, t.r.id, name)

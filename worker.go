@@ -38,6 +38,10 @@ type WorkerOptions struct {
 	// Defaults: 100,000 resources and 256 MiB.
 	MaxFileResources int64
 	MaxFileBytes     int64
+	// MaxFilesPerJob fails a job that would write more files than this
+	// (output, deleted and error files together) with 413 too-costly.
+	// Default: 10,000.
+	MaxFilesPerJob int
 	// CheckpointInterval is the least time between two recorded
 	// checkpoints of one type (each one makes the files written so far
 	// final). Default: 5s.
@@ -71,6 +75,7 @@ func (o *WorkerOptions) fill() {
 	setDefault(&o.PollInterval, time.Second)
 	setDefault(&o.MaxFileResources, 100_000)
 	setDefault(&o.MaxFileBytes, 256<<20)
+	setDefault(&o.MaxFilesPerJob, 10_000)
 	setDefault(&o.CheckpointInterval, 5*time.Second)
 	setDefault(&o.Retention, 24*time.Hour)
 	setDefault(&o.PurgeInterval, time.Minute)
