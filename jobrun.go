@@ -61,7 +61,7 @@ type jobRun struct {
 	job *Job
 	cp  checkpoint
 
-	types []*typeRun // every type of the job, in export order
+	types []*typeRun   // every type of the job, in export order
 	files atomic.Int64 // files created, for MaxFilesPerJob
 }
 
