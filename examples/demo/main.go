@@ -1,8 +1,9 @@
 // Command demo runs one bulk export end to end, in one process: it starts
 // the example server on a free loopback port with a temporary storage
-// directory, then acts as a client over plain HTTP (net/http) — kick-off,
-// polling that honours Retry-After, manifest, download of every file — and
-// prints the manifest and a table of the files to stdout. What it does step
+// directory, then acts as a client through the library's client package —
+// kick-off, polling that honours Retry-After, manifest, parallel download
+// of every file — and prints the manifest and a table of the files to
+// stdout. What it does step
 // by step goes to stderr. It removes its files and exits 0 when done.
 //
 // Usage:
@@ -26,12 +27,14 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/client"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
 )
 
@@ -150,203 +153,100 @@ func demo(ctx context.Context, cfg config, stdout, stderr io.Writer) (res *resul
 	}()
 	fmt.Fprintf(stderr, "server: base URL %s, %d patients, files in %s\n", srv.BaseURL, cfg.patients, dir)
 
-	c := &client{http: &http.Client{Timeout: time.Minute}, log: stderr}
-	kickoff := srv.BaseURL + "/$export"
-	switch cfg.level {
-	case bulkexport.LevelPatient:
-		kickoff = srv.BaseURL + "/Patient/$export"
-	case bulkexport.LevelGroup:
-		kickoff = srv.BaseURL + "/Group/all/$export"
-	}
-	status, err := c.kickoff(ctx, kickoff)
+	c, err := client.New(srv.BaseURL, &client.Options{
+		HTTPClient: &http.Client{Timeout: time.Minute},
+		// Retry-After is honoured, but the demo never waits more than a
+		// second between polls.
+		MinPollInterval: 100 * time.Millisecond,
+		MaxPollInterval: time.Second,
+	})
 	if err != nil {
 		return nil, err
 	}
-	body, err := c.poll(ctx, status)
+	// Parallel downloads may leave connections the server's Shutdown would
+	// wait for.
+	defer c.CloseIdleConnections()
+	req := &client.KickoffRequest{Level: cfg.level}
+	if cfg.level == bulkexport.LevelGroup {
+		req.GroupID = "all"
+	}
+	kickoffURL, err := c.KickoffURL(req)
 	if err != nil {
 		return nil, err
 	}
-	var m bulkexport.Manifest
-	if err := json.Unmarshal(body, &m); err != nil {
-		return nil, fmt.Errorf("the manifest is not valid JSON: %w", err)
-	}
-	var indented bytes.Buffer
-	if err := json.Indent(&indented, body, "", "  "); err != nil {
+	fmt.Fprintf(stderr, "kick-off: GET %s\n", kickoffURL)
+	job, err := c.Kickoff(ctx, req)
+	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(stdout, "Manifest:\n%s\n\n", indented.Bytes())
+	fmt.Fprintf(stderr, "kick-off: 202 Accepted, status URL %s\n", job.StatusURL)
 
-	res = &result{manifest: &m}
-	for _, list := range []struct {
-		kind  string
-		files []bulkexport.ManifestFile
-	}{{"output", m.Output}, {"error", m.Error}, {"deleted", m.Deleted}} {
-		for _, mf := range list.files {
-			f, err := c.download(ctx, mf)
-			if err != nil {
-				return nil, err
-			}
-			f.kind = list.kind
-			res.files = append(res.files, f)
+	polls := 0
+	st, err := c.Wait(ctx, job.StatusURL, func(s *client.Status) {
+		polls++
+		fmt.Fprintf(stderr, "poll %d: 202 Accepted, X-Progress %q, Retry-After %v\n", polls, s.Progress, s.RetryAfter)
+	})
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(stderr, "poll %d: 200 OK, export complete\n", polls+1)
+	m := st.Manifest
+	indented, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(stdout, "Manifest:\n%s\n\n", indented)
+
+	downloadDir, err := os.MkdirTemp("", "bulkexport-demo-download-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(downloadDir)
+	downloads, err := c.Download(ctx, m, downloadDir, nil)
+	if err != nil {
+		return nil, err
+	}
+	res = &result{manifest: m}
+	for _, d := range downloads {
+		if err := checkTypes(d); err != nil {
+			return nil, err
 		}
+		fmt.Fprintf(stderr, "download: %s: %d resources, %d bytes\n", d.URL, d.Lines, d.Bytes)
+		res.files = append(res.files, file{kind: d.Kind, typ: d.Type, name: filepath.Base(d.Path), count: d.Lines, bytes: d.Bytes})
 	}
 	printTable(stdout, res.files)
 	return res, nil
 }
 
-// client is a minimal bulk data client over net/http.
-type client struct {
-	http *http.Client
-	log  io.Writer
-}
-
-// maxPolls bounds the polling loop; with waits of at most a second, it
-// gives up after about ten minutes.
-const maxPolls = 600
-
-func (c *client) get(ctx context.Context, url, accept string, prefer bool) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+// checkTypes checks that every line of a downloaded file is a resource of
+// the manifest entry's type (the client has checked the count).
+func checkTypes(f client.File) error {
+	in, err := os.Open(f.Path)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	req.Header.Set("Accept", accept)
-	if prefer {
-		req.Header.Set("Prefer", "respond-async")
-	}
-	return c.http.Do(req)
-}
-
-// kickoff starts the export and returns the status URL.
-func (c *client) kickoff(ctx context.Context, url string) (string, error) {
-	fmt.Fprintf(c.log, "kick-off: GET %s\n", url)
-	resp, err := c.get(ctx, url, "application/fhir+json", true)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode != http.StatusAccepted {
-		return "", fmt.Errorf("kick-off: %s: %s", resp.Status, diagnostics(body))
-	}
-	status := resp.Header.Get("Content-Location")
-	if status == "" {
-		return "", errors.New("kick-off: 202 without Content-Location")
-	}
-	fmt.Fprintf(c.log, "kick-off: 202 Accepted, status URL %s\n", status)
-	return status, nil
-}
-
-// poll polls the status URL until the export completes and returns the
-// manifest. It waits as Retry-After says, but never more than a second.
-func (c *client) poll(ctx context.Context, status string) ([]byte, error) {
-	for i := 1; i <= maxPolls; i++ {
-		resp, err := c.get(ctx, status, "application/json", false)
-		if err != nil {
-			return nil, err
-		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-		resp.Body.Close()
-		if err != nil {
-			return nil, err
-		}
-		switch resp.StatusCode {
-		case http.StatusOK:
-			fmt.Fprintf(c.log, "poll %d: 200 OK, export complete\n", i)
-			return body, nil
-		case http.StatusAccepted, http.StatusTooManyRequests:
-			wait := retryAfter(resp.Header.Get("Retry-After"), time.Now())
-			fmt.Fprintf(c.log, "poll %d: %s, X-Progress %q, Retry-After %q: next poll in %v\n",
-				i, resp.Status, resp.Header.Get("X-Progress"), resp.Header.Get("Retry-After"), wait)
-			t := time.NewTimer(wait)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return nil, ctx.Err()
-			}
-		default:
-			return nil, fmt.Errorf("poll: %s: %s", resp.Status, diagnostics(body))
-		}
-	}
-	return nil, fmt.Errorf("poll: the export did not complete after %d polls", maxPolls)
-}
-
-// retryAfter turns a Retry-After header (delay-seconds or an HTTP date)
-// into a wait between 100 ms and 1 s; without a usable header it is 1 s.
-func retryAfter(h string, now time.Time) time.Duration {
-	d := time.Second
-	if secs, err := strconv.Atoi(strings.TrimSpace(h)); err == nil {
-		d = time.Duration(secs) * time.Second
-	} else if t, err := http.ParseTime(h); err == nil {
-		d = t.Sub(now)
-	}
-	return min(max(d, 100*time.Millisecond), time.Second)
-}
-
-// download fetches one file, counting its lines and bytes and checking
-// that every line is a resource of the manifest entry's type.
-func (c *client) download(ctx context.Context, mf bulkexport.ManifestFile) (file, error) {
-	f := file{typ: mf.Type, name: mf.URL[strings.LastIndexByte(mf.URL, '/')+1:]}
-	resp, err := c.get(ctx, mf.URL, "application/fhir+ndjson", false)
-	if err != nil {
-		return f, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		return f, fmt.Errorf("download %s: %s: %s", mf.URL, resp.Status, diagnostics(body))
-	}
-	// The transport asks for gzip and decompresses transparently.
-	br := bufio.NewReaderSize(resp.Body, 64<<10)
-	for {
-		line, err := br.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) {
-			// A resource longer than the buffer: read the rest of it.
-			var rest []byte
-			rest, err = br.ReadBytes('\n')
-			line = append(append([]byte(nil), line...), rest...)
-		}
-		if len(line) > 0 {
-			f.bytes += int64(len(line))
+	defer in.Close()
+	br := bufio.NewReaderSize(in, 64<<10)
+	for n := 1; ; n++ {
+		line, err := br.ReadBytes('\n')
+		if len(bytes.TrimSpace(line)) > 0 {
 			var r struct {
 				ResourceType string `json:"resourceType"`
 			}
 			if jerr := json.Unmarshal(line, &r); jerr != nil {
-				return f, fmt.Errorf("download %s: line %d: %w", mf.URL, f.count+1, jerr)
+				return fmt.Errorf("download %s: line %d: %w", f.URL, n, jerr)
 			}
-			if r.ResourceType != mf.Type {
-				return f, fmt.Errorf("download %s: line %d is a %s, not a %s", mf.URL, f.count+1, r.ResourceType, mf.Type)
+			if r.ResourceType != f.Type {
+				return fmt.Errorf("download %s: line %d is a %s, not a %s", f.URL, n, r.ResourceType, f.Type)
 			}
-			f.count++
 		}
 		if err == io.EOF {
-			break
+			return nil
 		}
 		if err != nil {
-			return f, fmt.Errorf("download %s: %w", mf.URL, err)
+			return err
 		}
 	}
-	if mf.Count != nil && *mf.Count != f.count {
-		return f, fmt.Errorf("download %s: %d resources, the manifest says %d", mf.URL, f.count, *mf.Count)
-	}
-	fmt.Fprintf(c.log, "download: %s: %d resources, %d bytes\n", mf.URL, f.count, f.bytes)
-	return f, nil
-}
-
-// diagnostics summarises an OperationOutcome body for an error message.
-func diagnostics(body []byte) string {
-	var oo bulkexport.OperationOutcome
-	if json.Unmarshal(body, &oo) == nil && len(oo.Issue) > 0 {
-		var parts []string
-		for _, is := range oo.Issue {
-			parts = append(parts, fmt.Sprintf("%s %s: %s", is.Severity, is.Code, is.Diagnostics))
-		}
-		return strings.Join(parts, "; ")
-	}
-	if len(body) > 200 {
-		body = body[:200]
-	}
-	return strings.TrimSpace(string(body))
 }
 
 // printTable prints one row per file (type, count, bytes, file name) and

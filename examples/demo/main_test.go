@@ -6,7 +6,6 @@ import (
 	"io"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -70,23 +69,6 @@ func TestRun(t *testing.T) {
 		err := run(context.Background(), args, io.Discard, &stderr)
 		require.ErrorIs(t, err, errUsage, "%v", args)
 		require.NotEmpty(t, stderr.String())
-	}
-}
-
-func TestRetryAfter(t *testing.T) {
-	t.Parallel()
-	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	for h, want := range map[string]time.Duration{
-		"":                              time.Second,
-		"0":                             100 * time.Millisecond,
-		"1":                             time.Second,
-		"120":                           time.Second,
-		"-5":                            100 * time.Millisecond,
-		"soon":                          time.Second,
-		"Thu, 01 Jan 2026 00:00:00 GMT": 100 * time.Millisecond,
-		"Thu, 01 Jan 2026 00:01:00 GMT": time.Second,
-	} {
-		require.Equal(t, want, retryAfter(h, now), h)
 	}
 }
 
