@@ -331,4 +331,3 @@ func checkFuzzAnswer(t *testing.T, h http.Handler, req *http.Request) {
 		}
 	}
 }
-
