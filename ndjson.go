@@ -22,12 +22,14 @@ var errBadResource = errors.New("not a single JSON object")
 // or a compacted copy (written over scratch, compacted true) when it spans
 // lines. It never returns bytes that would break NDJSON.
 func checkResource(raw []byte, typ string, scratch []byte) (line []byte, compacted bool, err error) {
-	return checkResourceFunc(raw, func(rt string) bool { return rt == typ }, typ, scratch)
+	return checkResourceIn(raw, typ, nil, scratch)
 }
 
-// checkResourceFunc is checkResource with a predicate on the resourceType;
-// want names the accepted types in errors.
-func checkResourceFunc(raw []byte, ok func(resourceType string) bool, want string, scratch []byte) (line []byte, compacted bool, err error) {
+// checkResourceIn is checkResource for a line whose resourceType must be
+// typ or, when allowed is not nil, any key of allowed (typ then only names
+// the accepted types in errors). It allocates nothing unless the resource
+// must be compacted or is rejected.
+func checkResourceIn(raw []byte, typ string, allowed map[string]bool, scratch []byte) (line []byte, compacted bool, err error) {
 	s := jsonScanner{b: raw}
 	s.skipWS()
 	if s.i >= len(s.b) || s.b[s.i] != '{' {
@@ -43,17 +45,15 @@ func checkResourceFunc(raw []byte, ok func(resourceType string) bool, want strin
 	if !utf8.Valid(raw) {
 		return nil, false, fmt.Errorf("%w: invalid UTF-8", errBadResource)
 	}
-	switch {
-	case s.rtStart < 0:
+	if s.rtStart < 0 {
 		return nil, false, fmt.Errorf("resource has no resourceType")
-	case !ok(string(raw[s.rtStart:s.rtEnd])):
-		if s.rtEscaped {
-			var got string
-			if json.Unmarshal(raw[s.rtStart-1:s.rtEnd+1], &got) == nil && ok(got) {
-				break
-			}
+	}
+	rt := raw[s.rtStart:s.rtEnd]
+	if !typeAccepted(rt, typ, allowed) {
+		var got string
+		if !s.rtEscaped || json.Unmarshal(raw[s.rtStart-1:s.rtEnd+1], &got) != nil || !typeAccepted([]byte(got), typ, allowed) {
+			return nil, false, fmt.Errorf("resourceType %q in a file of %s", rt, typ)
 		}
-		return nil, false, fmt.Errorf("resourceType %q in a file of %s", raw[s.rtStart:s.rtEnd], want)
 	}
 	if !s.newline {
 		// Leading or trailing spaces are harmless on a line, but trim them
@@ -65,6 +65,15 @@ func checkResourceFunc(raw []byte, ok func(resourceType string) bool, want strin
 		return nil, false, fmt.Errorf("%w: %v", errBadResource, err)
 	}
 	return buf.Bytes(), true, nil
+}
+
+// typeAccepted compares without allocating: the compiler turns both
+// string(rt) conversions into plain byte comparisons.
+func typeAccepted(rt []byte, typ string, allowed map[string]bool) bool {
+	if allowed != nil {
+		return allowed[string(rt)]
+	}
+	return string(rt) == typ
 }
 
 // jsonScanner is a validating JSON scanner that allocates nothing. It

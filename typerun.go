@@ -158,14 +158,11 @@ func (t *typeRun) Write(resource []byte) error {
 			return context.Cause(t.ctx)
 		}
 	}
-	var line []byte
-	var compacted bool
-	var err error
+	want := t.typ
 	if t.allowed != nil {
-		line, compacted, err = checkResourceFunc(resource, func(rt string) bool { return t.allowed[rt] }, "organized output", t.scratch)
-	} else {
-		line, compacted, err = checkResource(resource, t.typ, t.scratch)
+		want = "organized output"
 	}
+	line, compacted, err := checkResourceIn(resource, want, t.allowed, t.scratch)
 	if err != nil {
 		return t.Issue(Issue{Severity: SeverityError, Code: IssueStructure,
 			Diagnostics: fmt.Sprintf("a %s resource was left out: %v", t.typ, err)})
