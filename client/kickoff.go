@@ -51,6 +51,11 @@ type KickoffRequest struct {
 	// ignore parameters it does not support and report them in the
 	// manifest's error[] (and, with this server, in Job.Outcome).
 	Lenient bool
+
+	// SeparateExportStatus adds "separate-export-status" to the Prefer
+	// header (STU3): a server that honours it answers polls with 200 and
+	// the job's status in X-Export-Status, which Status reads.
+	SeparateExportStatus bool
 }
 
 // Job is an accepted kick-off.
@@ -87,6 +92,9 @@ func (c *Client) Kickoff(ctx context.Context, req *KickoffRequest) (*Job, error)
 	prefer := "respond-async"
 	if req.Lenient {
 		prefer += ", handling=lenient"
+	}
+	if req.SeparateExportStatus {
+		prefer += ", separate-export-status"
 	}
 	r := &request{op: "kick-off", method: method, url: u, body: body, token: true, header: http.Header{
 		"Accept": {"application/fhir+json"},

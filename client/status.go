@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
@@ -32,16 +34,11 @@ type Status struct {
 }
 
 // ManifestLink is one entry of a manifest's link[] (STU3 paging).
-type ManifestLink struct {
-	Relation string `json:"relation"`
-	URL      string `json:"url"`
-}
+type ManifestLink = bulkexport.ManifestLink
 
-// manifestPage is a manifest as served: the library's Manifest plus the
-// paging links it does not carry.
+// manifestPage is a manifest page as served.
 type manifestPage struct {
 	bulkexport.Manifest
-	Link []ManifestLink `json:"link,omitempty"`
 }
 
 func (p *manifestPage) next() string {
@@ -51,6 +48,13 @@ func (p *manifestPage) next() string {
 		}
 	}
 	return ""
+}
+
+// normalize folds the STU4 outcome[] into error[], so that callers read
+// one list whichever manifest version the server writes.
+func (p *manifestPage) normalize() {
+	p.Error = append(p.Error, p.Outcome...)
+	p.Outcome = nil
 }
 
 // maxManifestPages bounds link paging.
@@ -67,7 +71,16 @@ func (c *Client) Status(ctx context.Context, statusURL string) (*Status, error) 
 	if err != nil {
 		return nil, err
 	}
-	switch resp.StatusCode {
+	code := resp.StatusCode
+	if xs := resp.Header.Get("X-Export-Status"); code == http.StatusOK && xs != "" {
+		// Prefer: separate-export-status: the job's status is in the
+		// header, the HTTP status describes the poll.
+		if n, err := strconv.Atoi(strings.Fields(xs + " ")[0]); err == nil && n >= 200 && n <= 599 {
+			code = n
+			resp.StatusCode = n
+		}
+	}
+	switch code {
 	case http.StatusAccepted:
 		st := &Status{URL: statusURL, Progress: resp.Header.Get("X-Progress")}
 		st.RetryAfter, _ = parseRetryAfter(resp.Header.Get("Retry-After"), c.opts.Now())
@@ -93,7 +106,9 @@ func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*bu
 	if err := json.Unmarshal(body, &page); err != nil {
 		return nil, &Error{Op: r.op, Method: r.method, URL: r.url, StatusCode: http.StatusOK, Err: fmt.Errorf("the manifest is not valid JSON: %w", err)}
 	}
+	page.normalize()
 	m := page.Manifest
+	m.Link = nil
 	seenFiles := map[string]bool{}
 	for _, list := range [][]bulkexport.ManifestFile{m.Output, m.Deleted, m.Error} {
 		for _, f := range list {
@@ -125,6 +140,7 @@ func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*bu
 		if err := json.Unmarshal(pbody, &page); err != nil {
 			return nil, &Error{Op: pr.op, Method: pr.method, URL: next, StatusCode: http.StatusOK, Err: fmt.Errorf("the manifest page is not valid JSON: %w", err)}
 		}
+		page.normalize()
 		// A linked page repeats the other fields; error[] may be
 		// repeated (STU3) or paged (STU4), so duplicates are dropped.
 		m.Output = appendNew(m.Output, page.Output, seenFiles)
