@@ -59,6 +59,19 @@
 // errors to status codes: bad input gets a 4xx naming the parameter at
 // fault, an unavailable store gets 503 with a transient issue code.
 //
+// # Observability
+//
+// The Handler and the Worker log through the host's *slog.Logger (every
+// line about a job names the job, its client and its export level; no
+// token or signed URL is ever logged), and report OpenTelemetry metrics
+// and spans through the MeterProvider and TracerProvider of Options and
+// WorkerOptions: job transitions and durations, exported resources and
+// bytes, polls by status code, download bytes, queue depth, reclaims and
+// purges; spans per kick-off, job run, resource type, file and download.
+// The context a Source's Export receives carries the span of its type.
+// Only the OpenTelemetry API is imported; without providers nothing is
+// measured. docs/observability.md lists every instrument and span.
+//
 // # Compatibility
 //
 // DELETE on a finished job answers 404 by default, as the eHealth operation

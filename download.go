@@ -13,21 +13,44 @@ import (
 
 // serveFile answers [base]/bulkfiles/{jobID}/{name}: one file of a job the
 // client owns, listed in the job's manifest. Anything else is 404, so the
-// path cannot reach outside the job's files.
+// path cannot reach outside the job's files. Under DownloadRedirect the
+// answer is a redirect to a presigned URL instead of the file.
 func (h *Handler) serveFile(w http.ResponseWriter, r *http.Request, rest string) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		h.writeError(w, r, methodNotAllowed("GET"))
 		return
 	}
-	clientID, err := h.authenticate(r)
-	if err != nil {
-		h.writeError(w, r, err)
-		return
-	}
+	w, r = h.tel.startDownload(w, r, rest) // span and byte count
+	defer h.tel.endDownload(w, r)
 	notFound := &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no such export file"}
 	jobID, name, ok := strings.Cut(rest, "/")
-	if !ok || !validJobID(jobID) || !validJobID(name) || h.opts.Storage == nil {
+	valid := ok && validJobID(jobID) && validJobID(name) && h.opts.Storage != nil
+	// A signed URL stands in for the client's credentials, for its file.
+	signed := false
+	if valid {
+		var err error
+		if signed, err = h.verifySignedFile(r, jobID, name); err != nil {
+			h.writeError(w, r, err)
+			return
+		}
+	}
+	var clientID string
+	if signed {
+		j, err := h.store.Get(r.Context(), jobID)
+		if err != nil {
+			h.writeError(w, r, storeError(err))
+			return
+		}
+		clientID = j.Owner
+	} else {
+		var err error
+		if clientID, err = h.authenticate(r); err != nil {
+			h.writeError(w, r, err)
+			return
+		}
+	}
+	if !valid {
 		h.writeError(w, r, notFound)
 		return
 	}
@@ -38,6 +61,10 @@ func (h *Handler) serveFile(w http.ResponseWriter, r *http.Request, rest string)
 	}
 	if !job.hasFile(name) || job.State == StateCancelled || job.State == StateFailed {
 		h.writeError(w, r, notFound)
+		return
+	}
+	if h.opts.Downloads == DownloadRedirect {
+		h.redirectFile(w, r, jobID, name)
 		return
 	}
 	f, err := h.opts.Storage.Open(r.Context(), jobID, name)

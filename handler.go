@@ -10,6 +10,9 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // TypeLister says which resource types each level exports. Every Source is
@@ -176,6 +179,26 @@ type Options struct {
 	// handler.
 	Storage Storage
 
+	// Downloads picks how clients get the files: DownloadProxy (the
+	// handler streams them), DownloadSigned (the manifest lists presigned
+	// Storage URLs; requiresAccessToken is false) or DownloadRedirect (the
+	// handler's file URLs answer 307 to a presigned URL). The last two need
+	// a Storage that implements URLSigner. Default: DownloadProxy.
+	Downloads DownloadMode
+
+	// SignedURLExpiry is how long a presigned URL works (DownloadSigned and
+	// DownloadRedirect). Default: DefaultSignedURLExpiry (5 minutes, the
+	// SMART limit for tokens, which capability URLs follow).
+	SignedURLExpiry time.Duration
+
+	// SigningKeys, when set (under DownloadProxy), make the manifest list
+	// the handler's own file URLs signed with HMAC-SHA256 and an expiry
+	// (SignedURLExpiry): each works without a token, for its one file,
+	// until it expires, and requiresAccessToken is false. The first key
+	// signs; every key verifies, so keys can be rotated. A tampered,
+	// expired or misapplied signature gets 403. Default: none.
+	SigningKeys []SigningKey
+
 	// OnQueued, if set, is called after a kick-off has stored a new job,
 	// for instance with a Worker's Notify so that the job starts at once.
 	// It must not block.
@@ -184,8 +207,24 @@ type Options struct {
 	// Now is the clock. Default: time.Now.
 	Now func() time.Time
 
-	// Logger receives the handler's logs. Default: slog.Default().
+	// Logger receives the handler's logs. Every line about a job carries
+	// its id (job), client (client) and export level (export_level); no
+	// line is written per poll or download below Error, and none carries
+	// a token, an Authorization header or a signed URL. Default:
+	// slog.Default().
 	Logger *slog.Logger
+
+	// MeterProvider receives the handler's metrics: job transitions
+	// (queued, cancelled), status requests by status code and download
+	// bytes. NewHandler registers a callback that reports the status
+	// request counts; it lives as long as the provider. See
+	// docs/observability.md. Default: nil, no metrics.
+	MeterProvider metric.MeterProvider
+
+	// TracerProvider receives the handler's spans: one per kick-off and
+	// per download, children of the request context's span. Default: nil,
+	// no spans.
+	TracerProvider trace.TracerProvider
 }
 
 // Handler serves the bulk export protocol: kick-off, status, cancel and
@@ -201,10 +240,13 @@ type Handler struct {
 	log      *slog.Logger
 	token    bool
 	polls    *pollLimiter // nil when polls are not limited
+	signer   URLSigner    // signs download URLs; nil under plain DownloadProxy
+	tel      *telemetry
 }
 
 // NewHandler returns a Handler over store. It fails when opts.BaseURL is
-// not an absolute http(s) URL.
+// not an absolute http(s) URL, or when opts.Downloads needs a URLSigner
+// that opts.Storage is not.
 func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	if store == nil {
 		return nil, errors.New("bulkexport: NewHandler: nil JobStore")
@@ -236,6 +278,8 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	if h.log == nil {
 		h.log = slog.Default()
 	}
+	h.tel = newTelemetry(o.MeterProvider, o.TracerProvider, h.log)
+	h.tel.initPolls(h.log)
 	if o.RequiresAccessToken != nil {
 		h.token = *o.RequiresAccessToken
 	}
@@ -259,6 +303,9 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	}
 	if h.opts.CancelledRetention <= 0 {
 		h.opts.CancelledRetention = 24 * time.Hour
+	}
+	if err := h.initDownloads(); err != nil {
+		return nil, err
 	}
 	return h, nil
 }
@@ -342,7 +389,7 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 	}
 	if status >= 500 && !errors.Is(err, context.Canceled) {
 		h.log.LogAttrs(r.Context(), slog.LevelError, "bulkexport: request failed",
-			slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", status), slog.Any("err", err))
+			slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", status), slog.String("err", redacted(r, err)))
 	}
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer`)
@@ -394,6 +441,8 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		h.writeError(w, r, methodNotAllowed("GET or POST"))
 		return
 	}
+	w, r = h.tel.startKickoff(w, r, level)
+	defer h.tel.endKickoff(w, r)
 	ctx := r.Context()
 	clientID, err := h.authenticate(r)
 	if err != nil {
@@ -496,8 +545,8 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		h.writeError(w, r, storeError(err))
 		return
 	}
-	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued",
-		slog.String("job", job.ID), slog.String("client", clientID), slog.String("level", string(level)))
+	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued", jobAttrs(job)...)
+	h.tel.jobQueued(ctx, job)
 
 	if h.opts.OnQueued != nil {
 		h.opts.OnQueued(job.ID)

@@ -15,31 +15,22 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/bulkexporttest"
 )
 
 // ---------------------------------------------------------------------------
 // Fixture
 
-// testClock is a settable clock, safe for concurrent use.
-type testClock struct{ ns atomic.Int64 }
-
 var t0 = time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
 
-func newTestClock() *testClock {
-	c := &testClock{}
-	c.ns.Store(t0.UnixNano())
-	return c
-}
-
-func (c *testClock) Now() time.Time          { return time.Unix(0, c.ns.Load()).UTC() }
-func (c *testClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+// newTestClock returns the test kit's settable clock, at t0.
+func newTestClock() *bulkexporttest.Clock { return bulkexporttest.NewClock(t0) }
 
 type mount int
 
@@ -61,7 +52,7 @@ type env struct {
 	store  *bulkexport.MemoryStore
 	h      *bulkexport.Handler
 	base   string // srv.URL + "/fhir"
-	clock  *testClock
+	clock  *bulkexporttest.Clock
 }
 
 type envConfig struct {

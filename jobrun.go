@@ -53,9 +53,16 @@ type typeCheckpoint struct {
 
 // jobRun is one execution of a claimed job.
 type jobRun struct {
-	w      *Worker
-	id     string // the job's id, readable without mu
-	cancel context.CancelCauseFunc
+	w  *Worker
+	id string // the job's id, readable without mu
+	// attempt is the job's Attempts as this run claimed it. Every Claim
+	// increments Attempts, so the run owns the job only while the stored
+	// job still has this value: the same Worker may claim its own job
+	// again once the lease has run out (a heartbeat stalled longer than
+	// Lease), and then the older run must stop.
+	attempt int
+	level   Level // the job's level, readable without mu
+	cancel  context.CancelCauseFunc
 
 	mu  sync.Mutex // guards job and cp; held across store updates
 	job *Job
@@ -63,14 +70,31 @@ type jobRun struct {
 
 	types []*typeRun   // every type of the job, in export order
 	files atomic.Int64 // files created, for MaxFilesPerJob
+
+	// outcome is how the run ended (outcomeCompleted, ...), once the store
+	// has recorded it; "" when it could not be recorded.
+	outcome string
 }
 
 func (w *Worker) runJob(parent context.Context, job *Job) {
-	ctx, cancel := context.WithCancelCause(parent)
+	claimed := w.opts.Now()
+	resumed := !job.StartedAt.IsZero()
+	log := jobLogger(w.log, job)
+	// The claim moved the job to running: the one log line and count of
+	// that transition, before anything can fail it.
+	spanCtx, span := w.tel.startJob(parent, job, resumed)
+	log.LogAttrs(spanCtx, slog.LevelInfo, "bulkexport: job running", slog.String("worker", w.opts.ID), slog.Bool("resumed", resumed), slog.Int("attempt", job.Attempts))
+	ctx, cancel := context.WithCancelCause(spanCtx)
 	defer cancel(nil)
-	r := &jobRun{w: w, id: job.ID, cancel: cancel, job: job}
+	r := &jobRun{w: w, id: job.ID, attempt: job.Attempts, level: job.Level, cancel: cancel, job: job}
+	defer func() {
+		started := r.job.StartedAt
+		if started.IsZero() {
+			started = claimed
+		}
+		w.tel.endJob(context.WithoutCancel(spanCtx), span, r, started)
+	}()
 	r.files.Store(int64(len(job.Output) + len(job.Deleted) + len(job.Errors)))
-	log := w.log.With(slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
 	if len(job.Checkpoint) > 0 {
 		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {
 			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
@@ -85,19 +109,19 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 			Message: fmt.Sprintf("the export was interrupted %d times and was given up", job.Attempts-1)})
 		return
 	}
-	resumed := !job.StartedAt.IsZero()
-	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job running", slog.String("worker", w.opts.ID), slog.Bool("resumed", resumed), slog.Int("attempt", job.Attempts))
-
 	err := r.run(ctx, resumed)
 	cause := context.Cause(ctx)
+	logCtx := context.WithoutCancel(ctx)
 	switch {
 	case errors.Is(cause, errLeaseLost):
-		log.LogAttrs(context.Background(), slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
+		r.outcome = outcomeLeaseLost
+		log.LogAttrs(logCtx, slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
 	case errors.Is(cause, errJobCancelled):
-		r.cleanup(log)
-		log.LogAttrs(context.Background(), slog.LevelInfo, "bulkexport: job stopped after cancel")
+		r.cleanup(ctx, log)
+		// The handler that took the DELETE logged the transition.
+		log.LogAttrs(logCtx, slog.LevelDebug, "bulkexport: job stopped after cancel")
 	case parent.Err() != nil:
-		r.release(log)
+		r.release(ctx, log)
 	case err != nil:
 		r.fail(ctx, log, err)
 	default:
@@ -218,12 +242,18 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			return errJobCancelled
 		case gerr != nil:
 			return gerr
-		case fresh.State != StateRunning || fresh.LeaseOwner != r.w.opts.ID || attempt >= 10:
+		case !r.owns(fresh) || attempt >= 10:
 			r.cancel(errLeaseLost)
 			return errLeaseLost
 		}
 		r.job = fresh
 	}
+}
+
+// owns reports whether the stored job j still belongs to this run: running
+// under this run's claim (its worker and its attempt).
+func (r *jobRun) owns(j *Job) bool {
+	return j.State == StateRunning && j.LeaseOwner == r.w.opts.ID && j.Attempts == r.attempt
 }
 
 // heartbeat saves progress, renews the lease and notices cancels.
@@ -257,7 +287,7 @@ func (r *jobRun) heartbeat(ctx context.Context) {
 		switch {
 		case errors.Is(err, ErrNotFound), err == nil && j.State == StateCancelled:
 			r.cancel(errJobCancelled)
-		case err == nil && (j.State != StateRunning || j.LeaseOwner != r.w.opts.ID):
+		case err == nil && !r.owns(j):
 			r.cancel(errLeaseLost)
 		}
 	}
@@ -291,8 +321,14 @@ func (r *jobRun) progress() Progress {
 }
 
 // sweepOrphans deletes files a crashed run committed but never recorded:
-// a resumed type rewrites everything after its last checkpoint.
+// a resumed type rewrites everything after its last checkpoint. A
+// DirStorage also drops the crashed run's uncommitted temporary files.
 func (r *jobRun) sweepOrphans(ctx context.Context) error {
+	if ts, ok := r.w.storage.(tempSweeper); ok {
+		if err := ts.sweepTemp(ctx, r.id); err != nil {
+			return err
+		}
+	}
 	names, err := r.w.storage.List(ctx, r.id)
 	if err != nil {
 		return err
@@ -365,10 +401,12 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	})
 	switch {
 	case errors.Is(err, errJobCancelled):
-		r.cleanup(log)
+		r.cleanup(ctx, log)
 	case err != nil:
 		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record completion", slog.Any("err", err))
 	default:
+		r.outcome = outcomeCompleted
+		r.w.tel.transition(ctx, StateCompleted, r.level)
 		var n int64
 		for _, f := range r.job.Output {
 			n += f.Count
@@ -397,15 +435,21 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 	})
 	if errors.Is(err, errJobCancelled) || errors.Is(err, errLeaseLost) {
 		if errors.Is(err, errJobCancelled) {
-			r.cleanup(log)
+			r.cleanup(ctx, log)
+		} else {
+			r.outcome = outcomeLeaseLost
 		}
 		return
 	}
+	ctx = context.WithoutCancel(ctx)
 	log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: job failed", slog.Int("status", status), slog.Any("err", cause))
 	if err != nil {
 		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record failure", slog.Any("err", err))
+	} else {
+		r.outcome = outcomeFailed
+		r.w.tel.transition(ctx, StateFailed, r.level)
 	}
-	if err := r.w.storage.Delete(context.WithoutCancel(ctx), r.id); err != nil {
+	if err := r.w.storage.Delete(ctx, r.id); err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a failed job", slog.Any("err", err))
 	}
 }
@@ -441,16 +485,18 @@ func (e *typeError) Error() string { return e.typ + ": " + e.err.Error() }
 func (e *typeError) Unwrap() error { return e.err }
 
 // cleanup removes a cancelled job's files.
-func (r *jobRun) cleanup(log *slog.Logger) {
-	if err := r.w.storage.Delete(context.Background(), r.id); err != nil {
-		log.LogAttrs(context.Background(), slog.LevelWarn, "bulkexport: could not remove the files of a cancelled job", slog.Any("err", err))
+func (r *jobRun) cleanup(ctx context.Context, log *slog.Logger) {
+	r.outcome = outcomeCancelled
+	ctx = context.WithoutCancel(ctx)
+	if err := r.w.storage.Delete(ctx, r.id); err != nil {
+		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a cancelled job", slog.Any("err", err))
 	}
 }
 
 // release hands an interrupted job back to the queue on shutdown; it
 // resumes from its last checkpoint.
-func (r *jobRun) release(log *slog.Logger) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+func (r *jobRun) release(ctx context.Context, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	err := r.update(ctx, func(j *Job) {
 		j.State = StateQueued
@@ -459,12 +505,14 @@ func (r *jobRun) release(log *slog.Logger) {
 		j.UpdatedAt = r.w.opts.Now()
 	})
 	if errors.Is(err, errJobCancelled) {
-		r.cleanup(log)
+		r.cleanup(ctx, log)
 		return
 	}
 	if err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not hand the job back; its lease will expire", slog.Any("err", err))
 		return
 	}
+	r.outcome = outcomeRequeued
+	r.w.tel.transition(ctx, StateQueued, r.level)
 	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job handed back on shutdown")
 }

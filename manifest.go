@@ -91,7 +91,8 @@ type manifestSTU4 struct {
 }
 
 // Manifest builds the whole (unpaged) manifest of a job, with absolute
-// file URLs, in the STU2/STU3 shape.
+// file URLs, in the STU2/STU3 shape. The URLs are the handler's file URLs;
+// under DownloadSigned, ManifestContext lists the presigned ones.
 func (h *Handler) Manifest(job *Job) *Manifest {
 	m := &Manifest{
 		TransactionTime:     FormatInstant(job.TransactionTime),

@@ -22,6 +22,8 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID str
 		h.writeError(w, r, methodNotAllowed("GET, POST or DELETE"))
 		return
 	}
+	w = h.tel.startPoll(w, r) // counts polls by status code
+	defer h.tel.endPoll(w, r)
 	clientID, err := h.authenticate(r)
 	if err != nil {
 		h.writeError(w, r, err)
@@ -178,14 +180,23 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 		hdr.Set("Retry-After", strconv.FormatInt(secs, 10))
 		if job.Request.AllowPartialManifests {
 			// A page whose files are all final may be served already.
-			if body, ok := h.manifestPage(job, page); ok {
+			body, ok, err := h.manifestFor(w, r, job, page)
+			if err != nil {
+				h.writeError(w, r, err)
+				return
+			}
+			if ok {
 				writeJSON(w, answer(http.StatusAccepted), contentTypeJSON, body)
 				return
 			}
 		}
 		w.WriteHeader(answer(http.StatusAccepted))
 	case StateCompleted:
-		body, ok := h.manifestPage(job, page)
+		body, ok, err := h.manifestFor(w, r, job, page)
+		if err != nil {
+			h.writeError(w, r, err)
+			return
+		}
 		if !ok {
 			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_page", Message: "the manifest has no such page"})
 			return
@@ -262,8 +273,8 @@ func (h *Handler) cancel(w http.ResponseWriter, r *http.Request, job *Job) {
 				h.writeError(w, r, storeError(err))
 				return
 			}
-			h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job cancelled",
-				slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
+			h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job cancelled", jobAttrs(job)...)
+			h.tel.transition(ctx, StateCancelled, job.Level)
 			writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
 				NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" cancelled"))
 			return
@@ -298,7 +309,6 @@ func (h *Handler) remove(r *http.Request, job *Job) error {
 	if err := h.store.Delete(ctx, job.ID); err != nil && !errors.Is(err, ErrNotFound) {
 		return storeError(err)
 	}
-	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job deleted",
-		slog.String("job", job.ID), slog.String("client", job.Owner), slog.String("level", string(job.Level)))
+	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job deleted", jobAttrs(job)...)
 	return nil
 }

@@ -56,8 +56,9 @@ type FileReader interface {
 
 // URLSigner is an optional interface of a Storage that can hand out
 // direct, expiring download URLs (for example presigned object-store
-// URLs). When the handler is configured to use it, the manifest lists such
-// URLs and requiresAccessToken is false.
+// URLs). Options.Downloads uses it: under DownloadSigned the manifest lists
+// such URLs and requiresAccessToken is false; under DownloadRedirect the
+// file endpoint redirects to one.
 type URLSigner interface {
 	SignedURL(ctx context.Context, jobID, name string, expiry time.Duration) (string, error)
 }

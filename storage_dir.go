@@ -32,8 +32,9 @@ import (
 // Delete first renames the job's directory out of the way (to a '~' name
 // in root), then removes it, so files still being written for the job
 // disappear with it and their Commit fails instead of resurrecting the job.
-// Temporary files left behind by a crash stay invisible and go when their
-// job is deleted; leftovers of interrupted Deletes are removed by
+// Temporary files left behind by a crash stay invisible; the Worker removes
+// a job's when it resumes the job (see sweepTemp), and they go with the job
+// when it is deleted. Leftovers of interrupted Deletes are removed by
 // NewDirStorage.
 //
 // Job ids and names must be 1 to 128 characters of [A-Za-z0-9._-], and
@@ -416,6 +417,46 @@ func (s *DirStorage) DeleteFile(ctx context.Context, jobID, name string) error {
 	err := os.Remove(filepath.Join(s.root, jobID, name))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("bulkexport: DirStorage.DeleteFile %s/%s: %w", jobID, name, err)
+	}
+	return nil
+}
+
+// tempSweeper is a Storage that can remove the temporary files of a job's
+// uncommitted writers. The Worker calls it when it resumes a job.
+type tempSweeper interface {
+	sweepTemp(ctx context.Context, jobID string) error
+}
+
+var _ tempSweeper = (*DirStorage)(nil)
+
+// sweepTemp removes the temporary files in a job's directory: files whose
+// writer never committed nor aborted them because its process died (kill
+// -9, a crash, a power cut). The Worker calls it when it resumes a job,
+// before the job writes anything: the resuming run holds the job's lease,
+// so no live writer of the job is left, and a run that lost its lease but
+// still writes sees its Commit fail, which is right.
+func (s *DirStorage) sweepTemp(ctx context.Context, jobID string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := checkDirNames("sweepTemp", jobID, nil); err != nil {
+		return err
+	}
+	dir := filepath.Join(s.root, jobID)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("bulkexport: DirStorage: sweep %s: %w", jobID, err)
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), dirTempPrefix) || !e.Type().IsRegular() {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("bulkexport: DirStorage: sweep %s: %w", jobID, err)
+		}
 	}
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"go.opentelemetry.io/otel/metric"
 )
 
 // The three file streams of a type.
@@ -77,20 +79,29 @@ func newTypeRun(r *jobRun, typ string) *typeRun {
 	t.streams[streamOutput] = stream{fileType: typ, prefix: typ + ".", seq: cp.Seq[streamOutput]}
 	t.streams[streamDeleted] = stream{fileType: "Bundle", prefix: typ + ".deleted.", seq: cp.Seq[streamDeleted]}
 	t.streams[streamError] = stream{fileType: "OperationOutcome", prefix: typ + ".error.", seq: cp.Seq[streamError]}
+	for i := range t.streams {
+		t.streams[i].kind = i
+		t.streams[i].metricOpts = r.w.tel.fileOpts(typ, i)
+	}
 	return t
 }
 
 // export runs the Source for this type and records the result.
 func (t *typeRun) export(ctx context.Context) (err error) {
+	// The type's span is in the context the Source gets, so that the
+	// host's own spans (database queries) nest under it.
+	ctx, span := t.r.w.tel.startType(ctx, t.r.id, t.r.level, t.typ)
 	t.ctx = ctx
 	t.started.Store(true)
 	t.lastCheckpoint = t.r.w.opts.Now()
+	written := t.written.Load()
 	defer func() {
 		if err != nil {
 			for i := range t.streams {
 				t.streams[i].abort()
 			}
 		}
+		t.r.w.tel.endType(span, t.written.Load()-written, err)
 	}()
 	q := t.query()
 	var err2 error
@@ -191,7 +202,7 @@ func (t *typeRun) StartBlock(ref string) error {
 	s := &t.streams[streamOutput]
 	opts := &t.r.w.opts
 	if s.fw != nil && (s.count*10 >= opts.MaxFileResources*9 || s.size*10 >= opts.MaxFileBytes*9) {
-		if err := s.commit(); err != nil {
+		if err := s.commit(t); err != nil {
 			return err
 		}
 	}
@@ -255,7 +266,7 @@ func (t *typeRun) Checkpoint(cursor string) error {
 // job, with the cursor to resume from (or done at the end).
 func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 	for i := range t.streams {
-		if err := t.streams[i].commit(); err != nil {
+		if err := t.streams[i].commit(t); err != nil {
 			return err
 		}
 		// A checkpoint falls between resource blocks: the next file
@@ -286,9 +297,11 @@ func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 
 // stream is a sequence of NDJSON files of one kind.
 type stream struct {
-	fileType string
-	prefix   string
-	seq      int
+	fileType   string
+	prefix     string
+	seq        int
+	kind       int                // streamOutput, streamDeleted or streamError
+	metricOpts []metric.AddOption // attributes of the file metrics
 
 	fw    FileWriter
 	name  string
@@ -309,7 +322,7 @@ func (s *stream) write(t *typeRun, line []byte) error {
 	opts := &t.r.w.opts
 	continued := false
 	if s.fw != nil && (s.count >= opts.MaxFileResources || s.size+int64(len(line))+1 > opts.MaxFileBytes) {
-		if err := s.commit(); err != nil {
+		if err := s.commit(t); err != nil {
 			return err
 		}
 		continued = s.header != nil
@@ -352,13 +365,17 @@ func (s *stream) put(line []byte) error {
 }
 
 // commit makes the open file final and queues it for recording.
-func (s *stream) commit() error {
+func (s *stream) commit(t *typeRun) error {
 	if s.fw == nil {
 		return nil
 	}
 	fw := s.fw
 	s.fw = nil
-	if err := fw.Commit(); err != nil {
+	tel := t.r.w.tel
+	span := tel.startCommit(t.ctx, t.typ, s.kind, s)
+	err := fw.Commit()
+	tel.committed(t.ctx, span, s, err)
+	if err != nil {
 		_ = fw.Abort()
 		return err
 	}

@@ -10,6 +10,9 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // WorkerOptions configures a Worker. Every field has the default its
@@ -57,8 +60,20 @@ type WorkerOptions struct {
 	MaxAttempts int
 	// Now is the clock. Default: time.Now.
 	Now func() time.Time
-	// Logger receives the worker's logs. Default: slog.Default().
+	// Logger receives the worker's logs. Every line about a job carries
+	// its id (job), client (client) and export level (export_level).
+	// Default: slog.Default().
 	Logger *slog.Logger
+	// MeterProvider receives the worker's metrics: job transitions,
+	// durations, reclaims, exported resources and bytes, purges, and the
+	// store gauges of active jobs and queue depth (one List of the active
+	// jobs per collection while Run runs). See docs/observability.md.
+	// Default: nil, no metrics.
+	MeterProvider metric.MeterProvider
+	// TracerProvider receives the worker's spans: one per job run, per
+	// resource type (the context Source.Export gets carries it) and per
+	// file commit. Default: nil, no spans.
+	TracerProvider trace.TracerProvider
 }
 
 func (o *WorkerOptions) fill() {
@@ -104,6 +119,7 @@ type Worker struct {
 	storage Storage
 	opts    WorkerOptions
 	log     *slog.Logger
+	tel     *telemetry
 	wake    chan struct{}
 }
 
@@ -117,7 +133,8 @@ func NewWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions)
 		o = *opts
 	}
 	o.fill()
-	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger, wake: make(chan struct{}, 1)}, nil
+	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger,
+		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1)}, nil
 }
 
 // ID returns the worker's lease owner name.
@@ -137,6 +154,9 @@ func (w *Worker) Notify() {
 // exited. Jobs interrupted by the shutdown are handed back to the queue
 // and resume from their last checkpoint. Run returns nil after a shutdown.
 func (w *Worker) Run(ctx context.Context) error {
+	if reg := w.tel.registerStoreGauges(w.store, w.opts.Now, w.log); reg != nil {
+		defer func() { _ = reg.Unregister() }()
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -202,9 +222,10 @@ func (w *Worker) purgeLoop(ctx context.Context) {
 func (w *Worker) Purge(ctx context.Context) (int, error) {
 	jobs, err := w.store.List(ctx, Filter{ExpiresBefore: w.opts.Now(), Limit: 1000})
 	if err != nil {
+		w.tel.purged(ctx, nil, err)
 		return 0, err
 	}
-	n := 0
+	var removed []*Job
 	var errs []error
 	for _, j := range jobs {
 		if !j.State.Terminal() {
@@ -218,12 +239,10 @@ func (w *Worker) Purge(ctx context.Context) (int, error) {
 			errs = append(errs, fmt.Errorf("job %s: %w", j.ID, err))
 			continue
 		}
-		n++
-		w.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job purged", jobAttrs(j)...)
+		removed = append(removed, j)
+		w.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job purged", append(jobAttrs(j), slog.String("state", string(j.State)))...)
 	}
-	return n, errors.Join(errs...)
-}
-
-func jobAttrs(j *Job) []slog.Attr {
-	return []slog.Attr{slog.String("job", j.ID), slog.String("client", j.Owner), slog.String("level", string(j.Level))}
+	err = errors.Join(errs...)
+	w.tel.purged(ctx, removed, err)
+	return len(removed), err
 }

@@ -187,7 +187,7 @@ func TestWriterRejectsBrokenLines(t *testing.T) {
 		`not json`,
 		`{"resourceType":"Patient","id":"d"}`,
 	}}
-	srv := newServerWithSource(t, src)
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: src})
 	res := srv.Export(t, "/$export")
 	require.Equal(t, []string{"a", "b", "d"}, res.IDs("Patient"))
 	require.Len(t, res.Errors, 3)
@@ -210,16 +210,6 @@ func (s writerSource) Export(ctx context.Context, q *bulkexport.Query, typ strin
 		}
 	}
 	return nil
-}
-
-// newServerWithSource runs a handler and worker over any Source, on the
-// test kit's server plumbing.
-func newServerWithSource(t *testing.T, src bulkexport.Source) *bulkexporttest.Server {
-	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Handler: bulkexport.Options{Types: src}})
-	w, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, Heartbeat: 20 * time.Millisecond})
-	require.NoError(t, err)
-	runWorker(t, w)
-	return srv
 }
 
 func runWorker(t *testing.T, w *bulkexport.Worker) {
@@ -274,16 +264,8 @@ func lastJob(t *testing.T, srv *bulkexporttest.Server) *bulkexport.Job {
 func TestCancelMidExportRemovesFiles(t *testing.T) {
 	t.Parallel()
 	src := clinicalSource(t, 50)
-	reached := make(chan struct{})
-	var once atomic.Bool
-	src.OnResource = func(ctx context.Context, typ string, n int) error {
-		if n == 20 && once.CompareAndSwap(false, true) {
-			close(reached)
-			<-ctx.Done() // hold the export until the cancel stops it
-			return ctx.Err()
-		}
-		return nil
-	}
+	// Hold the first type to reach 20 resources until the cancel stops it.
+	pause := src.Pause("", 20)
 	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{
 		Source: src,
 		// Small files and frequent checkpoints, so that committed files
@@ -291,8 +273,8 @@ func TestCancelMidExportRemovesFiles(t *testing.T) {
 		Worker: bulkexport.WorkerOptions{MaxFileResources: 5, CheckpointInterval: time.Nanosecond, TypeConcurrency: 4},
 	})
 	statusURL := srv.Kickoff(t, "/$export")
-	<-reached
-	job := lastJob(t, srv)
+	<-pause.Reached()
+	job := srv.Job(t, statusURL)
 	names, err := srv.Storage.List(context.Background(), job.ID)
 	require.NoError(t, err)
 	require.NotEmpty(t, names, "files were committed before the cancel")
@@ -420,16 +402,7 @@ func TestResumeAfterLeaseLoss(t *testing.T) {
 func TestShutdownHandsJobBack(t *testing.T) {
 	t.Parallel()
 	src := clinicalSource(t, 30)
-	reached := make(chan struct{})
-	var once atomic.Bool
-	src.OnResource = func(ctx context.Context, typ string, n int) error {
-		if typ == "Condition" && n == 12 && once.CompareAndSwap(false, true) {
-			close(reached)
-			<-ctx.Done()
-			return ctx.Err()
-		}
-		return nil
-	}
+	pause := src.Pause("Condition", 12) // held until the shutdown
 	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src})
 	statusURL := srv.Kickoff(t, "/$export?_type=Condition")
 	opts := bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, MaxFileResources: 4, CheckpointInterval: time.Nanosecond}
@@ -438,10 +411,10 @@ func TestShutdownHandsJobBack(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	<-reached
+	<-pause.Reached()
 	cancel()
 	require.NoError(t, <-done)
-	job := lastJob(t, srv)
+	job := srv.Job(t, statusURL)
 	require.Equal(t, bulkexport.StateQueued, job.State)
 	require.NotEmpty(t, job.Output, "files recorded before the shutdown are kept")
 

@@ -1,14 +1,16 @@
 package bulkexporttest
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -56,64 +58,110 @@ var discardLogger = slog.New(slog.NewTextHandler(io.Discard, nil))
 // an empty Source, a MemoryStore, a temporary DirStorage and a running
 // Worker.
 type ServerOptions struct {
-	// Source serves the data. Default: NewSource().
-	Source *Source
+	// Source serves the data: the host's own bulkexport.Source, to test it
+	// end to end behind the real handler and Worker, or a *Source (the
+	// in-memory fake). Default: NewSource().
+	Source bulkexport.Source
 	// Store keeps the jobs. Default: bulkexport.NewMemoryStore().
 	Store bulkexport.JobStore
-	// Handler is passed to bulkexport.NewHandler; BaseURL, Types, Storage
-	// and OnQueued are filled in (Types only when nil).
+	// Handler is passed to bulkexport.NewHandler; BaseURL, Storage and
+	// OnQueued are filled in, and Types is set to Source when nil. Its
+	// Logger defaults to one that discards.
 	Handler bulkexport.Options
 	// Worker is passed to bulkexport.NewWorker. Default PollInterval and
-	// Heartbeat are shortened to 20ms so that tests run fast.
+	// Heartbeat are shortened to 20ms so that tests run fast; its Logger
+	// defaults to one that discards.
 	Worker bulkexport.WorkerOptions
 	// Clock, if set, becomes Now of both the handler and the worker.
 	Clock *Clock
-	// NoWorker leaves jobs queued: for tests of the protocol alone.
+	// NoWorker leaves jobs queued: for tests of the protocol alone, or
+	// tests that run Workers of their own over Store and Storage.
 	NoWorker bool
 }
 
-// Server is an in-process bulk export server on an httptest.Server. Its
-// FHIR base URL is URL + "/fhir".
+// Server is an in-process bulk export server on an httptest.Server: the
+// real handler and Worker over a Source, a JobStore and a DirStorage in a
+// temporary directory. Its FHIR base URL is BaseURL (URL + "/fhir").
+//
+// The embedded Exporter's helpers (Kickoff, Export, Collect, Wait, Cancel,
+// ...) run exports against it with the server's own HTTP client.
 type Server struct {
 	*httptest.Server
-	BaseURL string
+	Exporter
+	// Source is the in-memory Source the server serves, or nil when
+	// ServerOptions.Source was a Source of another type.
 	Source  *Source
 	Store   bulkexport.JobStore
 	Storage *bulkexport.DirStorage
 	Handler *bulkexport.Handler
 	Worker  *bulkexport.Worker
-	// Header is added to every request the helpers send (for example an
-	// Authorization header).
-	Header http.Header
+
+	stop      func()
+	closeOnce sync.Once
 }
 
 // NewServer starts a Server and registers its shutdown with t.Cleanup:
 // the HTTP server closes and the worker's Run returns before the test
-// ends.
+// ends. Its files go to a directory from t.TempDir.
 func NewServer(t testing.TB, opts *ServerOptions) *Server {
 	t.Helper()
+	s, err := start(opts, t.TempDir(), false)
+	if err != nil {
+		t.Fatalf("bulkexporttest: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// StartServer starts a Server outside a test: for Example functions,
+// TestMain and programs, which have no testing.TB. Its files go to a new
+// temporary directory. Close shuts it down and removes the directory.
+func StartServer(opts *ServerOptions) (*Server, error) {
+	dir, err := os.MkdirTemp("", "bulkexporttest-")
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	s, err := start(opts, dir, true)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return s, nil
+}
+
+func start(opts *ServerOptions, dir string, removeDir bool) (*Server, error) {
 	var o ServerOptions
 	if opts != nil {
 		o = *opts
 	}
-	if o.Source == nil {
-		o.Source = NewSource()
+	var fake *Source
+	switch src := o.Source.(type) {
+	case nil:
+		fake = NewSource()
+		o.Source = fake
+	case *Source:
+		if src == nil {
+			src = NewSource()
+			o.Source = src
+		}
+		fake = src
 	}
 	if o.Store == nil {
 		o.Store = bulkexport.NewMemoryStore()
 	}
-	storage, err := bulkexport.NewDirStorage(t.TempDir())
+	storage, err := bulkexport.NewDirStorage(dir)
 	if err != nil {
-		t.Fatalf("bulkexporttest: %v", err)
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
 	}
-	s := &Server{Source: o.Source, Store: o.Store, Storage: storage, Header: http.Header{}}
+	s := &Server{Source: fake, Store: o.Store, Storage: storage}
 
 	wo := o.Worker
 	if wo.Logger == nil {
 		wo.Logger = discardLogger
 	}
-	if o.Handler.Logger == nil {
-		o.Handler.Logger = discardLogger
+	ho := o.Handler
+	if ho.Logger == nil {
+		ho.Logger = discardLogger
 	}
 	if wo.PollInterval == 0 {
 		wo.PollInterval = 20 * time.Millisecond
@@ -121,19 +169,18 @@ func NewServer(t testing.TB, opts *ServerOptions) *Server {
 	if wo.Heartbeat == 0 {
 		wo.Heartbeat = 20 * time.Millisecond
 	}
-	ho := o.Handler
 	if o.Clock != nil {
 		wo.Now = o.Clock.Now
 		ho.Now = o.Clock.Now
 	}
 	s.Worker, err = bulkexport.NewWorker(o.Store, o.Source, storage, &wo)
 	if err != nil {
-		t.Fatalf("bulkexporttest: %v", err)
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
 	}
 
 	mux := http.NewServeMux()
 	s.Server = httptest.NewServer(mux)
-	s.BaseURL = s.URL + "/fhir"
+	s.Exporter = Exporter{BaseURL: s.URL + "/fhir", Header: http.Header{}, HTTPClient: s.Server.Client()}
 	ho.BaseURL = s.BaseURL
 	ho.Storage = storage
 	if ho.Types == nil {
@@ -145,7 +192,7 @@ func NewServer(t testing.TB, opts *ServerOptions) *Server {
 	s.Handler, err = bulkexport.NewHandler(o.Store, &ho)
 	if err != nil {
 		s.Server.Close()
-		t.Fatalf("bulkexporttest: %v", err)
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
 	}
 	mux.Handle("/fhir/", s.Handler)
 
@@ -159,193 +206,51 @@ func NewServer(t testing.TB, opts *ServerOptions) *Server {
 			_ = s.Worker.Run(ctx)
 		}()
 	}
-	t.Cleanup(func() {
+	s.stop = func() {
 		s.Server.Close()
 		cancel()
 		<-done
-	})
-	return s
+		if removeDir {
+			os.RemoveAll(dir)
+		}
+	}
+	return s, nil
 }
 
-// Kickoff sends a GET kick-off to path (relative to the base URL, such as
-// "/$export?_type=Patient") with Prefer: respond-async, and returns the
-// status URL. It fails the test unless the answer is 202.
-func (s *Server) Kickoff(t testing.TB, path string) string {
-	t.Helper()
-	return s.kickoff(t, http.MethodGet, path, nil)
+// Close shuts the server down: the HTTP server closes, and the Worker's Run
+// has returned when Close does. A server from StartServer also removes its
+// directory. Calling Close more than once is harmless.
+func (s *Server) Close() {
+	s.closeOnce.Do(s.stop)
 }
 
-// KickoffPOST sends a POST kick-off with a Parameters body.
-func (s *Server) KickoffPOST(t testing.TB, path string, parameters any) string {
+// Job returns the stored job of a status URL (either form), failing the
+// test if the store does not have it.
+func (s *Server) Job(t testing.TB, statusURL string) *bulkexport.Job {
 	t.Helper()
-	body, err := json.Marshal(parameters)
+	id, err := JobID(statusURL)
 	if err != nil {
 		t.Fatalf("bulkexporttest: %v", err)
 	}
-	return s.kickoff(t, http.MethodPost, path, body)
-}
-
-func (s *Server) kickoff(t testing.TB, method, path string, body []byte) string {
-	t.Helper()
-	req, err := http.NewRequest(method, s.BaseURL+path, bytes.NewReader(body))
+	j, err := s.Store.Get(context.Background(), id)
 	if err != nil {
-		t.Fatalf("bulkexporttest: %v", err)
+		t.Fatalf("bulkexporttest: job %s: %v", id, err)
 	}
-	req.Header.Set("Prefer", "respond-async")
-	req.Header.Set("Accept", "application/fhir+json")
-	if body != nil {
-		req.Header.Set("Content-Type", "application/fhir+json")
-	}
-	resp := s.do(t, req)
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("bulkexporttest: kick-off %s %s: %d %s", method, path, resp.StatusCode, b)
-	}
-	return resp.Header.Get("Content-Location")
+	return j
 }
 
-func (s *Server) do(t testing.TB, req *http.Request) *http.Response {
-	t.Helper()
-	for k, v := range s.Header {
-		req.Header[k] = v
-	}
-	resp, err := s.Client().Do(req)
+// JobID returns the job id of a status URL, in the query form
+// ($export-poll-status?_jobId=ID) or the path form ($export-poll-status/ID).
+func JobID(statusURL string) (string, error) {
+	u, err := url.Parse(statusURL)
 	if err != nil {
-		t.Fatalf("bulkexporttest: %s %s: %v", req.Method, req.URL, err)
+		return "", err
 	}
-	return resp
-}
-
-// Wait polls statusURL until the job leaves the queue and returns the
-// status response's code and body (the manifest when 200). It gives up,
-// failing the test, after about 30 seconds.
-func (s *Server) Wait(t testing.TB, statusURL string) (int, []byte) {
-	t.Helper()
-	for i := 0; i < 3000; i++ {
-		req, _ := http.NewRequest(http.MethodGet, statusURL, nil)
-		req.Header.Set("Accept", "application/json")
-		resp := s.do(t, req)
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusAccepted {
-			return resp.StatusCode, b
-		}
-		time.Sleep(10 * time.Millisecond)
+	if id := u.Query().Get("_jobId"); id != "" {
+		return id, nil
 	}
-	t.Fatalf("bulkexporttest: %s still in progress after 30s", statusURL)
-	return 0, nil
-}
-
-// Result is a finished export, downloaded.
-type Result struct {
-	StatusURL string
-	Manifest  bulkexport.Manifest
-	// Output holds the resources of output[] by type, in file order.
-	// Organized output (organizeOutputBy), whose files hold several types,
-	// is under the key "".
-	Output map[string][]json.RawMessage
-	// Deleted holds the Bundles of deleted[]; Errors the OperationOutcomes
-	// of error[].
-	Deleted []json.RawMessage
-	Errors  []json.RawMessage
-}
-
-// IDs returns the ids of the exported resources of typ, in order.
-func (r *Result) IDs(typ string) []string {
-	var ids []string
-	for _, raw := range r.Output[typ] {
-		var v struct {
-			ID string `json:"id"`
-		}
-		_ = json.Unmarshal(raw, &v)
-		ids = append(ids, v.ID)
+	if _, id, ok := strings.Cut(u.Path, "/$export-poll-status/"); ok && id != "" && !strings.Contains(id, "/") {
+		return id, nil
 	}
-	return ids
-}
-
-// Export kicks off a GET export at path, waits for it to complete, and
-// downloads every file. It fails the test if the export does not complete
-// or a file breaks the manifest's promises (count, type of every line).
-func (s *Server) Export(t testing.TB, path string) *Result {
-	t.Helper()
-	return s.Collect(t, s.Kickoff(t, path))
-}
-
-// Collect waits for the job at statusURL and downloads its files.
-func (s *Server) Collect(t testing.TB, statusURL string) *Result {
-	t.Helper()
-	code, body := s.Wait(t, statusURL)
-	if code != http.StatusOK {
-		t.Fatalf("bulkexporttest: export ended with %d: %s", code, body)
-	}
-	r := &Result{StatusURL: statusURL, Output: map[string][]json.RawMessage{}}
-	if err := json.Unmarshal(body, &r.Manifest); err != nil {
-		t.Fatalf("bulkexporttest: manifest: %v", err)
-	}
-	for _, f := range r.Manifest.Output {
-		r.Output[f.Type] = append(r.Output[f.Type], s.download(t, f)...)
-	}
-	for _, f := range r.Manifest.Deleted {
-		r.Deleted = append(r.Deleted, s.download(t, f)...)
-	}
-	for _, f := range r.Manifest.Error {
-		r.Errors = append(r.Errors, s.download(t, f)...)
-	}
-	return r
-}
-
-func (s *Server) download(t testing.TB, f bulkexport.ManifestFile) []json.RawMessage {
-	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, f.URL, nil)
-	req.Header.Set("Accept", "application/fhir+ndjson")
-	resp := s.do(t, req)
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(resp.Body)
-		t.Fatalf("bulkexporttest: GET %s: %d %s", f.URL, resp.StatusCode, b)
-	}
-	var out []json.RawMessage
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
-	for sc.Scan() {
-		line := append([]byte(nil), sc.Bytes()...)
-		var v struct {
-			ResourceType string `json:"resourceType"`
-		}
-		if err := json.Unmarshal(line, &v); err != nil {
-			t.Fatalf("bulkexporttest: %s: a line is not JSON: %v", f.URL, err)
-		}
-		if f.Type != "" && v.ResourceType != f.Type {
-			t.Fatalf("bulkexporttest: %s: a %s line in a file of %s", f.URL, v.ResourceType, f.Type)
-		}
-		out = append(out, line)
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatalf("bulkexporttest: %s: %v", f.URL, err)
-	}
-	if f.Count != nil && *f.Count != int64(len(out)) {
-		t.Fatalf("bulkexporttest: %s: manifest count %d, file has %d lines", f.URL, *f.Count, len(out))
-	}
-	return out
-}
-
-// Status sends one GET to statusURL and returns the response, body read.
-func (s *Server) Status(t testing.TB, statusURL string) (*http.Response, []byte) {
-	t.Helper()
-	return s.Send(t, http.MethodGet, statusURL, nil)
-}
-
-// Send sends a request with the server's Header and returns the response,
-// body read and closed.
-func (s *Server) Send(t testing.TB, method, url string, body []byte) (*http.Response, []byte) {
-	t.Helper()
-	req, err := http.NewRequest(method, url, bytes.NewReader(body))
-	if err != nil {
-		t.Fatalf("bulkexporttest: %v", err)
-	}
-	resp := s.do(t, req)
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	return resp, b
+	return "", errors.New("bulkexporttest: no job id in " + statusURL)
 }

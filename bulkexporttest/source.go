@@ -1,7 +1,3 @@
-// Package bulkexporttest helps hosts test code that uses bulkexport, in
-// the spirit of net/http/httptest: an in-memory Source, a controllable
-// Clock, an in-process export server (NewServer) and helpers that run an
-// export to completion. It uses only the standard library.
 package bulkexporttest
 
 import (
@@ -13,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
@@ -22,13 +19,23 @@ import (
 // honours the level, Group membership, the patient parameter, _since and
 // _until (by meta.lastUpdated), the transaction time, _typeFilter (token
 // and string matching on top-level elements) and _elements. It resumes from
-// checkpoints, records deletions, and can inject failures and delays.
+// checkpoints, records deletions, and can inject failures (FailOn,
+// OnResource), pauses (Pause) and delays (Delay).
+//
+// A resource belongs to the Patient compartment of the patient its
+// subject, patient or beneficiary element references (a Patient to its
+// own); resources without one, such as Practitioner, are exported at
+// system level only. Group membership comes from AddGroup and from the
+// member[].entity references of Group resources added.
+//
 // It is safe for concurrent use; add data before exports start.
 type Source struct {
 	mu        sync.Mutex
 	resources map[string][]*entry // by type, in the order added
 	groups    map[string][]string
 	deleted   map[string][]deletion
+	failures  map[string]failure // by type; "" for every type
+	pauses    []*Pause
 
 	// OnResource, if set, is called before each resource is written, with
 	// the type and the resource's position in the type (from 0). An error
@@ -37,6 +44,11 @@ type Source struct {
 	OnResource func(ctx context.Context, typ string, n int) error
 	// Delay is slept before each resource (honouring the context).
 	Delay time.Duration
+}
+
+type failure struct {
+	after int
+	err   error
 }
 
 type entry struct {
@@ -63,11 +75,122 @@ var (
 
 // NewSource returns an empty Source.
 func NewSource() *Source {
-	return &Source{resources: map[string][]*entry{}, groups: map[string][]string{}, deleted: map[string][]deletion{}}
+	return &Source{resources: map[string][]*entry{}, groups: map[string][]string{}, deleted: map[string][]deletion{}, failures: map[string]failure{}}
+}
+
+// FailOn makes every later export of typ (of every type when typ is "")
+// fail with err once it has written afterN resources; with afterN 0 it
+// fails before writing anything, even when there is nothing to write. An
+// export with fewer than afterN resources to write succeeds. The Worker
+// fails the job: err's status and message reach the client when it is a
+// *bulkexport.Error. A rule for typ takes precedence over the one for
+// every type; a nil err removes the rule for typ.
+func (s *Source) FailOn(typ string, afterN int, err error) *Source {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err == nil {
+		delete(s.failures, typ)
+	} else {
+		s.failures[typ] = failure{after: max(afterN, 0), err: err}
+	}
+	return s
+}
+
+// failureFor returns the failure rule for typ, if any.
+func (s *Source) failureFor(typ string) (failure, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f, ok := s.failures[typ]; ok {
+		return f, true
+	}
+	f, ok := s.failures[""]
+	return f, ok
+}
+
+// Pause holds one export part way, for tests of cancel, shutdown and
+// progress: see Source.Pause.
+type Pause struct {
+	typ     string
+	after   int
+	taken   atomic.Bool
+	reached chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+// Pause makes the first export of typ (of any type when typ is "") that
+// has written afterN resources stop before the next one: Reached is closed
+// and the export waits until Release is called, or until its context is
+// done, when it returns the context's error (as when the job is cancelled
+// or the Worker shuts down). Later exports pass the point freely, so that
+// a resumed job completes.
+func (s *Source) Pause(typ string, afterN int) *Pause {
+	p := &Pause{typ: typ, after: max(afterN, 0), reached: make(chan struct{}), release: make(chan struct{})}
+	s.mu.Lock()
+	s.pauses = append(s.pauses, p)
+	s.mu.Unlock()
+	return p
+}
+
+// Reached is closed once an export has stopped at the pause.
+func (p *Pause) Reached() <-chan struct{} { return p.reached }
+
+// Release lets the paused export go on (or lets the next one pass, when
+// none has stopped yet). It may be called more than once.
+func (p *Pause) Release() { p.once.Do(func() { close(p.release) }) }
+
+// hold stops at p if this export of typ, having written written
+// resources, is the first to reach it.
+func (p *Pause) hold(ctx context.Context, typ string, written int) error {
+	if (p.typ != "" && p.typ != typ) || written != p.after || !p.taken.CompareAndSwap(false, true) {
+		return nil
+	}
+	close(p.reached)
+	select {
+	case <-p.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// before runs the injected behaviour before a resource is written: the
+// OnResource hook (pos is the resource's position in its type), FailOn
+// rules and pauses (written is how many resources this export has
+// written), and Delay.
+func (s *Source) before(ctx context.Context, typ string, pos, written int) error {
+	if s.OnResource != nil {
+		if err := s.OnResource(ctx, typ, pos); err != nil {
+			return err
+		}
+	}
+	if f, ok := s.failureFor(typ); ok && written >= f.after {
+		return f.err
+	}
+	s.mu.Lock()
+	pauses := slices.Clone(s.pauses)
+	s.mu.Unlock()
+	for _, p := range pauses {
+		if err := p.hold(ctx, typ, written); err != nil {
+			return err
+		}
+	}
+	if s.Delay > 0 {
+		t := time.NewTimer(s.Delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // Add adds resources: JSON as []byte, json.RawMessage or string, or any Go
-// value that encodes to a JSON object. Each needs resourceType and id.
+// value that encodes to a JSON object. Each needs resourceType and id; a
+// meta.lastUpdated, when present, must be a FHIR instant. A Group resource
+// also makes its member[].entity Patient references members of the Group.
 func (s *Source) Add(resources ...any) error {
 	for _, r := range resources {
 		var raw []byte
@@ -91,6 +214,9 @@ func (s *Source) Add(resources ...any) error {
 		}
 		s.mu.Lock()
 		s.resources[typ] = append(s.resources[typ], e)
+		if typ == "Group" {
+			s.groups[e.id] = append(s.groups[e.id], groupMembers(e.fields)...)
+		}
 		s.mu.Unlock()
 	}
 	return nil
@@ -148,6 +274,24 @@ func (s *Source) parseEntry(raw []byte) (*entry, string, error) {
 		}
 	}
 	return e, typ, nil
+}
+
+// groupMembers returns the patient ids a Group resource's member[].entity
+// references.
+func groupMembers(fields map[string]json.RawMessage) []string {
+	var members []struct {
+		Entity struct {
+			Reference string `json:"reference"`
+		} `json:"entity"`
+	}
+	_ = json.Unmarshal(fields["member"], &members)
+	ids := []string{}
+	for _, m := range members {
+		if id, ok := strings.CutPrefix(m.Entity.Reference, "Patient/"); ok && id != "" {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }
 
 // provenanceTarget finds a Provenance's first target, the patient it
@@ -263,6 +407,9 @@ func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (in
 // Export implements bulkexport.Source. The cursor is the position of the
 // next resource of the type.
 func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
+	if f, ok := s.failureFor(typ); ok && f.after == 0 {
+		return f.err
+	}
 	start := 0
 	if q.Cursor != "" {
 		n, err := strconv.Atoi(q.Cursor)
@@ -300,6 +447,7 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 		}
 		keep = latestProvenance(q, sel)
 	}
+	written := 0
 	for i := start; i < len(all); i++ {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -308,27 +456,13 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 		if !s.match(e, q, typ, members) || (keep != nil && !keep[e.id]) {
 			continue
 		}
-		if s.OnResource != nil {
-			if err := s.OnResource(ctx, typ, i); err != nil {
-				return err
-			}
-		}
-		if s.Delay > 0 {
-			t := time.NewTimer(s.Delay)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
-			case <-t.C:
-			}
-		}
-		raw := e.raw
-		if q.Elements != nil {
-			raw = subset(e, q.Elements)
-		}
-		if err := w.Write(raw); err != nil {
+		if err := s.before(ctx, typ, i, written); err != nil {
 			return err
 		}
+		if err := w.Write(s.view(e, q)); err != nil {
+			return err
+		}
+		written++
 		if err := w.Checkpoint(strconv.Itoa(i + 1)); err != nil {
 			return err
 		}
@@ -544,6 +678,12 @@ func (s *Source) ExportBlocks(ctx context.Context, q *bulkexport.Query, by strin
 	patients := s.resources["Patient"]
 	s.mu.Unlock()
 	wantPatients := slices.Contains(types, "Patient")
+	written := map[string]int{}
+	for _, typ := range types {
+		if f, ok := s.failureFor(typ); ok && f.after == 0 {
+			return f.err
+		}
+	}
 	for i := start; i < len(patients); i++ {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -571,14 +711,13 @@ func (s *Source) ExportBlocks(ctx context.Context, q *bulkexport.Query, by strin
 				if e.patient != p.id || !s.match(e, q, typ, members) {
 					continue
 				}
-				if s.OnResource != nil {
-					if err := s.OnResource(ctx, typ, n); err != nil {
-						return err
-					}
+				if err := s.before(ctx, typ, n, written[typ]); err != nil {
+					return err
 				}
 				if err := w.Write(s.view(e, q)); err != nil {
 					return err
 				}
+				written[typ]++
 			}
 		}
 		if err := w.Checkpoint(strconv.Itoa(i + 1)); err != nil {

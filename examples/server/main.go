@@ -4,11 +4,17 @@
 // Usage:
 //
 //	server [-addr 127.0.0.1:8080] [-clients NAME=TOKEN,...] [-patients 100]
-//	       [-store memory] [-storage dir:PATH] [-log-level info]
+//	       [-store sqlite:./bulkexport.db|memory|postgres:URL] [-pg-schema NAME]
+//	       [-storage dir:PATH|blob:URL] [-downloads proxy|signed|redirect] [-log-level info]
+//	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0]
 //
 // It prints one line, "bulkexport example server: base URL http://ADDR/fhir",
 // to stdout, logs to stderr, and shuts down gracefully on SIGINT or
-// SIGTERM. Then, for example:
+// SIGTERM. With a durable store (SQLite, the default, or PostgreSQL) and
+// the same -storage, a restarted server resumes the jobs it was running
+// from their last checkpoint, even after kill -9. It serves its metrics in
+// the Prometheus format at http://ADDR/metrics (docs/observability.md).
+// Then, for example:
 //
 //	curl -i -H 'Prefer: respond-async' 'http://127.0.0.1:8080/fhir/$export?_type=Patient,Observation'
 //	curl -i 'http://127.0.0.1:8080/fhir/$export-poll-status?_jobId=...'
@@ -29,6 +35,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
 )
 
@@ -55,9 +62,18 @@ type options struct {
 	addr       string
 	clients    map[string]string
 	patients   int
-	store      string
+	store      exampleserver.StoreSpec
+	pgSchema   string
 	storageDir string
+	// storageURL is the bucket URL of -storage blob:URL ("" with dir:).
+	storageURL string
+	downloads  bulkexport.DownloadMode
 	logLevel   slog.Level
+	// Worker settings, for crash tests.
+	lease       time.Duration
+	checkpoint  time.Duration
+	maxAttempts int
+	pace        time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -66,9 +82,15 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	addr := fs.String("addr", "127.0.0.1:8080", "`host:port` to listen on")
 	clients := fs.String("clients", "", "comma-separated `NAME=TOKEN` pairs of clients allowed in with \"Authorization: Bearer TOKEN\"; none: no authentication")
 	patients := fs.Int("patients", 100, "number of patients in the synthetic dataset")
-	store := fs.String("store", exampleserver.StoreMemory, "job store: memory")
-	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH")
+	store := fs.String("store", exampleserver.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
+	pgSchema := fs.String("pg-schema", "", "PostgreSQL schema of the jobs table with -store postgres:URL, created if missing; default: the search_path")
+	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH, or blob:URL for a bucket (s3://, gs://, azblob://, file://, mem://; see docs/storage.md)")
+	downloads := fs.String("downloads", "proxy", "how clients download files: proxy (this server streams them), signed (the manifest lists presigned bucket URLs) or redirect (file URLs redirect to presigned bucket URLs); signed and redirect need -storage blob: on S3, GCS or Azure")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	lease := fs.Duration("lease", 30*time.Second, "worker lease: a job whose server died is taken over by another worker this long after its last renewal")
+	checkpoint := fs.Duration("checkpoint", 5*time.Second, "least time between two recorded checkpoints of a resource type; a resumed job redoes at most this much work per type")
+	maxAttempts := fs.Int("max-attempts", 5, "a job claimed this many times without finishing is failed")
+	pace := fs.Duration("pace", 0, "pause after every patient an export visits, to make exports slow (testing); 0: none")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -83,7 +105,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return bad("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
-	o := &options{addr: *addr, patients: *patients, store: *store}
+	o := &options{addr: *addr, patients: *patients, pgSchema: *pgSchema,
+		lease: *lease, checkpoint: *checkpoint, maxAttempts: *maxAttempts, pace: *pace}
 	var err error
 	if o.clients, err = parseClients(*clients); err != nil {
 		return bad("-clients: %v", err)
@@ -91,14 +114,40 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if o.patients < 0 {
 		return bad("-patients: must not be negative")
 	}
-	if o.store != exampleserver.StoreMemory {
-		return bad("-store: unsupported store %q: only %q is available for now", o.store, exampleserver.StoreMemory)
+	if o.store, err = exampleserver.ParseStoreSpec(*store); err != nil {
+		return bad("-store: %v", err)
 	}
-	scheme, path, ok := strings.Cut(*storage, ":")
-	if !ok || scheme != "dir" || path == "" {
-		return bad("-storage: unsupported storage %q: use dir:PATH", *storage)
+	if o.pgSchema != "" && o.store.Kind != "postgres" {
+		return bad("-pg-schema: only with -store postgres:URL")
 	}
-	o.storageDir = path
+	switch {
+	case o.lease <= 0:
+		return bad("-lease: must be positive")
+	case o.checkpoint <= 0:
+		return bad("-checkpoint: must be positive")
+	case o.maxAttempts <= 0:
+		return bad("-max-attempts: must be positive")
+	case o.pace < 0:
+		return bad("-pace: must not be negative")
+	}
+	spec, err := exampleserver.ParseStorageSpec(*storage)
+	if err != nil {
+		return bad("-storage: %v", err)
+	}
+	o.storageDir, o.storageURL = spec.Path, spec.URL
+	switch *downloads {
+	case "proxy":
+		o.downloads = bulkexport.DownloadProxy
+	case "signed":
+		o.downloads = bulkexport.DownloadSigned
+	case "redirect":
+		o.downloads = bulkexport.DownloadRedirect
+	default:
+		return bad("-downloads: %q is not one of proxy, signed, redirect", *downloads)
+	}
+	if o.downloads != bulkexport.DownloadProxy && o.storageURL == "" {
+		return bad("-downloads %s: needs -storage blob:URL", *downloads)
+	}
 	switch *level {
 	case "debug":
 		o.logLevel = slog.LevelDebug
@@ -142,7 +191,32 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	meters, metrics, err := newMetrics() // served at /metrics
+	if err != nil {
+		return err
+	}
+	defer func() { _ = meters.Shutdown(context.Background()) }()
 
+	store, closeStore, err := exampleserver.OpenStore(ctx, o.store, &exampleserver.StoreOptions{PGSchema: o.pgSchema})
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	var files bulkexport.Storage // nil: a DirStorage over storageDir
+	if o.storageURL != "" {
+		spec := exampleserver.StorageSpec{Kind: "blob", URL: o.storageURL}
+		s, closeFiles, err := exampleserver.OpenStorage(ctx, spec)
+		if err != nil {
+			return err
+		}
+		defer closeFiles()
+		if c, ok := s.(interface{ CheckSigning(context.Context) error }); ok && o.downloads != bulkexport.DownloadProxy {
+			if err := c.CheckSigning(ctx); err != nil {
+				return fmt.Errorf("-downloads: %w", err)
+			}
+		}
+		files = s
+	}
 	ln, err := net.Listen("tcp", o.addr)
 	if err != nil {
 		return err
@@ -152,9 +226,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Addr:       ln.Addr().String(),
 		Clients:    o.clients,
 		Patients:   o.patients,
-		Store:      o.store,
+		JobStore:   store,
 		StorageDir: o.storageDir,
+		Storage:    files,
+		Downloads:  o.downloads,
 		Logger:     log,
+		Pace:       o.pace,
+
+		MeterProvider: meters,
+		Metrics:       metrics,
+		Worker: &bulkexport.WorkerOptions{
+			Lease:              o.lease,
+			CheckpointInterval: o.checkpoint,
+			MaxAttempts:        o.maxAttempts,
+		},
 	})
 	if err != nil {
 		return err
@@ -173,8 +258,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	go func() { serveDone <- httpSrv.Serve(ln) }()
 
 	fmt.Fprintf(stdout, "bulkexport example server: base URL %s\n", srv.BaseURL)
-	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "storage", srv.Storage.Root(),
-		"store", o.store, "clients", len(o.clients))
+	storageDesc := exampleserver.StorageSpec{Kind: "blob", URL: o.storageURL}.String() // no query: no credentials in the logs
+	if srv.Storage != nil {
+		storageDesc = "dir:" + srv.Storage.Root()
+	}
+	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "storage", storageDesc, "downloads", o.downloads.String(),
+		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint)
 
 	var serveErr error
 	select {

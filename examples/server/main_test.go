@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -115,18 +116,41 @@ func TestParseFlags(t *testing.T) {
 	t.Parallel()
 	o, err := parseFlags(nil, io.Discard)
 	require.NoError(t, err)
-	require.Equal(t, &options{addr: "127.0.0.1:8080", clients: map[string]string{}, patients: 100, store: "memory",
-		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo}, o)
+	require.Equal(t, &options{addr: "127.0.0.1:8080", clients: map[string]string{}, patients: 100,
+		store:      exampleserver.StoreSpec{Kind: "sqlite", Path: "./bulkexport.db"},
+		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo,
+		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5}, o)
 
 	o, err = parseFlags([]string{"-addr", ":9000", "-clients", "alice=s1, bob=s2", "-patients", "5",
-		"-storage", "dir:/tmp/x", "-log-level", "debug"}, io.Discard)
+		"-storage", "dir:/tmp/x", "-log-level", "debug", "-store", "memory",
+		"-lease", "1s", "-checkpoint", "100ms", "-max-attempts", "20", "-pace", "1ms"}, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, &options{addr: ":9000", clients: map[string]string{"alice": "s1", "bob": "s2"}, patients: 5,
-		store: "memory", storageDir: "/tmp/x", logLevel: slog.LevelDebug}, o)
+		store: exampleserver.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
+		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond}, o)
+
+	o, err = parseFlags([]string{"-store", "sqlite:/var/lib/x/jobs.db"}, io.Discard)
+	require.NoError(t, err)
+	require.Equal(t, exampleserver.StoreSpec{Kind: "sqlite", Path: "/var/lib/x/jobs.db"}, o.store)
+	o, err = parseFlags([]string{"-store", "postgres:postgres://u:pw@127.0.0.1:5432/db?sslmode=disable", "-pg-schema", "exports"}, io.Discard)
+	require.NoError(t, err)
+	require.Equal(t, exampleserver.StoreSpec{Kind: "postgres", URL: "postgres://u:pw@127.0.0.1:5432/db?sslmode=disable"}, o.store)
+	require.Equal(t, "exports", o.pgSchema)
+	require.Equal(t, "postgres:…", o.store.String(), "the URL (and its password) stays out of the logs")
 
 	for _, args := range [][]string{
 		{"-store", "sqlite"},
+		{"-store", "sqlite:"},
+		{"-store", "sqlite:/tmp/a?mode=ro"},
 		{"-store", "postgres"},
+		{"-store", "postgres:"},
+		{"-store", "postgres:postgres://[::1"},
+		{"-store", "mysql:x"},
+		{"-pg-schema", "x"},
+		{"-lease", "0s"},
+		{"-checkpoint", "-1s"},
+		{"-max-attempts", "0"},
+		{"-pace", "-1ms"},
 		{"-storage", "s3://bucket"},
 		{"-storage", "dir:"},
 		{"-clients", "alice"},
@@ -148,31 +172,88 @@ func TestParseFlags(t *testing.T) {
 	require.Contains(t, stderr.String(), `unsupported store "sqlite"`)
 }
 
-// TestRunLifecycle runs main's run on an ephemeral loopback port: it prints
-// the base URL line, serves, and returns nil once its context is cancelled.
-func TestRunLifecycle(t *testing.T) {
-	t.Parallel()
+// startRun runs main's run with args plus an ephemeral loopback port, and
+// returns the base URL it printed and a function that stops it (cancels
+// its context) and checks that it returned nil having printed nothing
+// else.
+func startRun(t *testing.T, args ...string) (base string, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-patients", "3", "-storage", "dir:" + t.TempDir(), "-log-level", "error"}, pw, io.Discard)
+		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-log-level", "error"}, args...), pw, io.Discard)
 		pw.Close()
 	}()
+	t.Cleanup(cancel)
 	line, err := bufio.NewReader(pr).ReadString('\n')
 	require.NoError(t, err)
 	base, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "bulkexport example server: base URL ")
 	require.True(t, ok, line)
 	require.True(t, strings.HasPrefix(base, "http://127.0.0.1:") && strings.HasSuffix(base, "/fhir"), base)
+	return base, func() {
+		t.Helper()
+		cancel()
+		require.NoError(t, <-done)
+		rest, _ := io.ReadAll(pr)
+		require.Empty(t, rest, "only one line goes to stdout")
+	}
+}
 
+// TestRunLifecycle runs main's run on an ephemeral loopback port: it prints
+// the base URL line, serves, and returns nil once its context is cancelled.
+func TestRunLifecycle(t *testing.T) {
+	t.Parallel()
+	base, stop := startRun(t, "-patients", "3", "-store", "memory", "-storage", "dir:"+t.TempDir())
 	resp, err := http.Get(base + "/metadata")
 	require.NoError(t, err)
 	resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
+	stop()
+}
 
-	cancel()
-	require.NoError(t, <-done)
-	rest, _ := io.ReadAll(pr)
-	require.Empty(t, rest, "only one line goes to stdout")
+// TestRunSQLiteRestart: with -store sqlite:PATH, a job exported by one run
+// is still there, with its manifest, after a restart on the same files.
+func TestRunSQLiteRestart(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	args := []string{"-patients", "3", "-store", "sqlite:" + filepath.Join(dir, "jobs.db"), "-storage", "dir:" + filepath.Join(dir, "files")}
+	base, stop := startRun(t, args...)
+	req, err := http.NewRequest(http.MethodGet, base+"/$export?_type=Patient", nil)
+	require.NoError(t, err)
+	req.Header.Set("Prefer", "respond-async")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusAccepted, resp.StatusCode)
+	status := resp.Header.Get("Content-Location")
+	_, id, ok := strings.Cut(status, "_jobId=")
+	require.True(t, ok, status)
+	poll := func(base string) (int, []byte) {
+		resp, err := http.Get(base + "/$export-poll-status?_jobId=" + id)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		return resp.StatusCode, body
+	}
+	code, body := poll(base)
+	for i := 0; i < 400 && code == http.StatusAccepted; i++ { // a bounded wait
+		time.Sleep(25 * time.Millisecond)
+		code, body = poll(base)
+	}
+	require.Equal(t, http.StatusOK, code, "%s", body)
+	stop()
+	require.FileExists(t, filepath.Join(dir, "jobs.db"))
+
+	base, stop = startRun(t, args...)
+	code, body2 := poll(base)
+	require.Equal(t, http.StatusOK, code, "%s", body2)
+	var m1, m2 bulkexport.Manifest
+	require.NoError(t, json.Unmarshal(body, &m1))
+	require.NoError(t, json.Unmarshal(body2, &m2))
+	require.Equal(t, m1.TransactionTime, m2.TransactionTime)
+	require.Len(t, m2.Output, 1)
+	require.EqualValues(t, 3, *m2.Output[0].Count)
+	stop()
 }

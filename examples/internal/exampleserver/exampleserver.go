@@ -16,15 +16,20 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
 )
 
-// StoreMemory is the only JobStore the examples offer for now: jobs live in
-// memory and are lost on restart.
+// StoreMemory names the MemoryStore: jobs live in memory and are lost on
+// restart. The durable stores (SQLite, PostgreSQL) are opened with
+// OpenStore and passed in Config.JobStore.
 const StoreMemory = "memory"
 
-// Config describes a server. Addr and StorageDir are required.
+// Config describes a server. Addr and StorageDir (or Storage) are
+// required.
 type Config struct {
 	// Addr is the host:port clients reach the server at; the FHIR base URL
 	// is http://Addr/fhir (an unspecified host such as "" or 0.0.0.0 is
@@ -35,15 +40,38 @@ type Config struct {
 	Clients map[string]string
 	// Patients is the size of the synthetic dataset.
 	Patients int
-	// Store names the JobStore. Default: "memory", the only one for now.
+	// Store names the JobStore when JobStore is nil: "memory" (the
+	// default) is the only one New makes itself.
 	Store string
-	// StorageDir is the directory export files are written to.
+	// JobStore is the job store (see OpenStore). Default: a MemoryStore.
+	JobStore bulkexport.JobStore
+	// Pace pauses the Source after every patient it exports, so that a
+	// small dataset makes a slow export (crash tests). Default: none.
+	Pace time.Duration
+	// StorageDir is the directory export files are written to, when
+	// Storage is nil.
 	StorageDir string
+	// Storage is where export files go (see OpenStorage), for example a
+	// blobstorage.Storage over a bucket. Default: a DirStorage over
+	// StorageDir.
+	Storage bulkexport.Storage
+	// Downloads is the handler's download mode. Default:
+	// bulkexport.DownloadProxy; DownloadSigned and DownloadRedirect need a
+	// Storage that signs URLs (blobstorage over S3, GCS or Azure).
+	Downloads bulkexport.DownloadMode
 	// Logger receives the handler's and worker's logs. Default:
 	// slog.Default().
 	Logger *slog.Logger
-	// Worker tunes the worker (nil: the library's defaults). Its Logger
-	// defaults to Logger.
+	// MeterProvider and TracerProvider receive the handler's and the
+	// worker's metrics and spans (docs/observability.md). Default: nil,
+	// none.
+	MeterProvider  metric.MeterProvider
+	TracerProvider trace.TracerProvider
+	// Metrics, if set, is served at /metrics (the Prometheus scrape
+	// endpoint).
+	Metrics http.Handler
+	// Worker tunes the worker (nil: the library's defaults). Its Logger,
+	// MeterProvider and TracerProvider default to the fields above.
 	Worker *bulkexport.WorkerOptions
 	// RetryAfter is the handler's Retry-After policy. Default:
 	// bulkexport.DefaultRetryAfter.
@@ -64,7 +92,11 @@ type Server struct {
 	Bulk    *bulkexport.Handler
 	Dataset *dataset.Dataset
 	Store   bulkexport.JobStore
+	// Storage is the DirStorage New made from StorageDir; nil when
+	// Config.Storage was given.
 	Storage *bulkexport.DirStorage
+	// Files is the storage in use: Config.Storage or Storage.
+	Files bulkexport.Storage
 }
 
 // New builds a server from cfg. It starts nothing.
@@ -73,7 +105,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.StorageDir == "" {
+	if cfg.StorageDir == "" && cfg.Storage == nil {
 		return nil, errors.New("exampleserver: no storage directory")
 	}
 	if cfg.Patients < 0 {
@@ -84,15 +116,21 @@ func New(cfg Config) (*Server, error) {
 		log = slog.Default()
 	}
 	var store bulkexport.JobStore
-	switch cfg.Store {
-	case "", StoreMemory:
+	switch {
+	case cfg.JobStore != nil:
+		store = cfg.JobStore
+	case cfg.Store == "" || cfg.Store == StoreMemory:
 		store = bulkexport.NewMemoryStore()
 	default:
-		return nil, fmt.Errorf("exampleserver: unsupported store %q (only %q for now)", cfg.Store, StoreMemory)
+		return nil, fmt.Errorf("exampleserver: unsupported store %q (New makes only %q; open others with OpenStore)", cfg.Store, StoreMemory)
 	}
-	storage, err := bulkexport.NewDirStorage(cfg.StorageDir)
-	if err != nil {
-		return nil, err
+	var dir *bulkexport.DirStorage
+	storage := cfg.Storage
+	if storage == nil {
+		if dir, err = bulkexport.NewDirStorage(cfg.StorageDir); err != nil {
+			return nil, err
+		}
+		storage = dir
 	}
 	ds := dataset.New(cfg.Patients)
 
@@ -103,7 +141,17 @@ func New(cfg Config) (*Server, error) {
 	if wopts.Logger == nil {
 		wopts.Logger = log
 	}
-	worker, err := bulkexport.NewWorker(store, ds, storage, &wopts)
+	if wopts.MeterProvider == nil {
+		wopts.MeterProvider = cfg.MeterProvider
+	}
+	if wopts.TracerProvider == nil {
+		wopts.TracerProvider = cfg.TracerProvider
+	}
+	var src bulkexport.Source = ds
+	if cfg.Pace > 0 {
+		src = pacedSource{Dataset: ds, pace: cfg.Pace}
+	}
+	worker, err := bulkexport.NewWorker(store, src, storage, &wopts)
 	if err != nil {
 		return nil, err
 	}
@@ -112,9 +160,13 @@ func New(cfg Config) (*Server, error) {
 		BaseURL:    base,
 		Types:      ds,
 		Storage:    storage,
+		Downloads:  cfg.Downloads,
 		OnQueued:   func(string) { worker.Notify() },
 		RetryAfter: cfg.RetryAfter,
 		Logger:     log,
+
+		MeterProvider:  cfg.MeterProvider,
+		TracerProvider: cfg.TracerProvider,
 	}
 	if len(cfg.Clients) > 0 {
 		auth, err := BearerAuth(cfg.Clients)
@@ -135,10 +187,13 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/fhir/", bulk)
 	mux.Handle("/fhir/metadata", metadataHandler(metadata))
+	if cfg.Metrics != nil {
+		mux.Handle("/metrics", cfg.Metrics)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeOutcome(w, http.StatusNotFound, bulkexport.IssueNotFound, "nothing here; the FHIR base URL is "+base)
 	})
-	return &Server{Handler: mux, Worker: worker, BaseURL: base, Bulk: bulk, Dataset: ds, Store: store, Storage: storage}, nil
+	return &Server{Handler: mux, Worker: worker, BaseURL: base, Bulk: bulk, Dataset: ds, Store: store, Storage: dir, Files: storage}, nil
 }
 
 // BaseURL returns the FHIR base URL of a server reached at addr (host:port).
