@@ -110,7 +110,7 @@ func runOneExport(tb testing.TB, src bulkexport.Source, dir string, opts bulkexp
 			}
 			return j
 		}
-		time.Sleep(200 * time.Microsecond)
+		time.Sleep(time.Millisecond)
 	}
 }
 
