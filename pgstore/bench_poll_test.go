@@ -131,10 +131,20 @@ func (f *pollBench) selectRaw() error {
 	return f.store.pool.QueryRow(context.Background(), f.rawSQL, f.id).Scan(&data)
 }
 
-// timings accumulates the four measurements of BenchmarkPollStatus.
+// selectRawCtx is selectRaw under a cancellable context, as any code
+// serving a request runs (pgx then watches the context, which costs a
+// little per query).
+func (f *pollBench) selectRawCtx() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var data []byte
+	return f.store.pool.QueryRow(ctx, f.rawSQL, f.id).Scan(&data)
+}
+
+// timings accumulates the measurements of BenchmarkPollStatus.
 type timings struct {
-	poll, pollIn, raw, rawHTTP atomic.Int64 // nanoseconds
-	n                          atomic.Int64
+	poll, pollIn, raw, rawCtx, rawHTTP atomic.Int64 // nanoseconds
+	n                                  atomic.Int64
 }
 
 // round runs one of each, in an order that rotates with i so that none
@@ -147,6 +157,7 @@ func (t *timings) round(f *pollBench, i int) error {
 		{func() error { return f.poll(f.status) }, &t.poll},
 		{f.pollInProcess, &t.pollIn},
 		{f.selectRaw, &t.raw},
+		{f.selectRawCtx, &t.rawCtx},
 		{func() error { return f.poll(f.rawURL) }, &t.rawHTTP},
 	}
 	for k := range steps {
@@ -172,6 +183,7 @@ func (t *timings) report(b *testing.B) {
 	// Throughput ratios (time of the baseline over time of the poll): 1
 	// means a poll costs no more than the baseline.
 	b.ReportMetric(raw/pollIn, "inproc-poll/select")
+	b.ReportMetric(float64(t.rawCtx.Load())/pollIn, "inproc-poll/select-ctx")
 	b.ReportMetric(raw/poll, "http-poll/select")
 	b.ReportMetric(rawHTTP/poll, "http-poll/http-select")
 }
@@ -186,6 +198,8 @@ func (t *timings) report(b *testing.B) {
 //   - http-poll: the same GET over an httptest.Server and a keep-alive
 //     client on loopback;
 //   - select: SELECT data FROM jobs WHERE id = $1, scanned into a []byte;
+//   - select-ctx: the same under a cancellable context, as the handler's
+//     request context is;
 //   - http-select: that SELECT behind the same httptest.Server and client,
 //     in a handler that writes the same 202 from constants.
 //
