@@ -368,11 +368,7 @@ func (h *Handler) authenticate(r *http.Request) (string, error) {
 	if h.opts.Authenticate == nil {
 		return "", nil
 	}
-	id, err := h.opts.Authenticate(r)
-	if err != nil {
-		return "", err
-	}
-	return id, nil
+	return h.opts.Authenticate(r)
 }
 
 // writeError answers with the OperationOutcome the ErrorMapper gives. Every

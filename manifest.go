@@ -94,19 +94,25 @@ type manifestSTU4 struct {
 // file URLs, in the STU2/STU3 shape. The URLs are the handler's file URLs;
 // under DownloadSigned, ManifestContext lists the presigned ones.
 func (h *Handler) Manifest(job *Job) *Manifest {
+	return h.stu3Manifest(job, job.Output, job.Deleted, job.Errors, nil)
+}
+
+// stu3Manifest builds an STU2/STU3 manifest (page) listing the given files.
+func (h *Handler) stu3Manifest(job *Job, output, deleted, errs []File, links []ManifestLink) *Manifest {
 	m := &Manifest{
 		TransactionTime:     FormatInstant(job.TransactionTime),
 		Request:             job.Request.URL,
 		RequiresAccessToken: h.token,
 		OutputOrganizedBy:   job.Request.OrganizeOutputBy,
-		Output:              h.manifestFiles(job, job.Output, false),
-		Error:               h.manifestFiles(job, job.Errors, false),
+		Output:              h.manifestFiles(job, output, false),
+		Error:               h.manifestFiles(job, errs, false),
+		Link:                links,
+	}
+	if len(deleted) > 0 {
+		m.Deleted = h.manifestFiles(job, deleted, false)
 	}
 	if jsonKind(job.Extension) == '{' {
 		m.Extension = job.Extension
-	}
-	if len(job.Deleted) > 0 {
-		m.Deleted = h.manifestFiles(job, job.Deleted, false)
 	}
 	return m
 }
@@ -173,22 +179,7 @@ func (h *Handler) manifestPage(job *Job, k int) (body any, ok bool) {
 		}
 		return m, true
 	}
-	m := &Manifest{
-		TransactionTime:     FormatInstant(job.TransactionTime),
-		Request:             job.Request.URL,
-		RequiresAccessToken: h.token,
-		OutputOrganizedBy:   job.Request.OrganizeOutputBy,
-		Output:              h.manifestFiles(job, output, false),
-		Error:               h.manifestFiles(job, errs, false),
-		Link:                links,
-	}
-	if len(deleted) > 0 {
-		m.Deleted = h.manifestFiles(job, deleted, false)
-	}
-	if jsonKind(job.Extension) == '{' {
-		m.Extension = job.Extension
-	}
-	return m, true
+	return h.stu3Manifest(job, output, deleted, errs, links), true
 }
 
 func (h *Handler) manifestFiles(job *Job, files []File, withSize bool) []ManifestFile {

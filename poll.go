@@ -8,7 +8,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // serveStatus answers the status URL: [base]/$export-poll-status?_jobId=ID
@@ -173,11 +172,10 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 	}
 	switch job.State {
 	case StateQueued, StateRunning:
+		hdr.Set("X-Progress", progressText(job))
 		// Integer seconds, at least 1: clients read the header with an
 		// integer parse, and 0 would invite a busy loop.
-		secs := max(int64((h.opts.RetryAfter(job, h.now())+time.Second-1)/time.Second), 1)
-		hdr.Set("X-Progress", progressText(job))
-		hdr.Set("Retry-After", strconv.FormatInt(secs, 10))
+		hdr.Set("Retry-After", retryAfterSeconds(h.opts.RetryAfter(job, h.now())))
 		if job.Request.AllowPartialManifests {
 			// A page whose files are all final may be served already.
 			body, ok, err := h.manifestFor(w, r, job, page)
