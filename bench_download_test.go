@@ -26,10 +26,10 @@ func BenchmarkDownload(b *testing.B) {
 	}
 	store := bulkexport.NewMemoryStore()
 	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued, CreatedAt: time.Now()}
-	if err := store.Create(ctx, job); err != nil {
+	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		b.Fatal(err)
 	}
-	job, err = store.Claim(ctx, "bench", time.Now(), time.Hour)
+	job, err = store.Claim(ctx, bulkexport.ClaimParams{Worker: "bench", Now: time.Now(), Lease: time.Hour})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -89,7 +89,7 @@ func runOneExport(tb testing.TB, src bulkexport.Source, dir string, opts bulkexp
 	}
 	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
 		CreatedAt: time.Now(), Request: bulkexport.Request{OutputFormat: bulkexport.FormatNDJSON}}
-	if err := store.Create(context.Background(), job); err != nil {
+	if err := store.Create(context.Background(), job, bulkexport.CreateParams{}); err != nil {
 		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())

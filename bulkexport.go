@@ -42,6 +42,9 @@ var (
 	// ErrInvalidTransition: Update would move a job between states that the
 	// lifecycle does not connect (see JobState.CanTransition).
 	ErrInvalidTransition = errors.New("bulkexport: invalid state transition")
+	// ErrTooManyJobs: Create refused a job because its owner already has
+	// CreateParams.MaxActivePerOwner active jobs.
+	ErrTooManyJobs = errors.New("bulkexport: too many active jobs")
 	// ErrNoJob: Claim found nothing to hand out.
 	ErrNoJob = errors.New("bulkexport: no job to claim")
 	// ErrUnauthorized: the request carries no valid credentials (401).

@@ -13,7 +13,7 @@
 //	GET  [base]/$export-poll-status?_jobId=ID
 //	  → 202 Accepted, X-Progress: 42% complete: Observation, Retry-After: 3
 //	  → 200 OK, Expires: …, the manifest (output[], error[], …)
-//	GET  [base]/bulkfiles/ID/Observation.000001.ndjson
+//	GET  [base]/bulkfiles/ID/Observation.000001.c2.ndjson
 //	  → 200 OK, application/fhir+ndjson (Range and gzip supported)
 //	DELETE [base]/$export-poll-status?_jobId=ID
 //	  → 202 Accepted (queued or running job cancelled)

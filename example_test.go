@@ -127,8 +127,8 @@ func ExampleNewWorker() {
 	}
 	// Output:
 	// completed
-	// Observation.000001.ndjson 1
-	// Patient.000001.ndjson 2
+	// Observation.000001.c2.ndjson 1
+	// Patient.000001.c2.ndjson 2
 }
 
 // A JobStore keeps jobs with optimistic concurrency: every Update names the
@@ -140,13 +140,13 @@ func ExampleMemoryStore() {
 
 	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Owner: "alice", Level: bulkexport.LevelSystem,
 		State: bulkexport.StateQueued, CreatedAt: now, UpdatedAt: now}
-	if err := store.Create(ctx, job); err != nil {
+	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		log.Fatal(err)
 	}
 	fmt.Println("created, version", job.Version)
 
 	// A worker claims it: running, leased, version 2.
-	claimed, err := store.Claim(ctx, "worker-1", now, 30*time.Second)
+	claimed, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: now, Lease: 30*time.Second})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func ExampleMemoryStore() {
 	}
 	fmt.Println("cancelled, version", cur.Version)
 
-	_, err = store.Claim(ctx, "worker-2", now, 30*time.Second)
+	_, err = store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: now, Lease: 30*time.Second})
 	fmt.Println("nothing to claim:", errors.Is(err, bulkexport.ErrNoJob))
 	// Output:
 	// created, version 1

@@ -285,7 +285,7 @@ func FuzzJobID(f *testing.F) {
 				store := NewMemoryStore()
 				job := &Job{ID: "known-job", State: StateQueued, CreatedAt: fuzzNow, UpdatedAt: fuzzNow,
 					Progress: Progress{Percent: -1, Message: "queued"}}
-				if err := store.Create(context.Background(), job); err != nil {
+				if err := store.Create(context.Background(), job, CreateParams{}); err != nil {
 					t.Fatal(err)
 				}
 				h := newFuzzHandler(t, store)

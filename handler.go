@@ -151,6 +151,14 @@ type Options struct {
 	// negative means no cap.
 	MaxActiveJobsPerClient int
 
+	// MaxFinishedJobsPerClient caps the finished (completed, failed or
+	// cancelled) jobs kept for one client. A kick-off that takes a client
+	// past it expires that client's oldest finished jobs at once: their
+	// polls answer 404 and the Worker's purge removes them and their
+	// files. Default: DefaultMaxFinishedJobsPerClient; negative means no
+	// cap.
+	MaxFinishedJobsPerClient int
+
 	// ReuseInFlight answers a kick-off that repeats one of the same
 	// client's queued or running jobs exactly (same level, group and
 	// parameters) with that job's status URL instead of starting a second
@@ -292,6 +300,9 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	if h.opts.MaxActiveJobsPerClient == 0 {
 		h.opts.MaxActiveJobsPerClient = 10
 	}
+	if h.opts.MaxFinishedJobsPerClient == 0 {
+		h.opts.MaxFinishedJobsPerClient = DefaultMaxFinishedJobsPerClient
+	}
 	if h.opts.MaxParamLength <= 0 {
 		h.opts.MaxParamLength = 8 << 10
 	}
@@ -309,6 +320,10 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	}
 	return h, nil
 }
+
+// DefaultMaxFinishedJobsPerClient is Options.MaxFinishedJobsPerClient's
+// default.
+const DefaultMaxFinishedJobsPerClient = 100
 
 // Paths the handler serves, relative to the base URL.
 const (
@@ -537,10 +552,11 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		CreatedAt: now,
 		UpdatedAt: now,
 	}
-	if err := h.store.Create(ctx, job); err != nil {
+	if err := h.create(ctx, job); err != nil {
 		h.writeError(w, r, storeError(err))
 		return
 	}
+	h.trimFinished(ctx, clientID)
 	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued", jobAttrs(job)...)
 	h.tel.jobQueued(ctx, job)
 
@@ -570,8 +586,9 @@ func kickoffPath(level Level, groupID string) string {
 // as transient: the store is unavailable, the client should retry.
 func storeError(err error) error {
 	var e *Error
+	var tm *tooManyRequests
 	switch {
-	case errors.As(err, &e), errors.Is(err, ErrNotFound), errors.Is(err, ErrConflict),
+	case errors.As(err, &e), errors.As(err, &tm), errors.Is(err, ErrNotFound), errors.Is(err, ErrConflict),
 		errors.Is(err, ErrAlreadyExists), errors.Is(err, ErrInvalidTransition):
 		return err
 	}

@@ -191,7 +191,7 @@ func requireOO(t *testing.T, r response, status int, code bulkexport.IssueType) 
 func (e *env) claim(t *testing.T, id string, mutate func(*bulkexport.Job)) *bulkexport.Job {
 	t.Helper()
 	ctx := context.Background()
-	j, err := e.store.Claim(ctx, "worker-1", e.clock.Now(), time.Minute)
+	j, err := e.store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: e.clock.Now(), Lease: time.Minute})
 	require.NoError(t, err)
 	require.Equal(t, id, j.ID, "the store held another claimable job")
 	if mutate != nil {
@@ -280,11 +280,11 @@ type failingStore struct {
 
 func (s *failingStore) Get(context.Context, string) (*bulkexport.Job, error) { return nil, s.err }
 
-func (s *failingStore) Create(ctx context.Context, j *bulkexport.Job) error {
+func (s *failingStore) Create(ctx context.Context, j *bulkexport.Job, p bulkexport.CreateParams) error {
 	if s.failWrite {
 		return s.err
 	}
-	return s.JobStore.Create(ctx, j)
+	return s.JobStore.Create(ctx, j, p)
 }
 
 // racingStore lets a "worker" update the job between the handler's Get and

@@ -128,11 +128,23 @@ type Job struct {
 
 	// LeaseOwner and LeaseExpiresAt are set by Claim. A running job whose
 	// lease has expired may be claimed again by another worker.
+	// LeaseExpiresAt is on the store's lease clock (see JobStore.Claim):
+	// the holder renews it as the claimed LeaseExpiresAt plus the time
+	// elapsed since the claim, never from its own wall clock alone.
 	LeaseOwner     string    `json:"leaseOwner,omitempty"`
 	LeaseExpiresAt time.Time `json:"leaseExpiresAt,omitzero"`
-	// Attempts counts claims, so that a job that keeps crashing workers
-	// can be failed instead of retried forever.
+	// Attempts counts claims that ended without a hand-back (a worker
+	// that shuts down gives the claim back and takes its attempt back),
+	// so that a job that keeps crashing workers can be failed instead of
+	// retried forever.
 	Attempts int `json:"attempts,omitempty"`
+	// Fence is the fencing token of the current claim: Claim sets it to
+	// the job's new Version, so it grows with every claim and is never
+	// reused. The engine names the files a run writes after it and lists
+	// a file only through a compare-and-set Update made under the same
+	// Fence: a stale run (its lease lost while it was paused) can write
+	// only files that no manifest will ever list. See docs/correctness.md.
+	Fence int64 `json:"fence,omitempty"`
 
 	// Checkpoint is the engine's resume state, opaque to stores.
 	Checkpoint json.RawMessage `json:"checkpoint,omitempty"`

@@ -20,6 +20,11 @@ import (
 var (
 	errJobCancelled = errors.New("bulkexport: job cancelled")
 	errLeaseLost    = errors.New("bulkexport: lease lost to another worker")
+	// errStoreLost: the job store could not be reached for as long as the
+	// lease lasts, so the claim must be taken as lost. The run stops
+	// without touching the job's files; the job resumes from its last
+	// recorded checkpoint once its lease has run out.
+	errStoreLost = errors.New("bulkexport: the job store was unreachable for the whole lease")
 )
 
 // checkpoint is the engine's resume state, stored in Job.Checkpoint.
@@ -55,14 +60,25 @@ type typeCheckpoint struct {
 type jobRun struct {
 	w  *Worker
 	id string // the job's id, readable without mu
-	// attempt is the job's Attempts as this run claimed it. Every Claim
-	// increments Attempts, so the run owns the job only while the stored
-	// job still has this value: the same Worker may claim its own job
-	// again once the lease has run out (a heartbeat stalled longer than
-	// Lease), and then the older run must stop.
-	attempt int
-	level   Level // the job's level, readable without mu
-	cancel  context.CancelCauseFunc
+	// fence is the job's Fence as this run claimed it. Every Claim sets a
+	// new, larger Fence, so the run owns the job only while the stored job
+	// still has this value: another worker, or this same Worker, may claim
+	// the job again once the lease has run out (a process paused longer
+	// than Lease), and then this run must stop. The files this run writes
+	// carry the fence in their names (see FileName).
+	fence  int64
+	level  Level // the job's level, readable without mu
+	cancel context.CancelCauseFunc
+
+	// The lease clock: the store's clock at the claim (the claimed
+	// LeaseExpiresAt less the Lease) and this worker's clock then. The
+	// store's now is leaseBase plus the time elapsed since claimedAt.
+	leaseBase time.Time
+	claimedAt time.Time
+	// leaseUntil is, by this worker's clock, when the lease runs out
+	// unless renewed: the last successful update plus Lease. Guarded by
+	// mu.
+	leaseUntil time.Time
 
 	mu  sync.Mutex // guards job and cp; held across store updates
 	job *Job
@@ -86,7 +102,8 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	log.LogAttrs(spanCtx, slog.LevelInfo, "bulkexport: job running", slog.String("worker", w.opts.ID), slog.Bool("resumed", resumed), slog.Int("attempt", job.Attempts))
 	ctx, cancel := context.WithCancelCause(spanCtx)
 	defer cancel(nil)
-	r := &jobRun{w: w, id: job.ID, attempt: job.Attempts, level: job.Level, cancel: cancel, job: job}
+	r := &jobRun{w: w, id: job.ID, fence: job.Fence, level: job.Level, cancel: cancel, job: job,
+		leaseBase: job.LeaseExpiresAt.Add(-w.opts.Lease), claimedAt: claimed, leaseUntil: claimed.Add(w.opts.Lease)}
 	defer func() {
 		started := r.job.StartedAt
 		if started.IsZero() {
@@ -116,6 +133,9 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	case errors.Is(cause, errLeaseLost):
 		r.outcome = outcomeLeaseLost
 		log.LogAttrs(logCtx, slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
+	case errors.Is(cause, errStoreLost):
+		r.outcome = outcomeLeaseLost
+		log.LogAttrs(logCtx, slog.LevelWarn, "bulkexport: the job store was unreachable for the whole lease; the job resumes from its last checkpoint", slog.Any("err", err))
 	case errors.Is(cause, errJobCancelled):
 		r.cleanup(ctx, log)
 		// The handler that took the DELETE logged the transition.
@@ -144,7 +164,7 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 		return err
 	}
 	if resumed {
-		if err := r.sweepOrphans(ctx); err != nil {
+		if err := r.sweepOrphans(ctx, true); err != nil {
 			return err
 		}
 	}
@@ -219,21 +239,45 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 	// checkpoint must fall back with it, or a later update would record a
 	// cursor past files that were never recorded.
 	saved := r.cp.clone()
-	for attempt := 0; ; attempt++ {
+	backoff := 25 * time.Millisecond
+	for conflicts := 0; ; {
 		r.cp = saved.clone()
 		j := r.job.Clone()
 		fn(j)
+		if j.State == StateRunning && j.LeaseOwner == r.w.opts.ID {
+			// Every update the holder makes renews its lease, on the
+			// store's timebase.
+			j.LeaseExpiresAt = r.leaseNow().Add(r.w.opts.Lease)
+		}
 		if b, err := json.Marshal(r.cp); err == nil {
 			j.Checkpoint = b
 		}
+		now := r.w.opts.Now()
 		err := r.w.store.Update(ctx, j)
 		if err == nil {
 			r.job = j
+			r.leaseUntil = now.Add(r.w.opts.Lease)
 			return nil
 		}
 		r.cp = saved
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
 		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrInvalidTransition) {
-			return err
+			// The store failed (unreachable, restarting, disk full): the
+			// update may or may not have landed. Retry until the lease
+			// would have run out; a retry of an update that did land meets
+			// a version conflict, and is then checked against the fresh
+			// copy below (every fn is idempotent on it).
+			if !r.w.opts.Now().Add(backoff).Before(r.leaseUntil) {
+				r.cancel(errStoreLost)
+				return fmt.Errorf("%w: %w", errStoreLost, err)
+			}
+			if err := sleepCtx(ctx, backoff); err != nil {
+				return err
+			}
+			backoff = min(backoff*2, time.Second)
+			continue
 		}
 		fresh, gerr := r.w.store.Get(ctx, r.id)
 		switch {
@@ -241,19 +285,49 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			r.cancel(errJobCancelled)
 			return errJobCancelled
 		case gerr != nil:
-			return gerr
-		case !r.owns(fresh) || attempt >= 10:
+			// Could not tell why: try the update again (it counts as a
+			// store failure).
+			if !r.w.opts.Now().Add(backoff).Before(r.leaseUntil) {
+				r.cancel(errStoreLost)
+				return fmt.Errorf("%w: %w", errStoreLost, gerr)
+			}
+			if err := sleepCtx(ctx, backoff); err != nil {
+				return err
+			}
+			backoff = min(backoff*2, time.Second)
+			continue
+		case !r.owns(fresh) || conflicts >= 10:
 			r.cancel(errLeaseLost)
 			return errLeaseLost
 		}
+		conflicts++
 		r.job = fresh
 	}
 }
 
+// leaseNow is the store's lease clock now, as this run reckons it: the
+// store's clock at the claim plus the time elapsed since (see
+// JobStore.Claim).
+func (r *jobRun) leaseNow() time.Time {
+	return r.leaseBase.Add(r.w.opts.Now().Sub(r.claimedAt))
+}
+
+// sleepCtx waits d, or less if ctx is done.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
 // owns reports whether the stored job j still belongs to this run: running
-// under this run's claim (its worker and its attempt).
+// under this run's claim (its worker and its fence).
 func (r *jobRun) owns(j *Job) bool {
-	return j.State == StateRunning && j.LeaseOwner == r.w.opts.ID && j.Attempts == r.attempt
+	return j.State == StateRunning && j.LeaseOwner == r.w.opts.ID && j.Fence == r.fence
 }
 
 // heartbeat saves progress, renews the lease and notices cancels.
@@ -275,8 +349,7 @@ func (r *jobRun) heartbeat(ctx context.Context) {
 		if changed || now.Sub(lastRenew) >= r.w.opts.Lease/3 {
 			err := r.update(ctx, func(j *Job) {
 				j.Progress = p
-				j.LeaseExpiresAt = now.Add(r.w.opts.Lease)
-				j.UpdatedAt = now
+				j.UpdatedAt = now // the update renews the lease
 			})
 			if err == nil {
 				lastRenew = now
@@ -320,29 +393,44 @@ func (r *jobRun) progress() Progress {
 	return Progress{Percent: pct, Message: msg}
 }
 
-// sweepOrphans deletes files a crashed run committed but never recorded:
-// a resumed type rewrites everything after its last checkpoint. A
-// DirStorage also drops the crashed run's uncommitted temporary files.
-func (r *jobRun) sweepOrphans(ctx context.Context) error {
-	if ts, ok := r.w.storage.(tempSweeper); ok {
-		if err := ts.sweepTemp(ctx, r.id); err != nil {
+// sweepOrphans deletes files that earlier runs committed but never
+// recorded: a resumed type rewrites everything after its last checkpoint.
+// Only files of older claims (a smaller fence in their names) are removed:
+// a file with a newer fence belongs to a run that took the job over from
+// this one, which must not touch it. With temp set, a Storage that
+// implements TempSweeper also drops the uncommitted temporary files that
+// crashed runs left behind; the run checks that it still owns the job
+// first, since a newer owner's files in progress are temporary too.
+func (r *jobRun) sweepOrphans(ctx context.Context, temp bool) error {
+	if ts, ok := r.w.storage.(TempSweeper); ok && temp {
+		fresh, err := r.w.store.Get(ctx, r.id)
+		if err != nil {
 			return err
 		}
-	}
-	names, err := r.w.storage.List(ctx, r.id)
-	if err != nil {
-		return err
-	}
-	var orphans []string
-	for _, n := range names {
-		if !r.job.hasFile(n) {
-			orphans = append(orphans, n)
+		if !r.owns(fresh) {
+			r.cancel(errLeaseLost)
+			return errLeaseLost
+		}
+		if err := ts.SweepTemp(ctx, r.id); err != nil {
+			return err
 		}
 	}
 	fd, ok := r.w.storage.(FileDeleter)
 	if !ok {
 		return nil
 	}
+	names, err := r.w.storage.List(ctx, r.id)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	var orphans []string
+	for _, n := range names {
+		if fence, _ := FileFence(n); fence < r.fence && !r.job.hasFile(n) {
+			orphans = append(orphans, n)
+		}
+	}
+	r.mu.Unlock()
 	for _, n := range orphans {
 		if err := fd.DeleteFile(ctx, r.id, n); err != nil {
 			return err
@@ -357,7 +445,7 @@ func (r *jobRun) recordIgnored(ctx context.Context) error {
 	if len(ignored) == 0 || r.cp.IgnoredRecorded {
 		return nil
 	}
-	const name = "request.error.ndjson"
+	name := FileName("request.error", 0, r.fence)
 	fw, err := r.w.storage.Create(ctx, r.id, name)
 	if err != nil {
 		return err
@@ -377,12 +465,26 @@ func (r *jobRun) recordIgnored(ctx context.Context) error {
 	}
 	return r.update(ctx, func(j *Job) {
 		r.cp.IgnoredRecorded = true
-		j.Errors = append(j.Errors, File{Type: "OperationOutcome", Name: name, Count: int64(len(ignored)), Size: size})
+		if !j.hasFile(name) {
+			j.Errors = append(j.Errors, File{Type: "OperationOutcome", Name: name, Count: int64(len(ignored)), Size: size})
+		}
 	})
 }
 
-// complete marks the job completed.
+// complete marks the job completed, once every file it lists has been
+// checked to exist with its recorded size. A job whose files do not check
+// out fails instead: a completed export never lists a missing or short
+// file.
 func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
+	if err := r.verify(ctx); err != nil {
+		if ctx.Err() != nil {
+			// Cancelled, lease lost or shut down while verifying: the
+			// files stay; whoever owns the job next decides.
+			return
+		}
+		r.fail(ctx, log, err)
+		return
+	}
 	now := r.w.opts.Now()
 	err := r.update(ctx, func(j *Job) {
 		j.State = StateCompleted
@@ -405,6 +507,10 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	case err != nil:
 		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record completion", slog.Any("err", err))
 	default:
+		// Files that stale runs committed after the last sweep are never
+		// listed; remove what can be removed now (the purge takes the
+		// rest with the job).
+		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
 		r.outcome = outcomeCompleted
 		r.w.tel.transition(ctx, StateCompleted, r.level)
 		var n int64
@@ -416,6 +522,35 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	}
 }
 
+// verify checks that every file the job lists exists in Storage with the
+// size recorded for it.
+func (r *jobRun) verify(ctx context.Context) error {
+	r.mu.Lock()
+	var files []File
+	for _, list := range [][]File{r.job.Output, r.job.Deleted, r.job.Errors} {
+		files = append(files, list...)
+	}
+	r.mu.Unlock()
+	for _, f := range files {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		fr, err := r.w.storage.Open(ctx, r.id, f.Name)
+		if err != nil {
+			return &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
+				Message: "a file of the export could not be read back; the export was given up", Err: fmt.Errorf("file %s: %w", f.Name, err)}
+		}
+		size := fr.Size()
+		_ = fr.Close()
+		if size != f.Size {
+			return &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
+				Message: "a file of the export does not hold what was recorded; the export was given up",
+				Err:     fmt.Errorf("file %s: %d bytes, recorded %d", f.Name, size, f.Size)}
+		}
+	}
+	return nil
+}
+
 func sortFiles(fs []File) {
 	slices.SortFunc(fs, func(a, b File) int { return strings.Compare(a.Name, b.Name) })
 }
@@ -425,6 +560,7 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 	status, oo := failureOutcome(cause)
 	now := r.w.opts.Now()
 	err := r.update(context.WithoutCancel(ctx), func(j *Job) {
+		j.Output, j.Deleted, j.Errors = nil, nil, nil // never listed
 		j.State = StateFailed
 		j.Failure = &Failure{Status: status, Outcome: oo}
 		j.Progress.Message = "failed"
@@ -433,7 +569,7 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 		j.ExpiresAt = now.Add(r.w.opts.Retention)
 		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
 	})
-	if errors.Is(err, errJobCancelled) || errors.Is(err, errLeaseLost) {
+	if errors.Is(err, errJobCancelled) || errors.Is(err, errLeaseLost) || errors.Is(err, errStoreLost) {
 		if errors.Is(err, errJobCancelled) {
 			r.cleanup(ctx, log)
 		} else {
@@ -442,13 +578,16 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 		return
 	}
 	ctx = context.WithoutCancel(ctx)
-	log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: job failed", slog.Int("status", status), slog.Any("err", cause))
 	if err != nil {
-		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record failure", slog.Any("err", err))
-	} else {
-		r.outcome = outcomeFailed
-		r.w.tel.transition(ctx, StateFailed, r.level)
+		// Not recorded: the job is still running under this claim, and
+		// will be taken over once the lease runs out. Its files must stay
+		// as they are, since the next run resumes from them.
+		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record failure; the job will be retried after its lease", slog.Any("err", err), slog.Any("cause", cause))
+		return
 	}
+	log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: job failed", slog.Int("status", status), slog.Any("err", cause))
+	r.outcome = outcomeFailed
+	r.w.tel.transition(ctx, StateFailed, r.level)
 	if err := r.w.storage.Delete(ctx, r.id); err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a failed job", slog.Any("err", err))
 	}
@@ -500,6 +639,8 @@ func (r *jobRun) release(ctx context.Context, log *slog.Logger) {
 	defer cancel()
 	err := r.update(ctx, func(j *Job) {
 		j.State = StateQueued
+		// A hand-back is not an attempt: the claim's is returned.
+		j.Attempts = max(j.Attempts-1, 0)
 		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
 		j.Progress.Message = "interrupted; waiting to resume"
 		j.UpdatedAt = r.w.opts.Now()

@@ -2,7 +2,9 @@ package bulkexport
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"reflect"
 	"strconv"
@@ -10,34 +12,70 @@ import (
 	"time"
 )
 
-// admit applies the per-client kick-off limits. It returns the job to
-// reuse when ReuseInFlight finds an identical one, or an error (429) when
-// the client has too many active jobs.
+// admit looks for a job to reuse when ReuseInFlight is on: one of the
+// client's queued or running jobs with the same level, group and
+// parameters. The active-job cap is not checked here but by the store's
+// Create, atomically (see create).
 func (h *Handler) admit(ctx context.Context, clientID string, level Level, groupID string, req *Request) (*Job, error) {
-	max := h.opts.MaxActiveJobsPerClient
-	if max < 0 && !h.opts.ReuseInFlight {
+	if !h.opts.ReuseInFlight {
 		return nil, nil
 	}
 	active, err := h.store.List(ctx, Filter{Owner: clientID, States: []JobState{StateQueued, StateRunning}})
 	if err != nil {
 		return nil, storeError(err)
 	}
-	if h.opts.ReuseInFlight {
-		for _, j := range active {
-			if j.Level == level && j.GroupID == groupID && sameRequest(&j.Request, req) {
-				return j, nil
-			}
+	for _, j := range active {
+		if j.Level == level && j.GroupID == groupID && sameRequest(&j.Request, req) {
+			return j, nil
 		}
-	}
-	if max >= 0 && len(active) >= max {
-		// Advise the wait the oldest active job is advised to poll at.
-		retry := time.Duration(0)
-		if len(active) > 0 {
-			retry = h.opts.RetryAfter(active[0], h.now())
-		}
-		return nil, &tooManyRequests{retry: retry, msg: fmt.Sprintf("this client already has %d exports in progress; retry when one has finished", len(active))}
 	}
 	return nil, nil
+}
+
+// create stores a new job under the client's active-job cap. A store that
+// refuses it for the cap gives 429, with the Retry-After that the client's
+// oldest active job is advised to poll at.
+func (h *Handler) create(ctx context.Context, job *Job) error {
+	max := max(h.opts.MaxActiveJobsPerClient, 0)
+	err := h.store.Create(ctx, job, CreateParams{MaxActivePerOwner: max})
+	if !errors.Is(err, ErrTooManyJobs) {
+		return err
+	}
+	retry := time.Duration(0)
+	active, lerr := h.store.List(ctx, Filter{Owner: job.Owner, States: []JobState{StateQueued, StateRunning}, Limit: 1})
+	if lerr == nil && len(active) > 0 {
+		retry = h.opts.RetryAfter(active[0], h.now())
+	}
+	return &tooManyRequests{retry: retry, msg: fmt.Sprintf("this client already has %d exports in progress; retry when one has finished", max)}
+}
+
+// trimFinished keeps at most MaxFinishedJobsPerClient of a client's
+// finished (completed, failed or cancelled) jobs: the oldest beyond the
+// cap expire at once, so that polls of them answer 404 and the Worker's
+// next purge removes them and their files. It runs after a kick-off and
+// never fails it: a job it could not expire now is expired by a later
+// kick-off.
+func (h *Handler) trimFinished(ctx context.Context, clientID string) {
+	keep := h.opts.MaxFinishedJobsPerClient
+	if keep < 0 {
+		return
+	}
+	done, err := h.store.List(ctx, Filter{Owner: clientID, States: []JobState{StateCompleted, StateFailed, StateCancelled}})
+	if err != nil || len(done) <= keep {
+		return
+	}
+	now := h.now()
+	// Oldest first: List orders by CreatedAt.
+	for _, j := range done[:len(done)-keep] {
+		if !j.ExpiresAt.IsZero() && !j.ExpiresAt.After(now) {
+			continue
+		}
+		j.ExpiresAt = now
+		j.UpdatedAt = now
+		if err := h.store.Update(ctx, j); err != nil && ctx.Err() == nil {
+			h.log.LogAttrs(ctx, slog.LevelDebug, "bulkexport: could not expire a finished job beyond the cap", append(jobAttrs(j), slog.Any("err", err))...)
+		}
+	}
 }
 
 // sameRequest reports whether two kick-offs ask for the same export.

@@ -415,7 +415,7 @@ func (t *telemetry) endDownload(w http.ResponseWriter, r *http.Request) {
 // claim.
 func (t *telemetry) startJob(ctx context.Context, job *Job, resumed bool) (context.Context, trace.Span) {
 	t.transition(ctx, StateRunning, job.Level)
-	if job.Attempts > 1 {
+	if resumed {
 		t.reclaims.Add(ctx, 1, metric.WithAttributes(attrLevel.String(string(job.Level))))
 	}
 	if !t.traced {

@@ -3,6 +3,8 @@ package bulkexport
 import (
 	"context"
 	"io"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -12,8 +14,16 @@ import (
 // contract; DirStorage (local directory) and the blobstorage module (object
 // storage) implement it.
 //
-// Names are chosen by the engine: 1 to 128 characters of [A-Za-z0-9._-],
-// never "." or "..". Implementations may reject other names.
+// Names are chosen by the engine (see FileName): 1 to 128 characters of
+// [A-Za-z0-9._-], never "." or "..". Implementations may reject other
+// names.
+//
+// What the engine's exactly-once promise needs from a Storage (see
+// docs/correctness.md): Commit is atomic and durable, and a file once
+// committed changes only by Delete or DeleteFile. The engine never commits
+// the same name twice from two claims of a job: every name carries the
+// claim's fence, and a job lists a file only through a compare-and-set
+// update under that claim. storagetest checks these points.
 type Storage interface {
 	// Create starts a new file. Nothing is visible to Open or List until
 	// Commit succeeds; Abort (or a failed Commit) leaves no trace. Creating
@@ -61,6 +71,59 @@ type FileReader interface {
 // file endpoint redirects to one.
 type URLSigner interface {
 	SignedURL(ctx context.Context, jobID, name string, expiry time.Duration) (string, error)
+}
+
+// TempSweeper is an optional interface of a Storage whose writers leave
+// temporary files behind when their process dies (DirStorage does: a file
+// is written under a temporary name and renamed on Commit). A resumed job
+// calls SweepTemp, after checking that it still owns the job, to remove a
+// job's temporary files; committed files are left alone.
+type TempSweeper interface {
+	SweepTemp(ctx context.Context, jobID string) error
+}
+
+// FileName is the name the engine gives an export file: the stem (the
+// resource type, "Patient.deleted", "Patient.error", ...), the file's
+// number in its stream when seq > 0, and the fence of the claim whose run
+// wrote it, as in "Patient.000001.c7.ndjson". Two claims of one job never
+// write the same name.
+func FileName(stem string, seq int, fence int64) string {
+	b := make([]byte, 0, len(stem)+24)
+	b = append(b, stem...)
+	if seq > 0 {
+		b = append(b, '.')
+		n := strconv.Itoa(seq)
+		for i := len(n); i < 6; i++ {
+			b = append(b, '0')
+		}
+		b = append(b, n...)
+	}
+	b = append(b, ".c"...)
+	b = strconv.AppendInt(b, fence, 10)
+	b = append(b, ".ndjson"...)
+	return string(b)
+}
+
+// FileFence returns the fence that a name made by FileName carries, and
+// false (with 0) for any other name.
+func FileFence(name string) (int64, bool) {
+	rest, ok := strings.CutSuffix(name, ".ndjson")
+	if !ok {
+		return 0, false
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i < 0 || !strings.HasPrefix(rest[i+1:], "c") {
+		return 0, false
+	}
+	digits := rest[i+2:]
+	if digits == "" || digits[0] == '+' || digits[0] == '-' {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
 }
 
 // FileDeleter is an optional interface of a Storage that removes single

@@ -33,7 +33,7 @@ import (
 // in root), then removes it, so files still being written for the job
 // disappear with it and their Commit fails instead of resurrecting the job.
 // Temporary files left behind by a crash stay invisible; the Worker removes
-// a job's when it resumes the job (see sweepTemp), and they go with the job
+// a job's when it resumes the job (see SweepTemp), and they go with the job
 // when it is deleted. Leftovers of interrupted Deletes are removed by
 // NewDirStorage.
 //
@@ -421,25 +421,19 @@ func (s *DirStorage) DeleteFile(ctx context.Context, jobID, name string) error {
 	return nil
 }
 
-// tempSweeper is a Storage that can remove the temporary files of a job's
-// uncommitted writers. The Worker calls it when it resumes a job.
-type tempSweeper interface {
-	sweepTemp(ctx context.Context, jobID string) error
-}
+var _ TempSweeper = (*DirStorage)(nil)
 
-var _ tempSweeper = (*DirStorage)(nil)
-
-// sweepTemp removes the temporary files in a job's directory: files whose
-// writer never committed nor aborted them because its process died (kill
-// -9, a crash, a power cut). The Worker calls it when it resumes a job,
-// before the job writes anything: the resuming run holds the job's lease,
-// so no live writer of the job is left, and a run that lost its lease but
+// SweepTemp implements TempSweeper: it removes the temporary files in a
+// job's directory, files whose writer never committed nor aborted them
+// because its process died (kill -9, a crash, a power cut). The Worker
+// calls it when it resumes a job, before the job writes anything and
+// after checking that it owns the job; a run that lost its lease but
 // still writes sees its Commit fail, which is right.
-func (s *DirStorage) sweepTemp(ctx context.Context, jobID string) error {
+func (s *DirStorage) SweepTemp(ctx context.Context, jobID string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := checkDirNames("sweepTemp", jobID, nil); err != nil {
+	if err := checkDirNames("SweepTemp", jobID, nil); err != nil {
 		return err
 	}
 	dir := filepath.Join(s.root, jobID)

@@ -16,7 +16,14 @@ type JobStore interface {
 	// Create stores a new job. It sets job.Version to 1 (in the stored copy
 	// and in job). An id that already exists gives ErrAlreadyExists and
 	// leaves the stored job as it was.
-	Create(ctx context.Context, job *Job) error
+	//
+	// When p.MaxActivePerOwner is positive and job.Owner already has that
+	// many jobs queued or running, Create stores nothing and returns an
+	// error wrapping ErrTooManyJobs. The count and the insert are one
+	// atomic step: however many Creates for one owner race, no more than
+	// MaxActivePerOwner of that owner's jobs are ever active at once
+	// through Create.
+	Create(ctx context.Context, job *Job, p CreateParams) error
 
 	// Get returns the job with the given id, or an error wrapping
 	// ErrNotFound. It never returns (nil, nil).
@@ -35,17 +42,42 @@ type JobStore interface {
 
 	// Claim hands one job to a worker: the oldest (by CreatedAt, then ID)
 	// job that is queued, or running with an expired lease (LeaseExpiresAt
-	// before now); see Claimable. It moves the job to StateRunning, sets
-	// LeaseOwner to worker and LeaseExpiresAt to now+lease, increments
-	// Attempts and Version, and returns the stored copy. With nothing to
-	// claim it returns ErrNoJob. Concurrent claims never hand out the same
-	// job twice while its lease is live. now is the caller's clock: stores
-	// compare leases against it and do not read their own.
-	Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*Job, error)
+	// before the lease clock's now); see Claimable. It moves the job to
+	// StateRunning, sets LeaseOwner to p.Worker and LeaseExpiresAt to
+	// now+p.Lease, increments Attempts and Version, sets Fence to the new
+	// Version, and returns the stored copy. With nothing to claim it
+	// returns ErrNoJob. Concurrent claims never hand out the same job twice
+	// while its lease is live.
+	//
+	// The lease clock is p.Now, unless the store has a clock of its own
+	// that every host sharing it sees (a database server's): such a store
+	// says so in its documentation, and then both judges and sets leases
+	// by its own clock. Either way, a lease holder renews on the timebase
+	// of the LeaseExpiresAt that Claim returned (see Job.LeaseExpiresAt).
+	Claim(ctx context.Context, p ClaimParams) (*Job, error)
 
 	// List returns the jobs that match every set field of f, oldest
 	// CreatedAt first (then ID). An empty result is not an error.
 	List(ctx context.Context, f Filter) ([]*Job, error)
+}
+
+// CreateParams are the conditions of JobStore.Create. The zero value
+// creates unconditionally.
+type CreateParams struct {
+	// MaxActivePerOwner caps the owner's queued and running jobs: 0 (or
+	// less) means no cap.
+	MaxActivePerOwner int
+}
+
+// ClaimParams are the arguments of JobStore.Claim.
+type ClaimParams struct {
+	// Worker names the claiming worker; it becomes the job's LeaseOwner.
+	Worker string
+	// Lease is how long the claim holds without renewal.
+	Lease time.Duration
+	// Now is the caller's clock reading: the lease clock of a store that
+	// has none of its own.
+	Now time.Time
 }
 
 // Filter selects jobs for JobStore.List. Zero fields match everything.

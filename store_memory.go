@@ -6,27 +6,61 @@ import (
 	"fmt"
 	"slices"
 	"sync"
-	"time"
 )
 
 // MemoryStore is a JobStore that keeps jobs in a map. It is meant for tests,
 // examples and single-process servers that can lose their jobs on restart.
 // It copies jobs in and out, starts no goroutines, and is safe for
 // concurrent use. The zero value is not usable; call NewMemoryStore.
+//
+// Its lease clock is the caller's (ClaimParams.Now). Claim looks only at
+// active jobs, and List with an Owner only at that owner's jobs, so that
+// neither slows down as finished jobs accumulate.
 type MemoryStore struct {
-	mu   sync.RWMutex
-	jobs map[string]*Job
+	mu      sync.RWMutex
+	jobs    map[string]*Job
+	active  map[string]*Job            // queued and running jobs
+	byOwner map[string]map[string]*Job // every job, by Owner
 }
 
 var _ JobStore = (*MemoryStore)(nil)
 
 // NewMemoryStore returns an empty MemoryStore.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: make(map[string]*Job)}
+	return &MemoryStore{jobs: make(map[string]*Job), active: make(map[string]*Job), byOwner: make(map[string]map[string]*Job)}
+}
+
+// put stores j (owned by the store) and updates the indexes; old is the
+// job it replaces, or nil.
+func (s *MemoryStore) put(old, j *Job) {
+	if old != nil {
+		s.unindex(old)
+	}
+	s.jobs[j.ID] = j
+	if !j.State.Terminal() {
+		s.active[j.ID] = j
+	}
+	m := s.byOwner[j.Owner]
+	if m == nil {
+		m = make(map[string]*Job)
+		s.byOwner[j.Owner] = m
+	}
+	m[j.ID] = j
+}
+
+func (s *MemoryStore) unindex(j *Job) {
+	delete(s.jobs, j.ID)
+	delete(s.active, j.ID)
+	if m := s.byOwner[j.Owner]; m != nil {
+		delete(m, j.ID)
+		if len(m) == 0 {
+			delete(s.byOwner, j.Owner)
+		}
+	}
 }
 
 // Create implements JobStore.
-func (s *MemoryStore) Create(ctx context.Context, job *Job) error {
+func (s *MemoryStore) Create(ctx context.Context, job *Job, p CreateParams) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -38,8 +72,19 @@ func (s *MemoryStore) Create(ctx context.Context, job *Job) error {
 	if _, ok := s.jobs[job.ID]; ok {
 		return fmt.Errorf("job %s: %w", job.ID, ErrAlreadyExists)
 	}
+	if p.MaxActivePerOwner > 0 {
+		n := 0
+		for _, j := range s.byOwner[job.Owner] {
+			if !j.State.Terminal() {
+				n++
+			}
+		}
+		if n >= p.MaxActivePerOwner {
+			return fmt.Errorf("owner %q has %d active jobs: %w", job.Owner, n, ErrTooManyJobs)
+		}
+	}
 	job.Version = 1
-	s.jobs[job.ID] = job.Clone()
+	s.put(nil, job.Clone())
 	return nil
 }
 
@@ -77,7 +122,7 @@ func (s *MemoryStore) Update(ctx context.Context, job *Job) error {
 		return fmt.Errorf("job %s: %w", job.ID, err)
 	}
 	job.Version++
-	s.jobs[job.ID] = job.Clone()
+	s.put(cur, job.Clone())
 	return nil
 }
 
@@ -88,23 +133,24 @@ func (s *MemoryStore) Delete(ctx context.Context, id string) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.jobs[id]; !ok {
+	j, ok := s.jobs[id]
+	if !ok {
 		return fmt.Errorf("job %s: %w", id, ErrNotFound)
 	}
-	delete(s.jobs, id)
+	s.unindex(j)
 	return nil
 }
 
-// Claim implements JobStore.
-func (s *MemoryStore) Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*Job, error) {
+// Claim implements JobStore. Leases are judged and set by p.Now.
+func (s *MemoryStore) Claim(ctx context.Context, p ClaimParams) (*Job, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var best *Job
-	for _, j := range s.jobs {
-		if Claimable(j, now) && (best == nil || jobOrder(j, best) < 0) {
+	for _, j := range s.active {
+		if Claimable(j, p.Now) && (best == nil || jobOrder(j, best) < 0) {
 			best = j
 		}
 	}
@@ -112,11 +158,12 @@ func (s *MemoryStore) Claim(ctx context.Context, worker string, now time.Time, l
 		return nil, ErrNoJob
 	}
 	best.State = StateRunning
-	best.LeaseOwner = worker
-	best.LeaseExpiresAt = now.Add(lease)
+	best.LeaseOwner = p.Worker
+	best.LeaseExpiresAt = p.Now.Add(p.Lease)
 	best.Attempts++
 	best.Version++
-	best.UpdatedAt = now
+	best.Fence = best.Version
+	best.UpdatedAt = p.Now
 	return best.Clone(), nil
 }
 
@@ -126,8 +173,15 @@ func (s *MemoryStore) List(ctx context.Context, f Filter) ([]*Job, error) {
 		return nil, err
 	}
 	s.mu.RLock()
+	src := s.jobs
+	switch {
+	case f.Owner != "":
+		src = s.byOwner[f.Owner]
+	case len(f.States) > 0 && !slices.ContainsFunc(f.States, JobState.Terminal):
+		src = s.active
+	}
 	var out []*Job
-	for _, j := range s.jobs {
+	for _, j := range src {
 		if f.Match(j) {
 			out = append(out, j.Clone())
 		}

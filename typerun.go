@@ -76,9 +76,9 @@ func newTypeRun(r *jobRun, typ string) *typeRun {
 	}
 	t.done.Store(cp.Done)
 	t.written.Store(cp.Written)
-	t.streams[streamOutput] = stream{fileType: typ, prefix: typ + ".", seq: cp.Seq[streamOutput]}
-	t.streams[streamDeleted] = stream{fileType: "Bundle", prefix: typ + ".deleted.", seq: cp.Seq[streamDeleted]}
-	t.streams[streamError] = stream{fileType: "OperationOutcome", prefix: typ + ".error.", seq: cp.Seq[streamError]}
+	t.streams[streamOutput] = stream{fileType: typ, stem: typ, seq: cp.Seq[streamOutput]}
+	t.streams[streamDeleted] = stream{fileType: "Bundle", stem: typ + ".deleted", seq: cp.Seq[streamDeleted]}
+	t.streams[streamError] = stream{fileType: "OperationOutcome", stem: typ + ".error", seq: cp.Seq[streamError]}
 	for i := range t.streams {
 		t.streams[i].kind = i
 		t.streams[i].metricOpts = r.w.tel.fileOpts(typ, i)
@@ -282,9 +282,11 @@ func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 		for i := range t.streams {
 			cp.Seq[i] = t.streams[i].seq
 		}
-		j.Output = append(j.Output, t.streams[streamOutput].pending...)
-		j.Deleted = append(j.Deleted, t.streams[streamDeleted].pending...)
-		j.Errors = append(j.Errors, t.streams[streamError].pending...)
+		// A retried update may find its files already listed (the first
+		// try landed, its answer was lost): list each file once.
+		j.Output = appendNew(j, j.Output, t.streams[streamOutput].pending)
+		j.Deleted = appendNew(j, j.Deleted, t.streams[streamDeleted].pending)
+		j.Errors = appendNew(j, j.Errors, t.streams[streamError].pending)
 	})
 	if err != nil {
 		return err
@@ -295,10 +297,20 @@ func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 	return nil
 }
 
+// appendNew appends to list the files of add that j does not list yet.
+func appendNew(j *Job, list, add []File) []File {
+	for _, f := range add {
+		if !j.hasFile(f.Name) {
+			list = append(list, f)
+		}
+	}
+	return list
+}
+
 // stream is a sequence of NDJSON files of one kind.
 type stream struct {
 	fileType   string
-	prefix     string
+	stem       string // the file names' stem (see FileName)
 	seq        int
 	kind       int                // streamOutput, streamDeleted or streamError
 	metricOpts []metric.AddOption // attributes of the file metrics
@@ -333,7 +345,7 @@ func (s *stream) write(t *typeRun, line []byte) error {
 				Message: fmt.Sprintf("the export would need more than %d files; narrow it with _type, _since or _typeFilter", opts.MaxFilesPerJob)}
 		}
 		s.seq++
-		name := s.prefix + fmt.Sprintf("%06d", s.seq) + ".ndjson"
+		name := FileName(s.stem, s.seq, t.r.fence)
 		fw, err := t.r.w.storage.Create(t.ctx, t.r.id, name)
 		if err != nil {
 			return err

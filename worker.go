@@ -174,7 +174,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			wg.Wait()
 			return nil
 		}
-		job, err := w.store.Claim(ctx, w.opts.ID, w.opts.Now(), w.opts.Lease)
+		job, err := w.store.Claim(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
 		if err == nil {
 			wg.Add(1)
 			go func() {

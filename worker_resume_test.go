@@ -94,7 +94,7 @@ func TestOwnReclaimStopsOlderRun(t *testing.T) {
 	require.NoError(t, store.Create(ctx, &bulkexport.Job{
 		ID: "job-reclaim", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: created, UpdatedAt: created,
-	}))
+	}, bulkexport.CreateParams{}))
 	src := newReclaimSource()
 	w, err := bulkexport.NewWorker(store, src, storage, &bulkexport.WorkerOptions{
 		ID: "w1", Now: now, Lease: time.Minute,
@@ -205,8 +205,8 @@ func TestResumeRemovesTempFiles(t *testing.T) {
 	require.NoError(t, store.Create(ctx, &bulkexport.Job{
 		ID: "job-killed", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: t0, UpdatedAt: t0,
-	}))
-	j, err := store.Claim(ctx, "killed-worker", t0, time.Minute)
+	}, bulkexport.CreateParams{}))
+	j, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "killed-worker", Now: t0, Lease: time.Minute})
 	require.NoError(t, err)
 	j.StartedAt, j.TransactionTime = t0, t0
 	require.NoError(t, store.Update(ctx, j))

@@ -109,6 +109,6 @@ func Example() {
 	}
 	// Output:
 	// 2 files
-	// Observation: 3 resources in Observation.000001.ndjson
-	// Patient: 2 resources in Patient.000001.ndjson
+	// Observation: 3 resources in Observation.000001.c2.ndjson
+	// Patient: 2 resources in Patient.000001.c2.ndjson
 }

@@ -35,10 +35,10 @@ func newPollBench(b *testing.B) *pollBench {
 	s := newTestStore(b, pool)
 	now := time.Now()
 	job := testJob(bulkexport.NewJobID(), "", now.Add(-time.Minute))
-	if err := s.Create(ctx, job); err != nil {
+	if err := s.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		b.Fatal(err)
 	}
-	j, err := s.Claim(ctx, "bench-worker", now, time.Hour)
+	j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "bench-worker", Now: now, Lease: time.Hour})
 	if err != nil {
 		b.Fatal(err)
 	}

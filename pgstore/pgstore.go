@@ -36,6 +36,13 @@ type Options struct {
 	// quoted, so they are case-sensitive and may be any UTF-8 text without
 	// NUL; Table is at most 50 bytes. Default: DefaultTable.
 	Table string
+	// CallerClock makes Claim judge and set leases by
+	// bulkexport.ClaimParams.Now, the calling worker's clock, instead of
+	// the database server's. It is meant for tests that simulate time;
+	// replicas on several hosts must leave it off, or a replica whose
+	// clock runs ahead takes the others' live jobs. Default: false, the
+	// database's clock.
+	CallerClock bool
 }
 
 // Store is a bulkexport.JobStore in a PostgreSQL table. It is safe for
@@ -49,8 +56,10 @@ type Store struct {
 	migTable   string // quoted and qualified migrations table
 	migrations []Migration
 	lockKey    int64
+	// callerClock: Options.CallerClock.
+	callerClock bool
 
-	createSQL, getSQL, updateSQL, lookupSQL, deleteSQL, claimSQL string
+	createSQL, createCappedSQL, getSQL, updateSQL, lookupSQL, deleteSQL, claimSQL string
 }
 
 var _ bulkexport.JobStore = (*Store)(nil)
@@ -85,6 +94,8 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		table:    qualify(o.Schema, o.Table),
 		migTable: qualify(o.Schema, o.Table+"_migrations"),
 		lockKey:  lockKey(o.Schema),
+
+		callerClock: o.CallerClock,
 	}
 	var err error
 	if s.migrations, err = loadMigrations(o.Table, s.table); err != nil {
@@ -93,6 +104,15 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 	t := s.table
 	s.createSQL = `INSERT INTO ` + t + ` (id, owner, state, created_at, expires_at, lease_owner, lease_expires_at, attempts, version, data)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9)
+ON CONFLICT (id) DO NOTHING`
+	// The capped create runs in a transaction that first takes an
+	// advisory lock on the owner ($10 is the table, so that two stores'
+	// owners do not share locks), then counts and inserts in one
+	// statement: under READ COMMITTED that statement sees every job
+	// committed by the lock's previous holders.
+	s.createCappedSQL = `INSERT INTO ` + t + ` (id, owner, state, created_at, expires_at, lease_owner, lease_expires_at, attempts, version, data)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, 1, $9
+WHERE (SELECT count(*) FROM ` + t + ` WHERE owner = $2 AND state IN ('queued', 'running')) < $10
 ON CONFLICT (id) DO NOTHING`
 	s.getSQL = `SELECT data FROM ` + t + ` WHERE id = $1`
 	// The compare-and-set: $3 lists the states the new state may be
@@ -106,28 +126,37 @@ WHERE id = $1 AND version = $2 AND state = ANY($3::text[])`
 	// that the planner walks that index in (created_at, id) order. A
 	// running job with no lease (NULL) counts as expired, as in
 	// bulkexport.Claimable.
-	s.claimSQL = `WITH c AS (
-	SELECT id FROM ` + t + `
-	WHERE state IN ('queued', 'running')
-	  AND (state = 'queued' OR lease_expires_at IS NULL OR lease_expires_at < $1)
-	ORDER BY created_at, id
+	//
+	// The lease clock is the database's, now() (the statement's
+	// transaction start, to the microsecond), unless the caller's is
+	// given: $1 its now rounded up, $3 the lease's end, $4 that end as
+	// JSON text. $6 is the lease in microseconds.
+	s.claimSQL = `WITH clock AS (
+	SELECT COALESCE($1::timestamptz, now()) AS now,
+	       COALESCE($3::timestamptz, now() + $6::bigint * interval '1 microsecond') AS lease_end
+), c AS (
+	SELECT q.id FROM ` + t + ` AS q, clock
+	WHERE q.state IN ('queued', 'running')
+	  AND (q.state = 'queued' OR q.lease_expires_at IS NULL OR q.lease_expires_at < clock.now)
+	ORDER BY q.created_at, q.id
 	LIMIT 1
-	FOR UPDATE SKIP LOCKED
+	FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE ` + t + ` AS j SET
 	state = 'running',
 	lease_owner = $2,
-	lease_expires_at = $3,
+	lease_expires_at = clock.lease_end,
 	attempts = j.attempts + 1,
 	version = j.version + 1,
 	data = j.data || jsonb_build_object(
 		'state', 'running',
 		'leaseOwner', $2::text,
-		'leaseExpiresAt', $4::text,
+		'leaseExpiresAt', COALESCE($4::text, to_char(clock.lease_end AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
 		'attempts', j.attempts + 1,
 		'version', j.version + 1,
+		'fence', j.version + 1,
 		'updatedAt', $5::text)
-FROM c
+FROM c, clock
 WHERE j.id = c.id
 RETURNING j.data`
 	return s, nil
@@ -236,8 +265,11 @@ func decode(data []byte) (*bulkexport.Job, error) {
 
 // Create implements bulkexport.JobStore. It stores job with Version 1 and
 // sets job.Version to 1; an existing id gives an error wrapping
-// bulkexport.ErrAlreadyExists and leaves the stored job as it was.
-func (s *Store) Create(ctx context.Context, job *bulkexport.Job) error {
+// bulkexport.ErrAlreadyExists and leaves the stored job as it was. With
+// p.MaxActivePerOwner set, it runs a short transaction that holds an
+// advisory lock on the owner while it counts the owner's active jobs and
+// inserts, so that the cap holds across every replica.
+func (s *Store) Create(ctx context.Context, job *bulkexport.Job, p bulkexport.CreateParams) error {
 	if job == nil || job.ID == "" {
 		return errors.New("pgstore: Create: job has no id")
 	}
@@ -246,13 +278,44 @@ func (s *Store) Create(ctx context.Context, job *bulkexport.Job) error {
 		return err
 	}
 	j := &r.job
-	tag, err := s.pool.Exec(ctx, s.createSQL, j.ID, j.Owner, string(j.State), j.CreatedAt,
-		nullTime(j.ExpiresAt), j.LeaseOwner, nullTime(j.LeaseExpiresAt), j.Attempts, string(r.data))
+	args := []any{j.ID, j.Owner, string(j.State), j.CreatedAt,
+		nullTime(j.ExpiresAt), j.LeaseOwner, nullTime(j.LeaseExpiresAt), j.Attempts, string(r.data)}
+	if p.MaxActivePerOwner > 0 {
+		return s.createCapped(ctx, job, args, p.MaxActivePerOwner)
+	}
+	tag, err := s.pool.Exec(ctx, s.createSQL, args...)
 	if err != nil {
 		return fmt.Errorf("pgstore: create job %s: %w", job.ID, err)
 	}
 	if tag.RowsAffected() == 0 {
 		return fmt.Errorf("pgstore: job %s: %w", job.ID, bulkexport.ErrAlreadyExists)
+	}
+	job.Version = 1
+	return nil
+}
+
+func (s *Store) createCapped(ctx context.Context, job *bulkexport.Job, args []any, limit int) error {
+	var inserted, exists bool
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, s.table+"/"+job.Owner); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, s.createCappedSQL, append(args, limit)...)
+		if err != nil {
+			return err
+		}
+		if inserted = tag.RowsAffected() == 1; !inserted {
+			return tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+s.table+` WHERE id = $1)`, job.ID).Scan(&exists)
+		}
+		return nil
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("pgstore: create job %s: %w", job.ID, err)
+	case exists:
+		return fmt.Errorf("pgstore: job %s: %w", job.ID, bulkexport.ErrAlreadyExists)
+	case !inserted:
+		return fmt.Errorf("pgstore: owner %q has %d active jobs: %w", job.Owner, limit, bulkexport.ErrTooManyJobs)
 	}
 	job.Version = 1
 	return nil
@@ -346,16 +409,21 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 // Claim implements bulkexport.JobStore in one statement: it locks the
 // oldest claimable job with FOR UPDATE SKIP LOCKED, so that concurrent
 // claims (from any process) pass over each other's rows instead of
-// waiting, and moves it to running under worker's lease. Leases are
-// judged against now, the caller's clock, never the database's. With
-// nothing claimable it returns bulkexport.ErrNoJob. It sets UpdatedAt to
-// now.
-func (s *Store) Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*bulkexport.Job, error) {
-	expires := storedTime(now.Add(lease))
-	updated := storedTime(now)
+// waiting, and moves it to running under the worker's lease. Leases are
+// judged and set by the database server's clock, which every replica
+// shares, so that replicas with skewed clocks cannot take each other's
+// live jobs (Options.CallerClock uses p.Now instead). With nothing
+// claimable it returns bulkexport.ErrNoJob. It sets UpdatedAt to p.Now.
+func (s *Store) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexport.Job, error) {
+	updated := storedTime(p.Now)
+	var nowArg, endArg, endJSON any
+	if s.callerClock {
+		end := storedTime(p.Now.Add(p.Lease))
+		nowArg, endArg, endJSON = ceilMicro(p.Now), end, jsonTime(end)
+	}
 	var data []byte
-	err := s.pool.QueryRow(ctx, s.claimSQL, ceilMicro(now), worker, expires,
-		jsonTime(expires), jsonTime(updated)).Scan(&data)
+	err := s.pool.QueryRow(ctx, s.claimSQL, nowArg, p.Worker, endArg,
+		endJSON, jsonTime(updated), p.Lease.Microseconds()).Scan(&data)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, bulkexport.ErrNoJob
 	}

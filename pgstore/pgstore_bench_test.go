@@ -42,7 +42,7 @@ func BenchmarkGet(b *testing.B) {
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			s := newTestStore(b, pool)
-			if err := s.Create(ctx, c.job); err != nil {
+			if err := s.Create(ctx, c.job, bulkexport.CreateParams{}); err != nil {
 				b.Fatal(err)
 			}
 			raw := "SELECT data FROM " + s.table + " WHERE id = $1"
@@ -114,7 +114,7 @@ func BenchmarkClaim(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				j, err := s.Claim(ctx, "worker-1", base, time.Minute)
+				j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Minute})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -122,7 +122,7 @@ func BenchmarkClaim(b *testing.B) {
 				if err := s.Delete(ctx, j.ID); err != nil {
 					b.Fatal(err)
 				}
-				if err := s.Create(ctx, testJob(fmt.Sprintf("new-%09d", i), "client-1", base.Add(time.Duration(i)*time.Microsecond))); err != nil {
+				if err := s.Create(ctx, testJob(fmt.Sprintf("new-%09d", i), "client-1", base.Add(time.Duration(i)*time.Microsecond)), bulkexport.CreateParams{}); err != nil {
 					b.Fatal(err)
 				}
 				b.StartTimer()

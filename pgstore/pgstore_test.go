@@ -112,7 +112,7 @@ func freshSchema(tb testing.TB, pool *pgxpool.Pool) string {
 // newTestStore returns a migrated, empty store in a schema of its own.
 func newTestStore(tb testing.TB, pool *pgxpool.Pool) *Store {
 	tb.Helper()
-	s, err := New(pool, &Options{Schema: freshSchema(tb, pool)})
+	s, err := New(pool, &Options{Schema: freshSchema(tb, pool), CallerClock: true}) // the suite simulates time
 	require.NoError(tb, err)
 	require.NoError(tb, s.Migrate(context.Background()))
 	return s
@@ -286,8 +286,8 @@ func TestCustomTableInDefaultSchema(t *testing.T) {
 	require.Equal(t, []string{name + "_claim_idx", name + "_expires_idx", name + "_owner_idx", name + "_pkey"}, indexes)
 
 	base := baseTime()
-	require.NoError(t, s.Create(ctx, testJob("job-1", "alice", base)))
-	j, err := s.Claim(ctx, "w", base, time.Minute)
+	require.NoError(t, s.Create(ctx, testJob("job-1", "alice", base), bulkexport.CreateParams{}))
+	j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: base, Lease: time.Minute})
 	require.NoError(t, err)
 	require.Equal(t, "job-1", j.ID)
 }
@@ -309,10 +309,10 @@ func TestQuotedNames(t *testing.T) {
 
 	base := baseTime()
 	j := testJob("job-1", "alice", base)
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	j.Progress.Percent = 50
 	require.NoError(t, s.Update(ctx, j))
-	c, err := s.Claim(ctx, "w", base, time.Minute)
+	c, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: base, Lease: time.Minute})
 	require.NoError(t, err)
 	require.EqualValues(t, 3, c.Version)
 	list, err := s.List(ctx, bulkexport.Filter{Owner: "alice", States: []bulkexport.JobState{bulkexport.StateRunning}})
@@ -327,7 +327,7 @@ func TestMigrateIdempotent(t *testing.T) {
 	ctx := context.Background()
 	s := newTestStore(t, pool) // migrated once
 	require.NoError(t, s.Migrate(ctx))
-	require.NoError(t, s.Create(ctx, testJob("job-1", "alice", baseTime())))
+	require.NoError(t, s.Create(ctx, testJob("job-1", "alice", baseTime()), bulkexport.CreateParams{}))
 	require.NoError(t, s.Migrate(ctx))
 	// An operator who also runs the files by hand breaks nothing.
 	for _, m := range s.Migrations() {
@@ -380,7 +380,7 @@ func TestMigrateConcurrent(t *testing.T) {
 		var n int
 		require.NoError(t, pool.QueryRow(ctx, "SELECT count(*) FROM "+s.migTable).Scan(&n))
 		require.Equal(t, len(s.Migrations()), n)
-		require.NoError(t, s.Create(ctx, testJob("job-1", "alice", baseTime())))
+		require.NoError(t, s.Create(ctx, testJob("job-1", "alice", baseTime()), bulkexport.CreateParams{}))
 	}
 }
 
@@ -423,7 +423,7 @@ func TestPlansUseIndexes(t *testing.T) {
 		name, index string
 		plan        string
 	}{
-		{"Claim", "_claim_idx", explain(t, pool, s.claimSQL, ceilMicro(base), "w", exp, jsonTime(exp), jsonTime(base))},
+		{"Claim", "_claim_idx", explain(t, pool, s.claimSQL, ceilMicro(base), "w", exp, jsonTime(exp), jsonTime(base), time.Minute.Microseconds())},
 	}
 	q, args := s.listSQL(bulkexport.Filter{ExpiresBefore: base, Limit: 1000}) // the Worker's purge
 	plans = append(plans, struct{ name, index, plan string }{"Purge", "_expires_idx", explain(t, pool, q, args...)})
@@ -438,7 +438,7 @@ func TestPlansUseIndexes(t *testing.T) {
 	}
 
 	// And the claim takes the oldest queued job, past the live leases.
-	j, err := s.Claim(ctx, "w", base, time.Minute)
+	j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: base, Lease: time.Minute})
 	require.NoError(t, err)
 	require.Equal(t, "job-000300", j.ID)
 	purge, err := s.List(ctx, bulkexport.Filter{ExpiresBefore: base, Limit: 1000})
@@ -476,7 +476,7 @@ func TestTwoReplicasClaim(t *testing.T) {
 				defer wg.Done()
 				<-start
 				for {
-					j, err := s.Claim(ctx, worker, base, time.Hour)
+					j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: worker, Now: base, Lease: time.Hour})
 					if errors.Is(err, bulkexport.ErrNoJob) {
 						return
 					}
@@ -507,7 +507,7 @@ func TestTwoReplicasClaim(t *testing.T) {
 		perReplica[worker[:9]]++
 	}
 	t.Logf("claims per replica: %v", perReplica)
-	_, err = b.Claim(ctx, "late", base, time.Minute)
+	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "late", Now: base, Lease: time.Minute})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob)
 }
 
@@ -519,23 +519,24 @@ func TestReclaimFromDeadReplica(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	a := newTestStore(t, pool)
-	b, err := New(secondPool(t), &Options{Schema: a.schema})
+	// The test plays with time, so both replicas use the caller's clock.
+	b, err := New(secondPool(t), &Options{Schema: a.schema, CallerClock: true})
 	require.NoError(t, err)
 
 	t0 := baseTime()
-	require.NoError(t, a.Create(ctx, testJob("job-1", "alice", t0.Add(-time.Minute))))
-	ja, err := a.Claim(ctx, "replica-a", t0, 30*time.Second)
+	require.NoError(t, a.Create(ctx, testJob("job-1", "alice", t0.Add(-time.Minute)), bulkexport.CreateParams{}))
+	ja, err := a.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-a", Now: t0, Lease: 30*time.Second})
 	require.NoError(t, err)
 	ja.Checkpoint = json.RawMessage(`{"type":"Observation","cursor":"abc"}`)
 	ja.Progress = bulkexport.Progress{Percent: 40, Message: "Observation"}
 	require.NoError(t, a.Update(ctx, ja)) // version 3
 
-	_, err = b.Claim(ctx, "replica-b", t0.Add(10*time.Second), 30*time.Second)
+	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(10*time.Second), Lease: 30*time.Second})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob, "the lease is live")
-	_, err = b.Claim(ctx, "replica-b", t0.Add(30*time.Second), 30*time.Second)
+	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(30*time.Second), Lease: 30*time.Second})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob, "expiry is LeaseExpiresAt before now")
 
-	jb, err := b.Claim(ctx, "replica-b", t0.Add(31*time.Second), 30*time.Second)
+	jb, err := b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(31*time.Second), Lease: 30*time.Second})
 	require.NoError(t, err)
 	require.Equal(t, "job-1", jb.ID)
 	require.Equal(t, "replica-b", jb.LeaseOwner)
@@ -590,16 +591,16 @@ FROM `+s.table+` WHERE id = 'job-1'`).Scan(&owner, &state, &created, &expires, &
 		require.Equal(t, j.Version, version, what)
 	}
 	j := testJob("job-1", "alice", base)
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	check("after Create")
-	c, err := s.Claim(ctx, "worker-1", base, time.Minute)
+	c, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Minute})
 	require.NoError(t, err)
 	check("after Claim")
 	c.LeaseExpiresAt = base.Add(2 * time.Minute)
 	c.Progress.Percent = 10
 	require.NoError(t, s.Update(ctx, c))
 	check("after renewal")
-	c, err = s.Claim(ctx, "worker-2", base.Add(3*time.Minute), time.Minute)
+	c, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: base.Add(3*time.Minute), Lease: time.Minute})
 	require.NoError(t, err)
 	check("after re-Claim")
 	c.State = bulkexport.StateCompleted
@@ -619,7 +620,7 @@ func TestSubMicrosecond(t *testing.T) {
 	base := time.Date(2030, 1, 2, 3, 4, 5, 123456789, time.FixedZone("X", -7*3600))
 	j := testJob("job-1", "alice", base)
 	j.ExpiresAt = base.Add(time.Hour)
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	got, err := s.Get(ctx, "job-1")
 	require.NoError(t, err)
 	require.Equal(t, base.Truncate(time.Microsecond).UTC(), got.CreatedAt)
@@ -638,13 +639,13 @@ func TestSubMicrosecond(t *testing.T) {
 
 	// The lease ends at L = now+lease truncated; L+1ns is past it.
 	now := base.Add(500) // sub-µs
-	c, err := s.Claim(ctx, "w1", now, time.Minute)
+	c, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w1", Now: now, Lease: time.Minute})
 	require.NoError(t, err)
 	l := c.LeaseExpiresAt
 	require.Equal(t, now.Add(time.Minute).Truncate(time.Microsecond).UTC(), l)
-	_, err = s.Claim(ctx, "w2", l, time.Minute)
+	_, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "w2", Now: l, Lease: time.Minute})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob)
-	c, err = s.Claim(ctx, "w2", l.Add(1), time.Minute)
+	c, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "w2", Now: l.Add(1), Lease: time.Minute})
 	require.NoError(t, err)
 	require.Equal(t, "w2", c.LeaseOwner)
 }
@@ -658,12 +659,12 @@ func TestUnstorableJob(t *testing.T) {
 	s := newTestStore(t, pool)
 	j := testJob("job-1", "alice", baseTime())
 	j.Progress.Message = "a\x00b"
-	require.Error(t, s.Create(ctx, j))
+	require.Error(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	_, err := s.Get(ctx, "job-1")
 	require.ErrorIs(t, err, bulkexport.ErrNotFound)
 
 	j.Progress.Message = ""
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	j.Progress.Message = "a\x00b"
 	require.Error(t, s.Update(ctx, j))
 	require.EqualValues(t, 1, j.Version)
@@ -681,8 +682,8 @@ func TestErrorsWrapped(t *testing.T) {
 	require.ErrorIs(t, s.Delete(ctx, "job-x"), bulkexport.ErrNotFound)
 	j := testJob("job-x", "alice", baseTime())
 	require.ErrorIs(t, s.Update(ctx, j), bulkexport.ErrNotFound)
-	require.NoError(t, s.Create(ctx, j))
-	require.ErrorIs(t, s.Create(ctx, testJob("job-x", "bob", baseTime())), bulkexport.ErrAlreadyExists)
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
+	require.ErrorIs(t, s.Create(ctx, testJob("job-x", "bob", baseTime()), bulkexport.CreateParams{}), bulkexport.ErrAlreadyExists)
 	j.State = bulkexport.StateCompleted
 	err = s.Update(ctx, j)
 	require.ErrorIs(t, err, bulkexport.ErrInvalidTransition)
@@ -690,8 +691,8 @@ func TestErrorsWrapped(t *testing.T) {
 	j.State = bulkexport.StateQueued
 	j.Version = 5
 	require.ErrorIs(t, s.Update(ctx, j), bulkexport.ErrConflict)
-	require.Error(t, s.Create(ctx, &bulkexport.Job{}))
-	require.Error(t, s.Create(ctx, nil))
+	require.Error(t, s.Create(ctx, &bulkexport.Job{}, bulkexport.CreateParams{}))
+	require.Error(t, s.Create(ctx, nil, bulkexport.CreateParams{}))
 	require.Error(t, s.Update(ctx, nil))
 }
 

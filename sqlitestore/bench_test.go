@@ -99,13 +99,13 @@ func BenchmarkClaim(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		_, err := s.Claim(ctx, "worker-1", base, time.Hour)
+		_, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Hour})
 		if err == bulkexport.ErrNoJob {
 			b.StopTimer()
 			_, err = s.db.ExecContext(ctx, `UPDATE bulkexport_jobs SET state = 'queued', data = json_set(data, '$.state', 'queued')`)
 			require.NoError(b, err)
 			b.StartTimer()
-			_, err = s.Claim(ctx, "worker-1", base, time.Hour)
+			_, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Hour})
 		}
 		if err != nil {
 			b.Fatal(err)
@@ -126,7 +126,7 @@ func BenchmarkClaimParallel(b *testing.B) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, err := s.Claim(ctx, "worker-1", base, time.Hour); err != nil && err != bulkexport.ErrNoJob {
+			if _, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Hour}); err != nil && err != bulkexport.ErrNoJob {
 				b.Error(err)
 				return
 			}
@@ -144,7 +144,7 @@ func BenchmarkUpdateParallel(b *testing.B) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		j := benchJob(fmt.Sprintf("job-p%03d", g.Add(1)), time.Now())
-		if err := s.Create(ctx, j); err != nil {
+		if err := s.Create(ctx, j, bulkexport.CreateParams{}); err != nil {
 			b.Error(err)
 			return
 		}
@@ -166,7 +166,7 @@ func BenchmarkCreate(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
-		if err := s.Create(ctx, benchJob(fmt.Sprintf("job-%08d", i), base)); err != nil {
+		if err := s.Create(ctx, benchJob(fmt.Sprintf("job-%08d", i), base), bulkexport.CreateParams{}); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -54,12 +54,12 @@ func ExampleNew() {
 		CreatedAt: now,
 		UpdatedAt: now,
 	}
-	if err := store.Create(ctx, job); err != nil {
+	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		log.Fatal(err)
 	}
 
 	// ...a worker claims it...
-	claimed, err := store.Claim(ctx, "worker-1", now, time.Minute)
+	claimed, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: now, Lease: time.Minute})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func ExampleNew() {
 	fmt.Println(got.State, got.Version, got.ExpiresAt.Format(time.RFC3339))
 
 	// A second Create of the same id is refused.
-	err = store.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued})
+	err = store.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}, bulkexport.CreateParams{})
 	fmt.Println(errors.Is(err, bulkexport.ErrAlreadyExists))
 	// Output:
 	// job-1 running worker-1 2

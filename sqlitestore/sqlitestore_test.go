@@ -132,7 +132,7 @@ func TestMigrateIdempotent(t *testing.T) {
 		require.Contains(t, before, want)
 	}
 	job := &bulkexport.Job{ID: "job-1", Owner: "alice", State: bulkexport.StateQueued, CreatedAt: time.Now()}
-	require.NoError(t, s.Create(ctx, job))
+	require.NoError(t, s.Create(ctx, job, bulkexport.CreateParams{}))
 	for range 3 {
 		require.NoError(t, s.Migrate(ctx))
 	}
@@ -259,7 +259,7 @@ func TestQueryPlans(t *testing.T) {
 	base := time.Now()
 	for i := range 200 {
 		j := &bulkexport.Job{ID: fmt.Sprintf("job-%03d", i), Owner: fmt.Sprintf("client-%d", i%7), State: bulkexport.StateQueued, CreatedAt: base.Add(time.Duration(i) * time.Second)}
-		require.NoError(t, s.Create(ctx, j))
+		require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 		if i%3 == 0 {
 			j.State = bulkexport.StateRunning
 			require.NoError(t, s.Update(ctx, j))
@@ -313,8 +313,8 @@ func TestReopen(t *testing.T) {
 	require.NoError(t, s.Migrate(ctx))
 	job := &bulkexport.Job{ID: "job-keep", Owner: "alice", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: 12.5, Message: "Patient"}, CreatedAt: base, UpdatedAt: base}
-	require.NoError(t, s.Create(ctx, job))
-	claimed, err := s.Claim(ctx, "worker-1", base, time.Hour)
+	require.NoError(t, s.Create(ctx, job, bulkexport.CreateParams{}))
+	claimed, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Hour})
 	require.NoError(t, err)
 	require.NoError(t, db.Close())
 
@@ -328,7 +328,7 @@ func TestReopen(t *testing.T) {
 	require.Equal(t, bulkexport.StateRunning, got.State)
 	require.Equal(t, "worker-1", got.LeaseOwner)
 	require.True(t, got.LeaseExpiresAt.Equal(base.Add(time.Hour)))
-	_, err = s2.Claim(ctx, "worker-2", base.Add(time.Minute), time.Hour)
+	_, err = s2.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: base.Add(time.Minute), Lease: time.Hour})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob, "the lease survives the reopen")
 }
 
@@ -341,10 +341,10 @@ func TestTables(t *testing.T) {
 	b, err := New(db, &Options{Table: "beta"})
 	require.NoError(t, err)
 	require.NoError(t, b.Migrate(ctx))
-	require.NoError(t, a.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}))
+	require.NoError(t, a.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}, bulkexport.CreateParams{}))
 	_, err = b.Get(ctx, "job-1")
 	require.ErrorIs(t, err, bulkexport.ErrNotFound)
-	require.NoError(t, b.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}))
+	require.NoError(t, b.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}, bulkexport.CreateParams{}))
 	var names []string
 	rows, err := db.Query(`SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%' ORDER BY name`)
 	require.NoError(t, err)
@@ -399,9 +399,9 @@ func TestColumnsFollowData(t *testing.T) {
 		require.NoError(t, rows.Err())
 	}
 	j := &bulkexport.Job{ID: "job-1", Owner: "alice", State: bulkexport.StateQueued, CreatedAt: base, UpdatedAt: base, Attempts: 3}
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	check("after Create")
-	c, err := s.Claim(ctx, "worker-1", base.Add(time.Second), time.Minute)
+	c, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base.Add(time.Second), Lease: time.Minute})
 	require.NoError(t, err)
 	check("after Claim")
 	require.Equal(t, 4, c.Attempts)
@@ -421,7 +421,7 @@ func TestTimes(t *testing.T) {
 	loc := time.FixedZone("UTC+5:30", 5*3600+1800)
 	created := time.Date(2030, 1, 2, 3, 4, 5, 123456789, loc)
 	j := &bulkexport.Job{ID: "job-t", State: bulkexport.StateQueued, CreatedAt: created}
-	require.NoError(t, s.Create(ctx, j))
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
 	require.Equal(t, created, j.CreatedAt, "Create must not change the caller's times")
 	got, err := s.Get(ctx, "job-t")
 	require.NoError(t, err)
@@ -430,7 +430,7 @@ func TestTimes(t *testing.T) {
 
 	// The lease ends at now+lease truncated to the microsecond: ...000 ns.
 	now := time.Date(2030, 1, 2, 0, 0, 0, 500, time.UTC)
-	c, err := s.Claim(ctx, "w1", now, time.Minute)
+	c, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w1", Now: now, Lease: time.Minute})
 	require.NoError(t, err)
 	end := c.LeaseExpiresAt
 	require.Equal(t, now.Add(time.Minute).Truncate(time.Microsecond), end)
@@ -439,7 +439,7 @@ func TestTimes(t *testing.T) {
 	for _, at := range []time.Time{end, end.Add(time.Nanosecond)} {
 		stored, err := s.Get(ctx, "job-t")
 		require.NoError(t, err)
-		_, err = s.Claim(ctx, "w2", at, time.Minute)
+		_, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "w2", Now: at, Lease: time.Minute})
 		if bulkexport.Claimable(stored, at) {
 			require.NoError(t, err, "at %s", at)
 		} else {
@@ -464,12 +464,12 @@ func TestUpdateErrorsWrapped(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	s, _ := newStore(t, nil)
-	require.Error(t, s.Create(ctx, nil))
-	require.Error(t, s.Create(ctx, &bulkexport.Job{}))
+	require.Error(t, s.Create(ctx, nil, bulkexport.CreateParams{}))
+	require.Error(t, s.Create(ctx, &bulkexport.Job{}, bulkexport.CreateParams{}))
 	require.Error(t, s.Update(ctx, nil))
 	j := &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}
-	require.NoError(t, s.Create(ctx, j))
-	err := s.Create(ctx, &bulkexport.Job{ID: "job-1"})
+	require.NoError(t, s.Create(ctx, j, bulkexport.CreateParams{}))
+	err := s.Create(ctx, &bulkexport.Job{ID: "job-1"}, bulkexport.CreateParams{})
 	require.ErrorIs(t, err, bulkexport.ErrAlreadyExists)
 	require.Contains(t, err.Error(), "job-1")
 	stale := *j
@@ -490,17 +490,17 @@ func TestCancelledWhileWaiting(t *testing.T) {
 	t.Parallel()
 	s, _ := newStore(t, nil)
 	ctx := context.Background()
-	require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}))
+	require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}, bulkexport.CreateParams{}))
 	s.writes <- struct{}{} // another write is under way
 	defer func() { <-s.writes }()
 	for name, call := range map[string]func(context.Context) error{
-		"Create": func(ctx context.Context) error { return s.Create(ctx, &bulkexport.Job{ID: "job-2"}) },
+		"Create": func(ctx context.Context) error { return s.Create(ctx, &bulkexport.Job{ID: "job-2"}, bulkexport.CreateParams{}) },
 		"Update": func(ctx context.Context) error {
 			return s.Update(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateRunning, Version: 1})
 		},
 		"Delete": func(ctx context.Context) error { return s.Delete(ctx, "job-1") },
 		"Claim": func(ctx context.Context) error {
-			_, err := s.Claim(ctx, "w", time.Now(), time.Minute)
+			_, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: time.Now(), Lease: time.Minute})
 			return err
 		},
 	} {
@@ -530,7 +530,7 @@ func TestOtherWriter(t *testing.T) {
 	s, err := New(db, nil)
 	require.NoError(t, err)
 	require.NoError(t, s.Migrate(ctx))
-	require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}))
+	require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateQueued}, bulkexport.CreateParams{}))
 
 	other := openDB(t, path)
 	conn, err := other.Conn(ctx)
@@ -539,7 +539,7 @@ func TestOtherWriter(t *testing.T) {
 	_, err = conn.ExecContext(ctx, "BEGIN IMMEDIATE")
 	require.NoError(t, err)
 	start := time.Now()
-	_, err = s.Claim(ctx, "w", time.Now(), time.Minute)
+	_, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: time.Now(), Lease: time.Minute})
 	require.Error(t, err)
 	require.NotErrorIs(t, err, bulkexport.ErrNoJob)
 	require.Contains(t, strings.ToLower(err.Error()), "locked")
@@ -550,7 +550,7 @@ func TestOtherWriter(t *testing.T) {
 
 	_, err = conn.ExecContext(ctx, "ROLLBACK")
 	require.NoError(t, err)
-	_, err = s.Claim(ctx, "w", time.Now(), time.Minute)
+	_, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "w", Now: time.Now(), Lease: time.Minute})
 	require.NoError(t, err)
 }
 
@@ -571,7 +571,7 @@ func TestTwoProcesses(t *testing.T) {
 	const jobs = 150
 	base := time.Now()
 	for i := range jobs {
-		require.NoError(t, stores[i%2].Create(ctx, &bulkexport.Job{ID: fmt.Sprintf("job-%03d", i), State: bulkexport.StateQueued, CreatedAt: base.Add(time.Duration(i%11) * time.Millisecond)}))
+		require.NoError(t, stores[i%2].Create(ctx, &bulkexport.Job{ID: fmt.Sprintf("job-%03d", i), State: bulkexport.StateQueued, CreatedAt: base.Add(time.Duration(i%11) * time.Millisecond)}, bulkexport.CreateParams{}))
 	}
 	var (
 		mu     sync.Mutex
@@ -585,7 +585,7 @@ func TestTwoProcesses(t *testing.T) {
 				defer wg.Done()
 				worker := fmt.Sprintf("p%d-w%d", p, g)
 				for {
-					j, err := s.Claim(ctx, worker, base, time.Hour)
+					j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: worker, Now: base, Lease: time.Hour})
 					if errors.Is(err, bulkexport.ErrNoJob) {
 						return
 					}

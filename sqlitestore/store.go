@@ -42,7 +42,7 @@ var _ bulkexport.JobStore = (*Store)(nil)
 
 // queries are the store's SQL statements, written for its table.
 type queries struct {
-	insert, get, del, lookup, claim, listPrefix string
+	insert, insertCapped, get, del, lookup, claim, listPrefix string
 	// update holds the compare-and-set UPDATE for each valid target state;
 	// updateFrom holds the states from which that target may be reached.
 	update     map[bulkexport.JobState]string
@@ -107,6 +107,13 @@ func buildQueries(table string) queries {
 		insert: `INSERT INTO ` + t + ` (id, owner, state, created_at, updated_at, expires_at, lease_owner, lease_expires_at, attempts, version, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
 ON CONFLICT (id) DO NOTHING`,
+		// The capped insert counts the owner's active jobs and inserts in
+		// one statement, which SQLite runs under the write lock from
+		// start to end: racing Creates cannot both see room for one more.
+		insertCapped: `INSERT INTO ` + t + ` (id, owner, state, created_at, updated_at, expires_at, lease_owner, lease_expires_at, attempts, version, data)
+SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?
+WHERE (SELECT count(*) FROM ` + t + ` WHERE owner = ? AND state IN ('queued', 'running')) < ?
+ON CONFLICT (id) DO NOTHING`,
 		get:    `SELECT data FROM ` + t + ` WHERE id = ?`,
 		del:    `DELETE FROM ` + t + ` WHERE id = ?`,
 		lookup: `SELECT version, state FROM ` + t + ` WHERE id = ?`,
@@ -131,6 +138,7 @@ ON CONFLICT (id) DO NOTHING`,
         '$.leaseExpiresAt', ?,
         '$.attempts', attempts + 1,
         '$.version', version + 1,
+        '$.fence', version + 1,
         '$.updatedAt', ?)
 WHERE id = (
     SELECT id FROM (
@@ -170,7 +178,9 @@ WHERE id = ? AND version = ? AND state IN (?` + strings.Repeat(", ?", len(from)-
 
 // Create implements bulkexport.JobStore. A duplicate id is detected with
 // INSERT ... ON CONFLICT DO NOTHING, whatever the driver's error types.
-func (s *Store) Create(ctx context.Context, job *bulkexport.Job) error {
+// With p.MaxActivePerOwner set, the count of the owner's active jobs and
+// the insert are one statement.
+func (s *Store) Create(ctx context.Context, job *bulkexport.Job, p bulkexport.CreateParams) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -183,8 +193,13 @@ func (s *Store) Create(ctx context.Context, job *bulkexport.Job) error {
 	}
 	var n int64
 	err = s.write(ctx, func() error {
-		res, err := s.db.ExecContext(ctx, s.q.insert,
-			job.ID, r.owner, r.state, r.createdAt, r.updatedAt, r.expiresAt, r.leaseOwner, r.leaseExpiresAt, r.attempts, r.data)
+		args := []any{job.ID, r.owner, r.state, r.createdAt, r.updatedAt, r.expiresAt, r.leaseOwner, r.leaseExpiresAt, r.attempts, r.data}
+		q := s.q.insert
+		if p.MaxActivePerOwner > 0 {
+			q = s.q.insertCapped
+			args = append(args, r.owner, p.MaxActivePerOwner)
+		}
+		res, err := s.db.ExecContext(ctx, q, args...)
 		if err != nil {
 			return err
 		}
@@ -195,6 +210,17 @@ func (s *Store) Create(ctx context.Context, job *bulkexport.Job) error {
 		return fmt.Errorf("sqlitestore: create job %s: %w", job.ID, err)
 	}
 	if n == 0 {
+		if p.MaxActivePerOwner > 0 {
+			// Either the id exists or the owner is at the cap.
+			var one int
+			err := s.db.QueryRowContext(ctx, `SELECT 1 FROM "`+s.table+`" WHERE id = ?`, job.ID).Scan(&one)
+			switch {
+			case errors.Is(err, sql.ErrNoRows):
+				return fmt.Errorf("sqlitestore: owner %q has %d active jobs: %w", job.Owner, p.MaxActivePerOwner, bulkexport.ErrTooManyJobs)
+			case err != nil:
+				return fmt.Errorf("sqlitestore: create job %s: %w", job.ID, err)
+			}
+		}
 		return fmt.Errorf("sqlitestore: job %s: %w", job.ID, bulkexport.ErrAlreadyExists)
 	}
 	job.Version = 1
@@ -301,11 +327,14 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 // statement. SQLite runs a writing statement under the database's write
 // lock from start to end, so the job it picks cannot be picked by a
 // concurrent Claim, in this process or another one. UpdatedAt is set to
-// now, and LeaseExpiresAt to now+lease (in UTC, to the microsecond).
-func (s *Store) Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*bulkexport.Job, error) {
+// now, and LeaseExpiresAt to now+lease (in UTC, to the microsecond). The
+// lease clock is the caller's (p.Now): the processes sharing a SQLite file
+// run on one machine, with one clock.
+func (s *Store) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexport.Job, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	worker, now, lease := p.Worker, p.Now, p.Lease
 	leaseEnd := normTime(now.Add(lease))
 	updated := normTime(now)
 	nowCeil := ceilMicros(now)

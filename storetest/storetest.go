@@ -380,7 +380,7 @@ func assertJob(t *testing.T, what string, want, got *job) {
 
 func mustCreate(t *testing.T, ctx context.Context, s bulkexport.JobStore, j *job) {
 	t.Helper()
-	if err := s.Create(ctx, j); err != nil {
+	if err := s.Create(ctx, j, bulkexport.CreateParams{}); err != nil {
 		t.Fatalf("Create(%s): %v", j.ID, err)
 	}
 }
@@ -406,7 +406,7 @@ func mustUpdate(t *testing.T, ctx context.Context, s bulkexport.JobStore, j *job
 
 func mustClaim(t *testing.T, ctx context.Context, s bulkexport.JobStore, worker string, now time.Time, lease time.Duration) *job {
 	t.Helper()
-	j, err := s.Claim(ctx, worker, now, lease)
+	j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: worker, Now: now, Lease: lease})
 	if err != nil {
 		t.Fatalf("Claim(%s): %v", worker, err)
 	}
@@ -418,7 +418,7 @@ func mustClaim(t *testing.T, ctx context.Context, s bulkexport.JobStore, worker 
 
 func wantNoJob(t *testing.T, ctx context.Context, s bulkexport.JobStore, worker string, now time.Time) {
 	t.Helper()
-	j, err := s.Claim(ctx, worker, now, time.Minute)
+	j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: worker, Now: now, Lease: time.Minute})
 	if !errors.Is(err, bulkexport.ErrNoJob) {
 		id := "<nil>"
 		if j != nil {
@@ -516,7 +516,7 @@ func createCases() []testCase {
 			mustCreate(t, ctx, s, fullJob("job-dup", base))
 			dup := newJob("job-dup", "mallory", base.Add(time.Hour))
 			dup.Progress.Percent = 99
-			err := s.Create(ctx, dup)
+			err := s.Create(ctx, dup, bulkexport.CreateParams{})
 			if !errors.Is(err, bulkexport.ErrAlreadyExists) {
 				t.Fatalf("second Create error = %v, want ErrAlreadyExists", err)
 			}
@@ -530,7 +530,7 @@ func createCases() []testCase {
 			mustCreate(t, ctx, s, j)
 			j.Progress.Percent = 10
 			mustUpdate(t, ctx, s, j)
-			err := s.Create(ctx, newJob("job-dup", "mallory", base))
+			err := s.Create(ctx, newJob("job-dup", "mallory", base), bulkexport.CreateParams{})
 			if !errors.Is(err, bulkexport.ErrAlreadyExists) {
 				t.Fatalf("Create over an updated job: error = %v, want ErrAlreadyExists", err)
 			}
@@ -538,6 +538,67 @@ func createCases() []testCase {
 			want.Progress.Percent = 10
 			want.Version = 2
 			assertJob(t, "stored job", want, mustGet(t, ctx, s, "job-dup"))
+		}},
+		{"ActiveCap", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
+			// MaxActivePerOwner counts the owner's queued and running jobs
+			// only; other owners and finished jobs do not count.
+			base := baseTime()
+			capped := bulkexport.CreateParams{MaxActivePerOwner: 3}
+			for i, st := range []jobState{completed, failed, cancelled} {
+				createIn(t, ctx, s, newJob(fmt.Sprintf("job-done-%d", i), "alice", base), st)
+			}
+			mustCreate(t, ctx, s, newJob("job-bob", "bob", base))
+			createIn(t, ctx, s, newJob("job-a1", "alice", base), running)
+			for _, id := range []string{"job-a2", "job-a3"} {
+				if err := s.Create(ctx, newJob(id, "alice", base), capped); err != nil {
+					t.Fatalf("Create %s under the cap: %v", id, err)
+				}
+			}
+			err := s.Create(ctx, newJob("job-a4", "alice", base), capped)
+			if !errors.Is(err, bulkexport.ErrTooManyJobs) {
+				t.Fatalf("Create beyond the cap: error = %v, want ErrTooManyJobs", err)
+			}
+			wantNotFound(t, ctx, s, "job-a4")
+			if err := s.Create(ctx, newJob("job-b2", "bob", base), capped); err != nil {
+				t.Errorf("another owner's Create: %v", err)
+			}
+			// No cap, or a job finishing, makes room.
+			if err := s.Create(ctx, newJob("job-a5", "alice", base), bulkexport.CreateParams{}); err != nil {
+				t.Errorf("Create without a cap: %v", err)
+			}
+			j := mustGet(t, ctx, s, "job-a2")
+			j.State = cancelled
+			mustUpdate(t, ctx, s, j)
+			j = mustGet(t, ctx, s, "job-a5")
+			j.State = cancelled
+			mustUpdate(t, ctx, s, j)
+			if err := s.Create(ctx, newJob("job-a6", "alice", base), capped); err != nil {
+				t.Errorf("Create after a job was cancelled: %v", err)
+			}
+		}},
+		{"StringsRoundTrip", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
+			// Whatever text the kick-off parser accepts (valid UTF-8
+			// without NUL) comes back unchanged: control characters,
+			// quotes, backslashes, JSON and SQL look-alikes, characters
+			// outside the BMP.
+			base := baseTime()
+			for i, str := range roundTripStrings {
+				j := newJob(fmt.Sprintf("job-str-%d", i), "alice", base)
+				j.Request.Types = []string{str}
+				j.Request.TypeFilters = []bulkexport.TypeFilter{{Type: "Patient", Query: str}}
+				j.Request.Patients = []string{str}
+				j.Request.Ignored = []bulkexport.Issue{{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotSupported, Diagnostics: str}}
+				j.Progress.Message = str
+				mustCreate(t, ctx, s, j)
+				want := newJob(j.ID, "alice", base)
+				want.Request.Types = []string{str}
+				want.Request.TypeFilters = []bulkexport.TypeFilter{{Type: "Patient", Query: str}}
+				want.Request.Patients = []string{str}
+				want.Request.Ignored = []bulkexport.Issue{{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotSupported, Diagnostics: str}}
+				want.Progress.Message = str
+				want.Version = 1
+				assertJob(t, fmt.Sprintf("job with string %q", str), want, mustGet(t, ctx, s, j.ID))
+			}
 		}},
 		{"Independent", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
 			base := baseTime()
@@ -550,6 +611,18 @@ func createCases() []testCase {
 			assertJob(t, "job-b", wb, mustGet(t, ctx, s, "job-b"))
 		}},
 	}
+}
+
+// roundTripStrings are texts a store must keep byte for byte.
+var roundTripStrings = []string{
+	"",
+	"\x01\x1f\t\r\n\x7f",
+	`"quoted" 'single' \back\slash`,
+	`\u0000 is text here, not a NUL`,
+	`{"resourceType":"Patient"}`,
+	`'; DROP TABLE jobs; --`,
+	"æøå 北京 עברית 🙂 \u2028\u2029 \ufeff",
+	strings.Repeat("x", 8<<10),
 }
 
 // ---------------------------------------------------------------------------
@@ -863,6 +936,7 @@ func claimCases() []testCase {
 			want.LeaseExpiresAt = base.Add(5 * time.Minute)
 			want.Attempts = 3
 			want.Version = 2
+			want.Fence = 2 // the new Version
 			want.UpdatedAt = got.UpdatedAt // Claim may set it
 			assertJob(t, "Claim result", want, got)
 			// Claim returns the stored copy.
@@ -915,6 +989,7 @@ func claimCases() []testCase {
 			want.LeaseExpiresAt = now.Add(2 * time.Minute)
 			want.Attempts = 4
 			want.Version = 3
+			want.Fence = 3
 			want.UpdatedAt = got.UpdatedAt
 			assertJob(t, "re-claimed job", want, got)
 			assertJob(t, "stored job", got, mustGet(t, ctx, s, "job-c"))
@@ -984,9 +1059,9 @@ func claimCases() []testCase {
 			j.LeaseExpiresAt = time.Time{}
 			mustUpdate(t, ctx, s, j)
 			got := mustClaim(t, ctx, s, "worker-2", base, time.Hour)
-			if got.ID != "job-c" || got.LeaseOwner != "worker-2" || got.Attempts != 2 || got.Version != 4 {
-				t.Errorf("Claim after hand-back = %s owner %q attempts %d version %d; want job-c worker-2 2 4",
-					got.ID, got.LeaseOwner, got.Attempts, got.Version)
+			if got.ID != "job-c" || got.LeaseOwner != "worker-2" || got.Attempts != 2 || got.Version != 4 || got.Fence != 4 {
+				t.Errorf("Claim after hand-back = %s owner %q attempts %d version %d fence %d; want job-c worker-2 2 4 4",
+					got.ID, got.LeaseOwner, got.Attempts, got.Version, got.Fence)
 			}
 		}},
 		{"RunningWithoutLease", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
@@ -1198,6 +1273,7 @@ func copyCases() []testCase {
 			want.LeaseOwner = "worker-1"
 			want.LeaseExpiresAt = base.Add(time.Minute)
 			want.Attempts = 3
+			want.Fence = 2
 			want.UpdatedAt = updated
 			check(t, ctx, s, want)
 		}},
@@ -1299,7 +1375,7 @@ func concurrencyCases() []testCase {
 					<-start
 					worker := fmt.Sprintf("worker-%d", g)
 					for range claimJobs + 1 {
-						j, err := s.Claim(ctx, worker, base, time.Hour)
+						j, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: worker, Now: base, Lease: time.Hour})
 						if errors.Is(err, bulkexport.ErrNoJob) {
 							return
 						}
@@ -1352,7 +1428,7 @@ func concurrencyCases() []testCase {
 					defer wg.Done()
 					<-start
 					owner := fmt.Sprintf("client-%d", g)
-					err := s.Create(ctx, newJob("job-race", owner, base))
+					err := s.Create(ctx, newJob("job-race", owner, base), bulkexport.CreateParams{})
 					switch {
 					case err == nil:
 						mu.Lock()
@@ -1372,6 +1448,47 @@ func concurrencyCases() []testCase {
 				t.Errorf("stored job: owner %q version %d, want %q 1", got.Owner, got.Version, winners[0])
 			}
 		}},
+		{"ActiveCap", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
+			// 64 Creates for one owner race against a cap of 10: exactly
+			// 10 win, whatever the interleaving.
+			const racers, limit = 64, 10
+			base := baseTime()
+			var (
+				wg      sync.WaitGroup
+				mu      sync.Mutex
+				winners int
+			)
+			start := make(chan struct{})
+			for g := range racers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-start
+					err := s.Create(ctx, newJob(fmt.Sprintf("job-cap-%02d", g), "alice", base),
+						bulkexport.CreateParams{MaxActivePerOwner: limit})
+					switch {
+					case err == nil:
+						mu.Lock()
+						winners++
+						mu.Unlock()
+					case !errors.Is(err, bulkexport.ErrTooManyJobs):
+						t.Errorf("racer %d: Create: %v, want nil or ErrTooManyJobs", g, err)
+					}
+				}()
+			}
+			close(start)
+			wg.Wait()
+			if winners != limit {
+				t.Errorf("%d of %d racing Creates succeeded under a cap of %d", winners, racers, limit)
+			}
+			active, err := s.List(ctx, bulkexport.Filter{Owner: "alice", States: []jobState{queued, running}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(active) != limit {
+				t.Errorf("List after the race: %d active jobs, want %d", len(active), limit)
+			}
+		}},
 		{"Mixed", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
 			// Every method at once, each goroutine on its own job.
 			base := baseTime()
@@ -1385,7 +1502,7 @@ func concurrencyCases() []testCase {
 					id, owner := fmt.Sprintf("job-m%d", g), fmt.Sprintf("client-%d", g)
 					j := fullJob(id, base)
 					j.Owner = owner
-					if err := s.Create(ctx, j); err != nil {
+					if err := s.Create(ctx, j, bulkexport.CreateParams{}); err != nil {
 						t.Errorf("%s: Create: %v", id, err)
 						return
 					}
@@ -1444,7 +1561,7 @@ func contextCases() []testCase {
 	}
 	return []testCase{
 		{"Create", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
-			if err := s.Create(cancelledCtx(), newJob("job-x", "alice", baseTime())); err == nil {
+			if err := s.Create(cancelledCtx(), newJob("job-x", "alice", baseTime()), bulkexport.CreateParams{}); err == nil {
 				t.Error("Create with a cancelled context succeeded")
 			}
 		}},
@@ -1469,7 +1586,7 @@ func contextCases() []testCase {
 		}},
 		{"Claim", func(t *testing.T, ctx context.Context, s bulkexport.JobStore) {
 			seed(t, ctx, s)
-			if _, err := s.Claim(cancelledCtx(), "worker-1", baseTime(), time.Minute); err == nil {
+			if _, err := s.Claim(cancelledCtx(), bulkexport.ClaimParams{Worker: "worker-1", Now: baseTime(), Lease: time.Minute}); err == nil {
 				t.Error("Claim with a cancelled context succeeded")
 			}
 		}},

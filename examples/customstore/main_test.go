@@ -40,9 +40,9 @@ func TestFileStoreSurvivesReopen(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	for _, id := range []string{"a", "b"} {
 		require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: id, Owner: "alice", Level: bulkexport.LevelSystem,
-			State: bulkexport.StateQueued, CreatedAt: now, UpdatedAt: now}))
+			State: bulkexport.StateQueued, CreatedAt: now, UpdatedAt: now}, bulkexport.CreateParams{}))
 	}
-	claimed, err := s.Claim(ctx, "w1", now, time.Minute)
+	claimed, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w1", Now: now, Lease: time.Minute})
 	require.NoError(t, err)
 	require.NoError(t, s.Delete(ctx, "b"))
 
@@ -76,7 +76,7 @@ func TestFileStoreSaveFailure(t *testing.T) {
 	require.NoError(t, os.Remove(dir))
 
 	job := &bulkexport.Job{ID: "a", State: bulkexport.StateQueued}
-	require.Error(t, s.Create(ctx, job))
+	require.Error(t, s.Create(ctx, job, bulkexport.CreateParams{}))
 	require.Zero(t, job.Version)
 	_, err = s.Get(ctx, "a")
 	require.ErrorIs(t, err, bulkexport.ErrNotFound)

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/bulkfhir/bulkexport"
 )
@@ -108,7 +107,7 @@ func (s *FileStore) commit(id string, j *bulkexport.Job) error {
 }
 
 // Create implements bulkexport.JobStore.
-func (s *FileStore) Create(ctx context.Context, job *bulkexport.Job) error {
+func (s *FileStore) Create(ctx context.Context, job *bulkexport.Job, p bulkexport.CreateParams) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -119,6 +118,19 @@ func (s *FileStore) Create(ctx context.Context, job *bulkexport.Job) error {
 	defer s.mu.Unlock()
 	if _, ok := s.jobs[job.ID]; ok {
 		return fmt.Errorf("job %s: %w", job.ID, bulkexport.ErrAlreadyExists)
+	}
+	// The count and the insert happen under one lock, so the cap is exact
+	// however many kick-offs race.
+	if p.MaxActivePerOwner > 0 {
+		n := 0
+		for _, j := range s.jobs {
+			if j.Owner == job.Owner && !j.State.Terminal() {
+				n++
+			}
+		}
+		if n >= p.MaxActivePerOwner {
+			return fmt.Errorf("owner %q has %d active jobs: %w", job.Owner, n, bulkexport.ErrTooManyJobs)
+		}
 	}
 	c := job.Clone()
 	c.Version = 1
@@ -185,8 +197,10 @@ func (s *FileStore) Delete(ctx context.Context, id string) error {
 
 // Claim implements bulkexport.JobStore: the oldest claimable job becomes
 // running under worker's lease. The mutex makes it atomic, so two claims
-// never get the same job.
-func (s *FileStore) Claim(ctx context.Context, worker string, now time.Time, lease time.Duration) (*bulkexport.Job, error) {
+// never get the same job. The file has no clock of its own, so leases are
+// read and set on the caller's clock (p.Now).
+func (s *FileStore) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexport.Job, error) {
+	now := p.Now
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -203,10 +217,11 @@ func (s *FileStore) Claim(ctx context.Context, worker string, now time.Time, lea
 	}
 	c := best.Clone()
 	c.State = bulkexport.StateRunning
-	c.LeaseOwner = worker
-	c.LeaseExpiresAt = now.Add(lease)
+	c.LeaseOwner = p.Worker
+	c.LeaseExpiresAt = now.Add(p.Lease)
 	c.Attempts++
 	c.Version++
+	c.Fence = c.Version
 	c.UpdatedAt = now
 	if err := s.commit(c.ID, c); err != nil {
 		return nil, err

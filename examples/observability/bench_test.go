@@ -55,10 +55,10 @@ func newPollHandler(tb testing.TB, base string, mp metric.MeterProvider) (*bulke
 		CreatedAt: now,
 		UpdatedAt: now,
 	}
-	if err := store.Create(ctx, job); err != nil {
+	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		tb.Fatal(err)
 	}
-	j, err := store.Claim(ctx, "bench-worker", now, time.Hour)
+	j, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "bench-worker", Now: now, Lease: time.Hour})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -48,7 +48,7 @@ func roundTrip(t *testing.T, store bulkexport.JobStore) func(bulkexport.JobStore
 	now := time.Now().UTC().Truncate(time.Millisecond)
 	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: now, UpdatedAt: now}
-	require.NoError(t, store.Create(ctx, job))
+	require.NoError(t, store.Create(ctx, job, bulkexport.CreateParams{}))
 	return func(s bulkexport.JobStore) {
 		got, err := s.Get(ctx, job.ID)
 		require.NoError(t, err)
