@@ -146,7 +146,7 @@ func ExampleMemoryStore() {
 	fmt.Println("created, version", job.Version)
 
 	// A worker claims it: running, leased, version 2.
-	claimed, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: now, Lease: 30*time.Second})
+	claimed, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: now, Lease: 30 * time.Second})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func ExampleMemoryStore() {
 	}
 	fmt.Println("cancelled, version", cur.Version)
 
-	_, err = store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: now, Lease: 30*time.Second})
+	_, err = store.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: now, Lease: 30 * time.Second})
 	fmt.Println("nothing to claim:", errors.Is(err, bulkexport.ErrNoJob))
 	// Output:
 	// created, version 1

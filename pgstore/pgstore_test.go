@@ -525,18 +525,18 @@ func TestReclaimFromDeadReplica(t *testing.T) {
 
 	t0 := baseTime()
 	require.NoError(t, a.Create(ctx, testJob("job-1", "alice", t0.Add(-time.Minute)), bulkexport.CreateParams{}))
-	ja, err := a.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-a", Now: t0, Lease: 30*time.Second})
+	ja, err := a.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-a", Now: t0, Lease: 30 * time.Second})
 	require.NoError(t, err)
 	ja.Checkpoint = json.RawMessage(`{"type":"Observation","cursor":"abc"}`)
 	ja.Progress = bulkexport.Progress{Percent: 40, Message: "Observation"}
 	require.NoError(t, a.Update(ctx, ja)) // version 3
 
-	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(10*time.Second), Lease: 30*time.Second})
+	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(10 * time.Second), Lease: 30 * time.Second})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob, "the lease is live")
-	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(30*time.Second), Lease: 30*time.Second})
+	_, err = b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(30 * time.Second), Lease: 30 * time.Second})
 	require.ErrorIs(t, err, bulkexport.ErrNoJob, "expiry is LeaseExpiresAt before now")
 
-	jb, err := b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(31*time.Second), Lease: 30*time.Second})
+	jb, err := b.Claim(ctx, bulkexport.ClaimParams{Worker: "replica-b", Now: t0.Add(31 * time.Second), Lease: 30 * time.Second})
 	require.NoError(t, err)
 	require.Equal(t, "job-1", jb.ID)
 	require.Equal(t, "replica-b", jb.LeaseOwner)
@@ -600,7 +600,7 @@ FROM `+s.table+` WHERE id = 'job-1'`).Scan(&owner, &state, &created, &expires, &
 	c.Progress.Percent = 10
 	require.NoError(t, s.Update(ctx, c))
 	check("after renewal")
-	c, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: base.Add(3*time.Minute), Lease: time.Minute})
+	c, err = s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-2", Now: base.Add(3 * time.Minute), Lease: time.Minute})
 	require.NoError(t, err)
 	check("after re-Claim")
 	c.State = bulkexport.StateCompleted

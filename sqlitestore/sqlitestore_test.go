@@ -494,7 +494,9 @@ func TestCancelledWhileWaiting(t *testing.T) {
 	s.writes <- struct{}{} // another write is under way
 	defer func() { <-s.writes }()
 	for name, call := range map[string]func(context.Context) error{
-		"Create": func(ctx context.Context) error { return s.Create(ctx, &bulkexport.Job{ID: "job-2"}, bulkexport.CreateParams{}) },
+		"Create": func(ctx context.Context) error {
+			return s.Create(ctx, &bulkexport.Job{ID: "job-2"}, bulkexport.CreateParams{})
+		},
 		"Update": func(ctx context.Context) error {
 			return s.Update(ctx, &bulkexport.Job{ID: "job-1", State: bulkexport.StateRunning, Version: 1})
 		},

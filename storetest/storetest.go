@@ -936,7 +936,7 @@ func claimCases() []testCase {
 			want.LeaseExpiresAt = base.Add(5 * time.Minute)
 			want.Attempts = 3
 			want.Version = 2
-			want.Fence = 2 // the new Version
+			want.Fence = 2                 // the new Version
 			want.UpdatedAt = got.UpdatedAt // Claim may set it
 			assertJob(t, "Claim result", want, got)
 			// Claim returns the stored copy.
