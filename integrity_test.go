@@ -1,6 +1,7 @@
 package bulkexport_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -37,6 +38,9 @@ type flakyStore struct {
 	// landed applies a failing Update before reporting the error, as when
 	// a connection drops after the commit.
 	landed bool
+	// failTerminal fails (landed) the first Update that moves a job to a
+	// terminal state.
+	failTerminal atomic.Bool
 
 	updates atomic.Int64
 	failed  atomic.Int64
@@ -45,6 +49,13 @@ type flakyStore struct {
 func (s *flakyStore) Update(ctx context.Context, j *bulkexport.Job) error {
 	if s.down.Load() {
 		s.failed.Add(1)
+		return errStoreDown
+	}
+	if j.State.Terminal() && s.failTerminal.CompareAndSwap(true, false) {
+		s.failed.Add(1)
+		if err := s.JobStore.Update(ctx, j.Clone()); err != nil {
+			return err
+		}
 		return errStoreDown
 	}
 	n := s.updates.Add(1)
@@ -126,6 +137,49 @@ func TestStoreErrorsRetried(t *testing.T) {
 			require.Len(t, names, len(res.Manifest.Output), "no unlisted file")
 		})
 	}
+}
+
+// TestLandedCompletion: the update that completes the job lands, but its
+// answer is lost. The retry meets the completed job under the run's own
+// fence and takes it as done, rather than as a lost lease.
+func TestLandedCompletion(t *testing.T) {
+	t.Parallel()
+	src := clinicalSource(t, 20)
+	store := &flakyStore{JobStore: bulkexport.NewMemoryStore()}
+	store.failTerminal.Store(true)
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL := srv.Kickoff(t, "/$export?_type=Patient")
+	var logs syncBuffer
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
+		PollInterval: 10 * time.Millisecond, Heartbeat: 10 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+	})
+	require.NoError(t, err)
+	runWorker(t, w)
+	res := srv.Collect(t, statusURL)
+	requireExactlyOnce(t, res, "Patient", 20)
+	require.False(t, store.failTerminal.Load(), "no fault was injected")
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "job completed") },
+		10*time.Second, 5*time.Millisecond, "the run did not log its completion: %s", logs.String())
+	require.NotContains(t, logs.String(), "could not record")
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // logWatch is a slog.Handler that closes a channel at the first record

@@ -240,6 +240,9 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 	// cursor past files that were never recorded.
 	saved := r.cp.clone()
 	backoff := 25 * time.Millisecond
+	// ambiguous is set once a store error left it unknown whether an
+	// attempt landed.
+	ambiguous := false
 	for conflicts := 0; ; {
 		r.cp = saved.clone()
 		j := r.job.Clone()
@@ -277,6 +280,7 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 				return err
 			}
 			backoff = min(backoff*2, time.Second)
+			ambiguous = true
 			continue
 		}
 		fresh, gerr := r.w.store.Get(ctx, r.id)
@@ -296,6 +300,12 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			}
 			backoff = min(backoff*2, time.Second)
 			continue
+		case ambiguous && fresh.Fence == r.fence && fresh.State == j.State && j.State != StateRunning:
+			// An earlier attempt of this very transition landed before
+			// the store failed to say so: no other claim can have moved
+			// the job under this run's fence.
+			r.job = fresh
+			return nil
 		case !r.owns(fresh) || conflicts >= 10:
 			r.cancel(errLeaseLost)
 			return errLeaseLost
