@@ -428,6 +428,37 @@ func TestShutdownHandsJobBack(t *testing.T) {
 	require.Len(t, ids, 30)
 }
 
+// TestHandBacksAreNotAttempts: with MaxAttempts 1, a job handed back by
+// two graceful shutdowns in a row still completes: only claims that ended
+// without a hand-back count.
+func TestHandBacksAreNotAttempts(t *testing.T) {
+	t.Parallel()
+	src := clinicalSource(t, 30)
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src})
+	statusURL := srv.Kickoff(t, "/$export?_type=Condition")
+	opts := bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, MaxFileResources: 4, CheckpointInterval: time.Nanosecond, MaxAttempts: 1}
+	for i, at := range []int{8, 20} {
+		pause := src.Pause("Condition", at)
+		w, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- w.Run(ctx) }()
+		<-pause.Reached()
+		cancel()
+		require.NoError(t, <-done)
+		job := srv.Job(t, statusURL)
+		require.Equal(t, bulkexport.StateQueued, job.State, "shutdown %d", i+1)
+		require.Zero(t, job.Attempts, "shutdown %d: a hand-back is not an attempt", i+1)
+	}
+	w, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	require.NoError(t, err)
+	runWorker(t, w)
+	res := srv.Collect(t, statusURL)
+	requireExactlyOnce(t, res, "Condition", 30)
+	require.Equal(t, 1, srv.Job(t, statusURL).Attempts)
+}
+
 // TestRunLeavesNoGoroutines checks that Run owns its goroutines: none of
 // the worker's code is running once Run has returned.
 func TestRunLeavesNoGoroutines(t *testing.T) {
