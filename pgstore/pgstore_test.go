@@ -26,19 +26,18 @@ import (
 // .ci/postgres.sh provisions a server and sets it.
 const envURL = "BULKEXPORT_TEST_POSTGRES_URL"
 
-// testPool is shared by the tests (nil without envURL). Each store gets a
-// schema of its own, so tests, and test binaries, run in parallel.
-var testPool *pgxpool.Pool
+// The shared pool, opened by the first test that needs the database. The
+// variable is read inside the tests, not in TestMain, so that Go's test
+// cache keys a cached result on it: a run without it (all skipped) is never
+// reused for a run with it. Each store gets a schema of its own, so tests,
+// and test binaries, run in parallel.
+var (
+	poolOnce sync.Once
+	testPool *pgxpool.Pool
+	poolErr  error
+)
 
 func TestMain(m *testing.M) {
-	if url := os.Getenv(envURL); url != "" {
-		p, err := openPool(context.Background(), url, nil)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "pgstore tests: %s: %v\n", envURL, err)
-			os.Exit(1)
-		}
-		testPool = p
-	}
 	code := m.Run()
 	if testPool != nil {
 		testPool.Close()
@@ -71,8 +70,13 @@ func openPool(ctx context.Context, url string, tweak func(*pgxpool.Config)) (*pg
 // needDB returns the shared pool, or skips when envURL is unset.
 func needDB(tb testing.TB) *pgxpool.Pool {
 	tb.Helper()
-	if testPool == nil {
+	url := os.Getenv(envURL)
+	if url == "" {
 		tb.Skipf("%s is not set; source .ci/postgres.sh to provision a server", envURL)
+	}
+	poolOnce.Do(func() { testPool, poolErr = openPool(context.Background(), url, nil) })
+	if poolErr != nil {
+		tb.Fatalf("%s: %v", envURL, poolErr)
 	}
 	return testPool
 }
