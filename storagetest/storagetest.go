@@ -72,6 +72,9 @@ var cases = []struct {
 	{"ConcurrentWriters", testConcurrentWriters},
 	{"ConcurrentReplace", testConcurrentReplace},
 	{"LargeFile", testLargeFile},
+	{"FencedNames", testFencedNames},
+	{"DeleteFile", testDeleteFile},
+	{"SweepTempKeepsCommitted", testSweepTempKeepsCommitted},
 }
 
 // ctx is the context of every call: the contract says nothing of
@@ -826,4 +829,69 @@ func testLargeFile(t *testing.T, s bulkexport.Storage) {
 	readN(t, r, line)
 	seekTo(t, r, size/2, io.SeekStart, size/2)
 	readN(t, r, []byte(fmt.Sprintf("%08d", size/2/chunk)))
+}
+
+// testFencedNames: the files that two claims of one job write, under the
+// names bulkexport.FileName gives them, are distinct files; committing
+// one never changes the other, and each reads back with the size its
+// writer wrote (the engine checks that size before it completes a job).
+func testFencedNames(t *testing.T, s bulkexport.Storage) {
+	old := bulkexport.FileName("Patient", 1, 3)
+	newer := bulkexport.FileName("Patient", 1, 5)
+	put(t, s, "job-f", newer, lines("new", 3))
+	put(t, s, "job-f", old, lines("old", 1))
+	wantContent(t, s, "job-f", newer, lines("new", 3))
+	wantContent(t, s, "job-f", old, lines("old", 1))
+	wantList(t, s, "job-f", old, newer)
+}
+
+// testDeleteFile: a Storage that implements bulkexport.FileDeleter
+// removes exactly the named file; the job's other files stay as they
+// were, and removing a missing file is not an error.
+func testDeleteFile(t *testing.T, s bulkexport.Storage) {
+	fd, ok := s.(bulkexport.FileDeleter)
+	if !ok {
+		t.Skip("the Storage does not implement bulkexport.FileDeleter")
+	}
+	a, b := bulkexport.FileName("Patient", 1, 2), bulkexport.FileName("Patient", 2, 2)
+	put(t, s, "job-d", a, lines("a", 2))
+	put(t, s, "job-d", b, lines("b", 2))
+	put(t, s, "job-e", a, lines("e", 2))
+	if err := fd.DeleteFile(ctx, "job-d", a); err != nil {
+		t.Fatalf("DeleteFile: %v", err)
+	}
+	wantMissing(t, s, "job-d", a)
+	wantContent(t, s, "job-d", b, lines("b", 2))
+	wantContent(t, s, "job-e", a, lines("e", 2))
+	if err := fd.DeleteFile(ctx, "job-d", a); err != nil {
+		t.Fatalf("DeleteFile of a missing file: %v", err)
+	}
+}
+
+// testSweepTempKeepsCommitted: a Storage that implements
+// bulkexport.TempSweeper leaves every committed file alone when it sweeps
+// a job's temporary files, and a file being written when a sweep runs
+// either commits whole or fails to commit; it is never listed short.
+func testSweepTempKeepsCommitted(t *testing.T, s bulkexport.Storage) {
+	ts, ok := s.(bulkexport.TempSweeper)
+	if !ok {
+		t.Skip("the Storage does not implement bulkexport.TempSweeper")
+	}
+	done := bulkexport.FileName("Patient", 1, 4)
+	put(t, s, "job-s", done, lines("done", 5))
+	w, err := s.Create(ctx, "job-s", bulkexport.FileName("Patient", 2, 4))
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	write(t, w, lines("half", 2))
+	if err := ts.SweepTemp(ctx, "job-s"); err != nil {
+		t.Fatalf("SweepTemp: %v", err)
+	}
+	wantContent(t, s, "job-s", done, lines("done", 5))
+	if err := w.Commit(); err == nil {
+		wantContent(t, s, "job-s", bulkexport.FileName("Patient", 2, 4), lines("half", 2))
+	} else {
+		wantMissing(t, s, "job-s", bulkexport.FileName("Patient", 2, 4))
+		_ = w.Abort()
+	}
 }
