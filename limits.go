@@ -60,11 +60,11 @@ func (h *Handler) trimFinished(ctx context.Context, clientID string) {
 	if keep < 0 {
 		return
 	}
-	done, err := h.store.List(ctx, Filter{Owner: clientID, States: []JobState{StateCompleted, StateFailed, StateCancelled}})
+	now := h.now()
+	done, err := h.store.List(ctx, Filter{Owner: clientID, States: []JobState{StateCompleted, StateFailed, StateCancelled}, NotExpiredAt: now})
 	if err != nil || len(done) <= keep {
 		return
 	}
-	now := h.now()
 	// Oldest first: List orders by CreatedAt.
 	for _, j := range done[:len(done)-keep] {
 		if !j.ExpiresAt.IsZero() && !j.ExpiresAt.After(now) {

@@ -89,6 +89,11 @@ type Filter struct {
 	// ExpiresBefore keeps jobs with a non-zero ExpiresAt before it: the
 	// purge's query.
 	ExpiresBefore time.Time
+	// NotExpiredAt keeps jobs that have not expired at that time: a zero
+	// ExpiresAt, or one after it. The handler's cap on finished jobs uses
+	// it, so that jobs already expired (and waiting for the purge) cost it
+	// nothing.
+	NotExpiredAt time.Time
 	// Limit caps the result; 0 means no cap.
 	Limit int
 }
@@ -112,6 +117,9 @@ func (f Filter) Match(j *Job) bool {
 		}
 	}
 	if !f.ExpiresBefore.IsZero() && (j.ExpiresAt.IsZero() || !j.ExpiresAt.Before(f.ExpiresBefore)) {
+		return false
+	}
+	if !f.NotExpiredAt.IsZero() && !j.ExpiresAt.IsZero() && !j.ExpiresAt.After(f.NotExpiredAt) {
 		return false
 	}
 	return true

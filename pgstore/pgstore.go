@@ -492,6 +492,12 @@ func (s *Store) listSQL(f bulkexport.Filter) (string, []any) {
 	if !f.ExpiresBefore.IsZero() {
 		// NULL (a zero ExpiresAt) never compares before anything.
 		b.WriteString(sep + "expires_at < " + arg(ceilMicro(f.ExpiresBefore)))
+		sep = " AND "
+	}
+	if !f.NotExpiredAt.IsZero() {
+		// For a stored (whole-microsecond) x, x > t exactly when x is
+		// after t rounded down to the microsecond.
+		b.WriteString(sep + "(expires_at IS NULL OR expires_at > " + arg(f.NotExpiredAt.Truncate(time.Microsecond).UTC()) + ")")
 	}
 	b.WriteString(" ORDER BY created_at, id")
 	if f.Limit > 0 {

@@ -355,7 +355,7 @@ func (s *Store) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexpor
 	return decode(data)
 }
 
-// List implements bulkexport.JobStore. Owner, States and ExpiresBefore
+// List implements bulkexport.JobStore. Owner, States, ExpiresBefore and NotExpiredAt
 // become WHERE terms on indexed columns; the order is created_at, then id.
 func (s *Store) List(ctx context.Context, f bulkexport.Filter) ([]*bulkexport.Job, error) {
 	if err := ctx.Err(); err != nil {
@@ -406,6 +406,12 @@ func (s *Store) listQuery(f bulkexport.Filter) (string, []any) {
 		// NULL (a zero ExpiresAt) never compares true.
 		where = append(where, "expires_at < ?")
 		args = append(args, ceilMicros(f.ExpiresBefore))
+	}
+	if !f.NotExpiredAt.IsZero() {
+		// For a stored (whole-microsecond) x, x > t exactly when
+		// micros(x) > micros(t), t rounded down.
+		where = append(where, "(expires_at IS NULL OR expires_at > ?)")
+		args = append(args, micros(f.NotExpiredAt))
 	}
 	if len(where) > 0 {
 		b.WriteString(" WHERE ")

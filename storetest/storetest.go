@@ -1161,6 +1161,18 @@ func listCases() []testCase {
 			return bulkexport.Filter{ExpiresBefore: b.Add(100000 * time.Hour)}
 		}, []string{"job-3", "job-4", "job-5"}},
 		{"ExpiresBeforeNone", func(b time.Time) bulkexport.Filter { return bulkexport.Filter{ExpiresBefore: b} }, nil},
+		// job-5 expires exactly at base+2h: expired at it, not just before.
+		{"NotExpiredAt", func(b time.Time) bulkexport.Filter { return bulkexport.Filter{NotExpiredAt: b.Add(2 * time.Hour)} },
+			[]string{"job-1", "job-2", "job-6", "job-4"}},
+		{"NotExpiredAtJustBefore", func(b time.Time) bulkexport.Filter {
+			return bulkexport.Filter{NotExpiredAt: b.Add(2*time.Hour - time.Nanosecond)}
+		}, []string{"job-1", "job-2", "job-6", "job-4", "job-5"}},
+		{"NotExpiredAtJustAfter", func(b time.Time) bulkexport.Filter {
+			return bulkexport.Filter{NotExpiredAt: b.Add(2*time.Hour + time.Nanosecond)}
+		}, []string{"job-1", "job-2", "job-6", "job-4"}},
+		{"NotExpiredAtFinished", func(b time.Time) bulkexport.Filter {
+			return bulkexport.Filter{Owner: "alice", States: terminal, NotExpiredAt: b.Add(time.Hour)}
+		}, []string{"job-4"}},
 		{"Limit", func(time.Time) bulkexport.Filter { return bulkexport.Filter{Limit: 2} }, []string{"job-1", "job-2"}},
 		{"LimitOne", func(time.Time) bulkexport.Filter { return bulkexport.Filter{Limit: 1} }, []string{"job-1"}},
 		{"LimitAboveCount", func(time.Time) bulkexport.Filter { return bulkexport.Filter{Limit: 100} }, []string{"job-1", "job-2", "job-3", "job-6", "job-4", "job-5"}},
