@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -146,7 +147,34 @@ func runOutage(t *testing.T, storeArgs []string, what string, outage func(*harne
 		h.outageCheck(p, e)
 	}
 	poller.check(h, want503)
+	h.outageLogSummary()
 	h.report(ids)
+}
+
+var reOutageMsg = regexp.MustCompile(`level=(WARN|ERROR) msg="([^"]*)"`)
+
+// outageLogSummary logs how many warnings and errors of each kind the
+// servers logged, which shows what the outage did to them.
+func (h *harness) outageLogSummary() {
+	h.mu.Lock()
+	b, err := os.ReadFile(h.log.Name())
+	h.mu.Unlock()
+	if err != nil {
+		h.t.Logf("servers.log: %v", err)
+		return
+	}
+	counts := map[string]int{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if m := reOutageMsg.FindStringSubmatch(line); m != nil {
+			counts[m[1]+" "+m[2]]++
+		}
+	}
+	var lines []string
+	for k, n := range counts {
+		lines = append(lines, fmt.Sprintf("%4d× %s", n, k))
+	}
+	sort.Strings(lines)
+	h.t.Logf("the servers' warnings and errors:\n%s", strings.Join(lines, "\n"))
 }
 
 // outageHarness is newHarness with the outage tests' settings: the server
