@@ -41,6 +41,8 @@ type flakyStore struct {
 	// failTerminal fails (landed) the first Update that moves a job to a
 	// terminal state.
 	failTerminal atomic.Bool
+	// failNext fails that many Updates from now on, one after another.
+	failNext atomic.Int64
 
 	updates atomic.Int64
 	failed  atomic.Int64
@@ -58,6 +60,11 @@ func (s *flakyStore) Update(ctx context.Context, j *bulkexport.Job) error {
 		}
 		return errStoreDown
 	}
+	if s.failNext.Add(-1) >= 0 {
+		s.failed.Add(1)
+		return errStoreDown
+	}
+	s.failNext.Store(0)
 	n := s.updates.Add(1)
 	if s.failEvery == 0 || n%s.failEvery != 0 {
 		return s.JobStore.Update(ctx, j)
@@ -255,6 +262,42 @@ func TestStoreOutagePastLease(t *testing.T) {
 	job := lastJob(t, srv)
 	require.Equal(t, 2, job.Attempts, "the job was claimed again")
 	require.Greater(t, job.Fence, during.Fence)
+}
+
+// TestStoreOutageRetriedToLeaseEnd: the store refuses seven updates in a
+// row, about 1.6 s of back-off, in a 2.5 s lease. The run retries until
+// just before its lease runs out, rather than giving up as soon as its next
+// back-off would cross the lease's end: it keeps its claim (one attempt)
+// and completes.
+func TestStoreOutageRetriedToLeaseEnd(t *testing.T) {
+	t.Parallel()
+	src := clinicalSource(t, 40)
+	pause := src.Pause("Observation", 30)
+	store := &flakyStore{JobStore: bulkexport.NewMemoryStore()}
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
+	gaveUp := newLogWatch("unreachable for the whole lease")
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
+		// No heartbeat: the checkpoints alone renew the lease, so that the
+		// failed updates start right after a renewal.
+		Lease: 2500 * time.Millisecond, PollInterval: 10 * time.Millisecond, Heartbeat: time.Hour,
+		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: slog.New(gaveUp),
+	})
+	require.NoError(t, err)
+	runWorker(t, w)
+	<-pause.Reached()
+	store.failNext.Store(7)
+	pause.Release()
+
+	res := srv.Collect(t, statusURL)
+	requireExactlyOnce(t, res, "Observation", 80)
+	require.EqualValues(t, 7, store.failed.Load(), "the faults were injected")
+	select {
+	case <-gaveUp.seen:
+		t.Fatal("the run gave its claim up within the lease")
+	default:
+	}
+	require.Equal(t, 1, lastJob(t, srv).Attempts, "the retries stayed within one claim")
 }
 
 // TestCompletionVerifiesFiles: a listed file that went missing or short

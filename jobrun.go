@@ -272,14 +272,12 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			// would have run out; a retry of an update that did land meets
 			// a version conflict, and is then checked against the fresh
 			// copy below (every fn is idempotent on it).
-			if !r.w.opts.Now().Add(backoff).Before(r.leaseUntil) {
-				r.cancel(errStoreLost)
-				return fmt.Errorf("%w: %w", errStoreLost, err)
+			if werr := r.retryWait(ctx, &backoff); werr != nil {
+				if errors.Is(werr, errStoreLost) {
+					return fmt.Errorf("%w: %w", errStoreLost, err)
+				}
+				return werr
 			}
-			if err := sleepCtx(ctx, backoff); err != nil {
-				return err
-			}
-			backoff = min(backoff*2, time.Second)
 			ambiguous = true
 			continue
 		}
@@ -291,14 +289,12 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 		case gerr != nil:
 			// Could not tell why: try the update again (it counts as a
 			// store failure).
-			if !r.w.opts.Now().Add(backoff).Before(r.leaseUntil) {
-				r.cancel(errStoreLost)
-				return fmt.Errorf("%w: %w", errStoreLost, gerr)
+			if werr := r.retryWait(ctx, &backoff); werr != nil {
+				if errors.Is(werr, errStoreLost) {
+					return fmt.Errorf("%w: %w", errStoreLost, gerr)
+				}
+				return werr
 			}
-			if err := sleepCtx(ctx, backoff); err != nil {
-				return err
-			}
-			backoff = min(backoff*2, time.Second)
 			continue
 		case ambiguous && fresh.Fence == r.fence && fresh.State == j.State && j.State != StateRunning:
 			// An earlier attempt of this very transition landed before
@@ -314,6 +310,31 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 		r.job = fresh
 	}
 }
+
+// retryWait waits before the next try of a failed store call: *backoff,
+// which it then doubles (up to a second), but never past the last moment
+// at which a try can still renew the lease (leaseRetryMargin before it
+// runs out), so that an outage shorter than the lease does not lose the
+// claim. When that moment has passed it cancels the run with errStoreLost
+// and returns errStoreLost. Called with r.mu held.
+func (r *jobRun) retryWait(ctx context.Context, backoff *time.Duration) error {
+	last := r.leaseUntil.Add(-min(r.w.opts.Lease/10, leaseRetryMargin))
+	wait := min(*backoff, last.Sub(r.w.opts.Now()))
+	if wait <= 0 {
+		r.cancel(errStoreLost)
+		return errStoreLost
+	}
+	if err := sleepCtx(ctx, wait); err != nil {
+		return err
+	}
+	*backoff = min(*backoff*2, time.Second)
+	return nil
+}
+
+// leaseRetryMargin is how long before the lease runs out the last retry of
+// a failed store update is made, at most (a tenth of the lease when that
+// is less): time for it to land while the lease still holds.
+const leaseRetryMargin = 250 * time.Millisecond
 
 // leaseNow is the store's lease clock now, as this run reckons it: the
 // store's clock at the claim plus the time elapsed since (see
