@@ -35,24 +35,33 @@ const (
 func TestBurstKickoffCap(t *testing.T) {
 	t.Parallel()
 	skipShort(t)
+	sqlite := func(t *testing.T) []string {
+		return []string{"-store", "sqlite:" + filepath.Join(t.TempDir(), "jobs.db")}
+	}
+	postgres := func(t *testing.T) []string {
+		return []string{"-store", "postgres:" + needPostgres(t), "-pg-schema", freshSchema(t)}
+	}
 	stores := []struct {
-		name string
-		args func(t *testing.T) []string
+		name    string
+		args    func(t *testing.T) []string
+		servers int // the kick-offs are spread over this many servers on the store
 	}{
-		{"memory", func(*testing.T) []string { return []string{"-store", "memory"} }},
-		{"sqlite", func(t *testing.T) []string {
-			return []string{"-store", "sqlite:" + filepath.Join(t.TempDir(), "jobs.db")}
-		}},
-		{"postgres", func(t *testing.T) []string {
-			return []string{"-store", "postgres:" + needPostgres(t), "-pg-schema", freshSchema(t)}
-		}},
+		{"memory", func(*testing.T) []string { return []string{"-store", "memory"} }, 1},
+		{"sqlite", sqlite, 1},
+		{"postgres", postgres, 1},
+		// The cap is one count across every process on the store.
+		{"sqlite-two-servers", sqlite, 2},
+		{"postgres-two-servers", postgres, 2},
 	}
 	for _, st := range stores {
 		t.Run(st.name, func(t *testing.T) {
 			t.Parallel()
 			h := newHarness(t, append(st.args(t), "-pace", hcBurstPace))
-			p := h.start("server")
-			hcBurstCap(t, h, p)
+			var ps []*proc
+			for i := range st.servers {
+				ps = append(ps, h.start(string(rune('A'+i))))
+			}
+			hcBurstCap(t, h, ps)
 		})
 	}
 }
@@ -66,12 +75,13 @@ type hcAnswer struct {
 	err        error
 }
 
-// hcBurstCap fires the burst at p and checks the answers.
-func hcBurstCap(t *testing.T, h *harness, p *proc) {
+// hcBurstCap fires the burst at the servers ps (in turn) and checks the
+// answers.
+func hcBurstCap(t *testing.T, h *harness, ps []*proc) {
 	// One connection per request, all opened before the requests go.
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: hcBurst}}
 	defer client.CloseIdleConnections()
-	u := p.base + "/$export"
+	u := ps[0].base + "/$export"
 	answers := make([]hcAnswer, hcBurst)
 	start := make(chan struct{})
 	var wg sync.WaitGroup
@@ -80,7 +90,7 @@ func hcBurstCap(t *testing.T, h *harness, p *proc) {
 		go func() {
 			defer wg.Done()
 			<-start
-			answers[i] = hcKickoff(client, u)
+			answers[i] = hcKickoff(client, ps[i%len(ps)].base+"/$export")
 		}()
 	}
 	close(start)
@@ -101,7 +111,7 @@ func hcBurstCap(t *testing.T, h *harness, p *proc) {
 			hcCheckThrottled(t, a, fmt.Sprintf("kick-off %d", i))
 		}
 	}
-	t.Logf("%d simultaneous kick-offs: answers %v", hcBurst, statuses)
+	t.Logf("%d simultaneous kick-offs at %d servers: answers %v", hcBurst, len(ps), statuses)
 	require.Len(t, accepted, hcActiveCap, "202 answers; all answers: %v", statuses)
 	require.Equal(t, hcBurst-hcActiveCap, throttled, "429 answers; all answers: %v", statuses)
 
