@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -116,14 +117,17 @@ func TestPausePostgresTwoServers(t *testing.T) {
 		pz.cont(owner)
 		// The stale worker notices, at its first store update or
 		// heartbeat, that it lost each job it held.
-		h.waitFor(claimTimeout, owner.name+" noticing it lost its jobs", func() bool {
+		if !hcWait(h, claimTimeout, func() bool {
 			for _, job := range running {
 				if !owner.finished[job] {
 					return false
 				}
 			}
 			return true
-		})
+		}) {
+			hcQuit(t, h, owner)
+			t.Fatalf("%s: %s did not give up the jobs it held (%v) within %v of SIGCONT", pt.name, owner.name, running, claimTimeout)
+		}
 		hcCheckSnapshot(t, h, db.get(t, sys.id), snap, pt.name)
 		if !tookOver {
 			t.Logf("%s: the system export finished before the takeover", pt.name)
@@ -187,6 +191,55 @@ func (pz *hcPauser) cont(p *proc) {
 	pz.mu.Lock()
 	delete(pz.stopped, p)
 	pz.mu.Unlock()
+}
+
+// hcWait is harness.waitFor that reports a timeout instead of failing
+// the test.
+func hcWait(h *harness, timeout time.Duration, cond func() bool) bool {
+	h.t.Helper()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		h.waitFor(time.Second, "", func() bool { return true }) // a failed job or a dead server fails the test
+		h.mu.Lock()
+		ok := cond()
+		ch := h.changed
+		h.mu.Unlock()
+		if ok {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-time.After(100 * time.Millisecond):
+		case <-timer.C:
+			return false
+		}
+	}
+}
+
+// hcQuit makes a stuck server print its goroutines (SIGQUIT) and logs
+// them.
+func hcQuit(t *testing.T, h *harness, p *proc) {
+	h.mu.Lock()
+	p.killed = true
+	fmt.Fprintf(h.log, "[test] %s SIGQUIT %s\n", time.Since(h.started).Round(time.Millisecond), p.name)
+	h.mu.Unlock()
+	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGCONT)
+	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGQUIT)
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+	}
+	h.mu.Lock()
+	b, _ := os.ReadFile(h.log.Name())
+	h.mu.Unlock()
+	var dump []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "["+p.name+"] "); ok {
+			dump = append(dump, rest)
+		}
+	}
+	t.Logf("output of %s:\n%s", p.name, strings.Join(dump, "\n"))
 }
 
 // hcJobs reads the servers' jobs table directly.
