@@ -127,26 +127,44 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 		return
 	}
 	err := r.run(ctx, resumed)
-	cause := context.Cause(ctx)
-	logCtx := context.WithoutCancel(ctx)
 	switch {
-	case errors.Is(cause, errLeaseLost):
-		r.outcome = outcomeLeaseLost
-		log.LogAttrs(logCtx, slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
-	case errors.Is(cause, errStoreLost):
-		r.outcome = outcomeLeaseLost
-		log.LogAttrs(logCtx, slog.LevelWarn, "bulkexport: the job store was unreachable for the whole lease; the job resumes from its last checkpoint", slog.Any("err", err))
-	case errors.Is(cause, errJobCancelled):
-		r.cleanup(ctx, log)
-		// The handler that took the DELETE logged the transition.
-		log.LogAttrs(logCtx, slog.LevelDebug, "bulkexport: job stopped after cancel")
-	case parent.Err() != nil:
-		r.release(ctx, log)
+	case ctx.Err() != nil:
+		r.stopped(ctx, log, err)
 	case err != nil:
 		r.fail(ctx, log, err)
 	default:
 		r.complete(ctx, log)
 	}
+}
+
+// stopped ends a run whose context is done: its claim was lost, the job
+// was cancelled, or the worker is shutting down (the parent context is
+// done), and then the job is handed back. err is what stopped the work.
+func (r *jobRun) stopped(ctx context.Context, log *slog.Logger, err error) {
+	cause := context.Cause(ctx)
+	switch {
+	case errors.Is(cause, errLeaseLost), errors.Is(cause, errStoreLost):
+		r.lost(ctx, log, cause, err)
+	case errors.Is(cause, errJobCancelled):
+		r.cleanup(ctx, log)
+		// The handler that took the DELETE logged the transition.
+		log.LogAttrs(context.WithoutCancel(ctx), slog.LevelDebug, "bulkexport: job stopped after cancel")
+	default:
+		r.release(ctx, log)
+	}
+}
+
+// lost logs that the run gave its claim up: another worker owns the job
+// (why wraps errLeaseLost), or the store could not be reached for the
+// whole lease (errStoreLost). err is what stopped the work.
+func (r *jobRun) lost(ctx context.Context, log *slog.Logger, why, err error) {
+	r.outcome = outcomeLeaseLost
+	ctx = context.WithoutCancel(ctx)
+	if errors.Is(why, errStoreLost) {
+		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: the job store was unreachable for the whole lease; the job resumes from its last checkpoint", slog.Any("err", err))
+		return
+	}
+	log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: lease lost; another worker owns the job")
 }
 
 // run does the work: set up, then export every type.
@@ -287,6 +305,11 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			r.cancel(errJobCancelled)
 			return errJobCancelled
 		case gerr != nil:
+			if ctx.Err() != nil {
+				// The run is stopping (another type failed, the job was
+				// cancelled, the worker shuts down): not a store failure.
+				return context.Cause(ctx)
+			}
 			// Could not tell why: try the update again (it counts as a
 			// store failure).
 			if werr := r.retryWait(ctx, &backoff); werr != nil {
@@ -511,6 +534,7 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 		if ctx.Err() != nil {
 			// Cancelled, lease lost or shut down while verifying: the
 			// files stay; whoever owns the job next decides.
+			r.stopped(ctx, log, err)
 			return
 		}
 		r.fail(ctx, log, err)
@@ -535,6 +559,10 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	switch {
 	case errors.Is(err, errJobCancelled):
 		r.cleanup(ctx, log)
+	case err != nil && ctx.Err() != nil:
+		// The claim was lost, or the worker shuts down (the job is
+		// handed back).
+		r.stopped(ctx, log, err)
 	case err != nil:
 		log.LogAttrs(ctx, slog.LevelError, "bulkexport: could not record completion", slog.Any("err", err))
 	default:
@@ -604,7 +632,9 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 		if errors.Is(err, errJobCancelled) {
 			r.cleanup(ctx, log)
 		} else {
-			r.outcome = outcomeLeaseLost
+			// A stale run (its lease ran out while it was stopped) whose
+			// work failed: the job is another worker's now.
+			r.lost(ctx, log, err, cause)
 		}
 		return
 	}
