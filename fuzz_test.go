@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -112,9 +114,41 @@ func checkParseError(t *testing.T, err error, what string) {
 	}
 }
 
+// checkCleanStrings asserts that every string reachable from v is valid
+// UTF-8 without NUL: what a parser accepts, every store can hold.
+func checkCleanStrings(t *testing.T, v reflect.Value, path string) {
+	t.Helper()
+	switch v.Kind() {
+	case reflect.String:
+		if badBytes(v.String()) {
+			t.Fatalf("%s = %q is not valid UTF-8 without NUL", path, v.String())
+		}
+	case reflect.Pointer, reflect.Interface:
+		if !v.IsNil() {
+			checkCleanStrings(t, v.Elem(), path)
+		}
+	case reflect.Struct:
+		for i := range v.NumField() {
+			if v.Type().Field(i).IsExported() {
+				checkCleanStrings(t, v.Field(i), path+"."+v.Type().Field(i).Name)
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		for i := range v.Len() {
+			checkCleanStrings(t, v.Index(i), fmt.Sprintf("%s[%d]", path, i))
+		}
+	case reflect.Map:
+		for it := v.MapRange(); it.Next(); {
+			checkCleanStrings(t, it.Key(), path+"{key}")
+			checkCleanStrings(t, it.Value(), fmt.Sprintf("%s[%v]", path, it.Key()))
+		}
+	}
+}
+
 // checkRequest asserts the invariants of an accepted kick-off.
 func checkRequest(t *testing.T, req Request, method string, level Level, lenient bool) {
 	t.Helper()
+	checkCleanStrings(t, reflect.ValueOf(req), "Request")
 	if req.OutputFormat != FormatNDJSON {
 		t.Fatalf("output format %q", req.OutputFormat)
 	}
@@ -231,6 +265,7 @@ func FuzzKickoff(f *testing.F) {
 				t.Fatalf("the accepted job is not stored: %v", err)
 			}
 			checkRequest(t, j.Request, method, j.Level, j.Request.Lenient)
+			checkCleanStrings(t, reflect.ValueOf(j), "Job")
 			if !strings.HasPrefix(j.Request.URL, "https://fhir.example.org/fhir/") {
 				t.Fatalf("request URL %q", j.Request.URL)
 			}
@@ -267,9 +302,16 @@ func FuzzJobID(f *testing.F) {
 				t.Fatalf("queryJobID(%q) = %q; re-encoded: %q, %v", raw, id, back, err)
 			}
 		}
-		// Any string, properly encoded, is read back exactly.
+		// Any clean string, properly encoded, is read back exactly; one
+		// with invalid UTF-8 or a NUL is a 400.
 		for _, s := range []string{raw, pathID} {
 			got, err := queryJobID("_jobId=" + url.QueryEscape(s) + "&_format=json")
+			if badBytes(s) {
+				if status, _ := DefaultErrorMapper(err); err == nil || status != http.StatusBadRequest {
+					t.Fatalf("queryJobID(encoded %q) = %q, %v; want a 400", s, got, err)
+				}
+				continue
+			}
 			if err != nil || got != s {
 				t.Fatalf("queryJobID(encoded %q) = %q, %v", s, got, err)
 			}

@@ -142,7 +142,7 @@ func parseParametersBody(body []byte) ([]rawParam, error) {
 		return nil, nil // a POST with no body is a kick-off with no parameters
 	}
 	if !utf8.Valid(body) {
-		return nil, bad("the Parameters body is not valid UTF-8")
+		return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "the Parameters body is not valid UTF-8"}
 	}
 	var res struct {
 		ResourceType string                       `json:"resourceType"`
@@ -228,6 +228,24 @@ func parameterValue(key string, raw json.RawMessage) (string, error) {
 	return "", fmt.Errorf("%s is not a supported value type", key)
 }
 
+// badBytes reports whether s is invalid UTF-8 or holds a NUL byte. Such a
+// string is bad input everywhere in the protocol: PostgreSQL refuses NUL in
+// text and \u0000 in jsonb, and other stores would hand it back mangled.
+// Other control characters are valid text and pass; every store must
+// round-trip them (storetest's StringsRoundTrip).
+func badBytes(s string) bool {
+	return !utf8.ValidString(s) || strings.IndexByte(s, 0) >= 0
+}
+
+// checkBytes refuses parameter names and values that badBytes rejects.
+func checkBytes(name, value string) *Error {
+	if badBytes(name) || badBytes(value) {
+		return &Error{Status: http.StatusBadRequest, Code: IssueInvalid,
+			Message: "parameter names and values must be valid UTF-8 without NUL characters"}
+	}
+	return nil
+}
+
 // parseKickoff validates the parameters for a level and method. Under
 // lenient handling a bad parameter is dropped and recorded in Ignored
 // instead of failing the request.
@@ -249,8 +267,10 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 	values := map[string][]string{}
 	var order []string
 	for _, p := range params {
-		if !utf8.ValidString(p.name) || !utf8.ValidString(p.value) {
-			return req, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "parameters must be valid UTF-8"}
+		if err := checkBytes(p.name, p.value); err != nil {
+			// Refused before lenient handling: a bad name cannot be
+			// recorded as ignored, and no store could hold it.
+			return req, err
 		}
 		if len(p.value) > maxLength || len(p.name) > 64 {
 			name := p.name

@@ -599,7 +599,7 @@ func TestParseParametersBody(t *testing.T) {
 		{"non-json", `_type=Patient`, want{status: 400, code: IssueStructure}},
 		{"json-array", `[]`, want{status: 400, code: IssueStructure}},
 		{"truncated", `{"resourceType":"Parameters","parameter":[`, want{status: 400, code: IssueStructure}},
-		{"invalid-utf8", "{\"resourceType\":\"Parameters\",\"parameter\":[{\"name\":\"\xff\",\"valueString\":\"x\"}]}", want{status: 400, code: IssueStructure}},
+		{"invalid-utf8", "{\"resourceType\":\"Parameters\",\"parameter\":[{\"name\":\"\xff\",\"valueString\":\"x\"}]}", want{status: 400, code: IssueInvalid}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -76,6 +76,9 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 			return "", 0, err
 		}
 		for _, p := range params {
+			if err := checkBytes(p.name, p.value); err != nil {
+				return "", 0, err
+			}
 			switch {
 			case p.name != "_jobId":
 				return "", 0, paramError(p.name, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
@@ -87,6 +90,10 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 	}
 	if id == "" {
 		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
+	}
+	if badBytes(id) {
+		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Param: "_jobId",
+			Message: "the job id must be valid UTF-8 without NUL characters"}
 	}
 	if !validJobID(id) {
 		// No store could hold it: answer like an unknown job.
@@ -118,6 +125,9 @@ func parseStatusQuery(raw string) (id string, page int, err error) {
 			if v, err = url.QueryUnescape(v); err != nil {
 				return "", 0, paramError(k, IssueInvalid, "malformed value")
 			}
+		}
+		if err := checkBytes(k, v); err != nil {
+			return "", 0, err
 		}
 		switch k {
 		case "_jobId":

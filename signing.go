@@ -72,8 +72,9 @@ func checkSigningKeys(keys []SigningKey) error {
 }
 
 // verifySignedFile checks the signature of a file request. It returns
-// (false, nil) when the request carries no signature (the ordinary
-// authenticated path applies), (true, nil) for a valid, unexpired
+// (false, nil) when the request carries none of the signature parameters
+// exp, kid and sig (the ordinary authenticated path applies; other query
+// parameters are ignored), (true, nil) for a valid, unexpired
 // signature of this very file, and a 403 error otherwise: a signature that
 // was tampered with, made for another file, made with an unknown key, or
 // expired.
@@ -85,10 +86,15 @@ func (h *Handler) verifySignedFile(r *http.Request, jobID, name string) (bool, e
 	if err != nil {
 		return false, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
 	}
-	sig, exp, kid := q.Get(sigParamSig), q.Get(sigParamExpires), q.Get(sigParamKey)
-	if sig == "" && exp == "" && kid == "" && len(q) == 0 {
+	_, hasSig := q[sigParamSig]
+	_, hasExp := q[sigParamExpires]
+	_, hasKid := q[sigParamKey]
+	if !hasSig && !hasExp && !hasKid {
+		// Not a signed URL: unknown parameters are ignored, as on any
+		// other FHIR download.
 		return false, nil
 	}
+	sig, exp, kid := q.Get(sigParamSig), q.Get(sigParamExpires), q.Get(sigParamKey)
 	denied := &Error{Status: http.StatusForbidden, Code: IssueSecurity, Message: "the signed download URL is invalid or has expired; fetch the manifest again"}
 	if len(h.opts.SigningKeys) == 0 || len(q) != 3 || len(q[sigParamSig]) != 1 || len(q[sigParamExpires]) != 1 || len(q[sigParamKey]) != 1 {
 		return false, denied
