@@ -40,7 +40,7 @@ func TestStaleRunFailureLogsLeaseLost(t *testing.T) {
 	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
 	opts := bulkexport.WorkerOptions{
 		Now: clock.Now, Lease: time.Minute, Heartbeat: time.Hour, PollInterval: 10 * time.Millisecond,
-		MaxFileResources: 7, CheckpointInterval: time.Nanosecond,
+		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: discardLogger(),
 	}
 	optsA := opts
 	lost := newLogWatch("lease lost")
@@ -149,6 +149,13 @@ func TestStoppedUpdateIsNotStoreLoss(t *testing.T) {
 	})
 	require.NoError(t, err)
 	runWorker(t, w)
+	// Poll only once the trap has caught the run's lookup: a poll's lookup
+	// would otherwise spring it.
+	select {
+	case <-store.inGet:
+	case <-time.After(30 * time.Second): // bounds a hang
+		t.Fatal("the run never looked the job up after its conflict")
+	}
 	code, body := srv.Wait(t, statusURL)
 	require.False(t, storeLost.Load(), "the run took its own stop for a store outage")
 	require.Equal(t, http.StatusInternalServerError, code, "%s", body)
