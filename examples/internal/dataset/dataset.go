@@ -48,6 +48,10 @@
 // (the listed top-level elements plus resourceType, id, meta and the
 // elements FHIR makes mandatory, with a SUBSETTED meta.tag).
 //
+// ExportBlocks (bulkexport.Organizer) serves organizeOutputBy=Patient at
+// every level: one block per patient with its resources of the asked
+// types.
+//
 // Export checkpoints after every patient (or practitioner, organization)
 // with its index as the cursor, and a resumed export continues after it,
 // so that every resource is written exactly once.

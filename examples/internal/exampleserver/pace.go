@@ -12,8 +12,8 @@ import (
 // practitioner, organization) that Export visits: the dataset checkpoints
 // after each, and the pause follows the checkpoint. It makes exports of a
 // small dataset last long enough to be interrupted, for crash tests. The
-// other methods (ResourceTypes, Count, CheckGroup, CheckTypeFilter) are the
-// dataset's.
+// other methods (ResourceTypes, Count, CheckGroup, CheckTypeFilter,
+// OrganizeTypes) are the dataset's.
 type pacedSource struct {
 	*dataset.Dataset
 	pace time.Duration
@@ -23,6 +23,20 @@ type pacedSource struct {
 func (s pacedSource) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
 	return s.Dataset.Export(ctx, q, typ, &pacedWriter{ResourceWriter: w, ctx: ctx, pace: s.pace})
 }
+
+// ExportBlocks implements bulkexport.Organizer, paced as Export is.
+func (s pacedSource) ExportBlocks(ctx context.Context, q *bulkexport.Query, by string, types []string, w bulkexport.BlockWriter) error {
+	return s.Dataset.ExportBlocks(ctx, q, by, types, pacedBlockWriter{
+		pacedWriter: &pacedWriter{ResourceWriter: w, ctx: ctx, pace: s.pace}, blocks: w})
+}
+
+// pacedBlockWriter is a pacedWriter that passes block starts on.
+type pacedBlockWriter struct {
+	*pacedWriter
+	blocks bulkexport.BlockWriter
+}
+
+func (w pacedBlockWriter) StartBlock(ref string) error { return w.blocks.StartBlock(ref) }
 
 type pacedWriter struct {
 	bulkexport.ResourceWriter
