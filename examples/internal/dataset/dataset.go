@@ -138,6 +138,40 @@ func Groups() []string {
 	return out
 }
 
+// GroupName returns the human name of a group the dataset knows ("" for
+// an unknown id).
+func GroupName(groupID string) string {
+	switch groupID {
+	case "all":
+		return "All patients"
+	case "even":
+		return "Patients with an even number"
+	case "odd":
+		return "Patients with an odd number"
+	}
+	if _, err := membership(groupID); err == nil {
+		k := strings.TrimPrefix(groupID, "cohort-")
+		return "Cohort " + k + ": patients whose number ends in " + k
+	}
+	return ""
+}
+
+// GroupMembers returns the indices n of the patients p-<n> in a group, in
+// increasing order, or an error wrapping bulkexport.ErrNotFound.
+func (d *Dataset) GroupMembers(groupID string) ([]int, error) {
+	m, err := membership(groupID)
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for idx := 1; idx <= d.patients; idx++ {
+		if m(idx) {
+			out = append(out, idx)
+		}
+	}
+	return out, nil
+}
+
 // membership returns the membership test of a group, or an error wrapping
 // bulkexport.ErrNotFound.
 func membership(groupID string) (func(idx int) bool, error) {

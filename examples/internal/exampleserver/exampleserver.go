@@ -81,8 +81,10 @@ type Config struct {
 // Server is a wired bulk export server. Serve Handler over HTTP and run
 // Worker (Worker.Run blocks until its context is done).
 type Server struct {
-	// Handler routes /fhir/metadata, the bulk data endpoints under /fhir/
-	// and answers anything else with a 404 OperationOutcome.
+	// Handler routes /fhir/metadata, GET /fhir/Group and
+	// /fhir/Group/{id} (the groups a client may export), the bulk data
+	// endpoints under /fhir/ and answers anything else with a 404
+	// OperationOutcome.
 	Handler http.Handler
 	// Worker runs the export jobs.
 	Worker *bulkexport.Worker
@@ -187,6 +189,9 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/fhir/", bulk)
 	mux.Handle("/fhir/metadata", metadataHandler(metadata))
+	groups := &groupReads{ds: ds, base: base, auth: opts.Authenticate}
+	mux.HandleFunc("GET /fhir/Group", groups.search)
+	mux.HandleFunc("GET /fhir/Group/{id}", groups.read)
 	if cfg.Metrics != nil {
 		mux.Handle("/metrics", cfg.Metrics)
 	}
@@ -267,6 +272,12 @@ func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, base str
 		}
 		resources = append(resources, res)
 	}
+	// Group: read and search (groupReads); MergeInto adds its $export.
+	resources = append(resources, map[string]any{
+		"type":        "Group",
+		"interaction": []any{map[string]any{"code": "read"}, map[string]any{"code": "search-type"}},
+		"searchParam": []any{map[string]any{"name": "name", "type": "string"}},
+	})
 	rest := map[string]any{"mode": "server", "resource": resources}
 	if auth {
 		rest["security"] = map[string]any{"description": "Send Authorization: Bearer <token> on every bulk data request, file downloads included."}
