@@ -7,13 +7,13 @@ import (
 	"strings"
 
 	"gocloud.dev/blob"
-	// The gocloud drivers the example server opens blob: URLs with. Each
-	// registers its URL scheme on blob.DefaultMux.
-	_ "gocloud.dev/blob/azureblob" // azblob://CONTAINER
-	_ "gocloud.dev/blob/fileblob"  // file:///PATH
-	_ "gocloud.dev/blob/gcsblob"   // gs://BUCKET
-	_ "gocloud.dev/blob/memblob"   // mem://
-	_ "gocloud.dev/blob/s3blob"    // s3://BUCKET
+	// The gocloud drivers every build opens blob: URLs with; each
+	// registers its URL scheme on blob.DefaultMux. The cloud drivers (S3,
+	// GCS, Azure) pull in their SDKs, hundreds of packages: programs link
+	// them only when asked for (the example server with -tags cloud, see
+	// examples/server/cloud.go).
+	_ "gocloud.dev/blob/fileblob" // file:///PATH
+	_ "gocloud.dev/blob/memblob"  // mem://
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/blobstorage"
@@ -62,6 +62,10 @@ func (s StorageSpec) String() string {
 	return "blob:" + u.String()
 }
 
+// cloudSchemes are the bucket URL schemes of the drivers linked in only by
+// the cloud build tag, with the name of their service.
+var cloudSchemes = map[string]string{"s3": "S3", "gs": "Google Cloud Storage", "azblob": "Azure Blob Storage"}
+
 // OpenStorage opens the storage spec names: a DirStorage for dir:PATH, or
 // for blob:URL a blobstorage.Storage over the bucket that blob.OpenBucket
 // opens (credentials come from the environment, as each driver documents).
@@ -75,6 +79,16 @@ func OpenStorage(ctx context.Context, spec StorageSpec) (storage bulkexport.Stor
 		}
 		return s, func() error { return nil }, nil
 	case "blob":
+		u, err := url.Parse(spec.URL)
+		if err != nil {
+			return nil, nil, fmt.Errorf("exampleserver: %s: %w", spec, err)
+		}
+		if !blob.DefaultURLMux().ValidBucketScheme(u.Scheme) {
+			if hint, ok := cloudSchemes[u.Scheme]; ok {
+				return nil, nil, fmt.Errorf("exampleserver: %s: this build has no %s driver; build with the cloud drivers: go run -tags cloud ./examples/server", spec, hint)
+			}
+			return nil, nil, fmt.Errorf("exampleserver: %s: no driver for %q buckets (file://, mem://, and with -tags cloud s3://, gs://, azblob://)", spec, u.Scheme)
+		}
 		bucket, err := blob.OpenBucket(ctx, spec.URL)
 		if err != nil {
 			return nil, nil, fmt.Errorf("exampleserver: opening %s: %w", spec, err)
