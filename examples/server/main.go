@@ -36,6 +36,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/examples/internal/backends"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
 )
 
@@ -62,7 +63,7 @@ type options struct {
 	addr       string
 	clients    map[string]string
 	patients   int
-	store      exampleserver.StoreSpec
+	store      backends.StoreSpec
 	pgSchema   string
 	storageDir string
 	// storageURL is the bucket URL of -storage blob:URL ("" with dir:).
@@ -82,7 +83,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	addr := fs.String("addr", "127.0.0.1:8080", "`host:port` to listen on")
 	clients := fs.String("clients", "", "comma-separated `NAME=TOKEN` pairs of clients allowed in with \"Authorization: Bearer TOKEN\"; none: no authentication")
 	patients := fs.Int("patients", 100, "number of patients in the synthetic dataset")
-	store := fs.String("store", exampleserver.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
+	store := fs.String("store", backends.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
 	pgSchema := fs.String("pg-schema", "", "PostgreSQL schema of the jobs table with -store postgres:URL, created if missing; default: the search_path")
 	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH, or blob:URL for a bucket (s3://, gs://, azblob://, file://, mem://; see docs/storage.md)")
 	downloads := fs.String("downloads", "proxy", "how clients download files: proxy (this server streams them), signed (the manifest lists presigned bucket URLs) or redirect (file URLs redirect to presigned bucket URLs); signed and redirect need -storage blob: on S3, GCS or Azure")
@@ -114,7 +115,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if o.patients < 0 {
 		return bad("-patients: must not be negative")
 	}
-	if o.store, err = exampleserver.ParseStoreSpec(*store); err != nil {
+	if o.store, err = backends.ParseStoreSpec(*store); err != nil {
 		return bad("-store: %v", err)
 	}
 	if o.pgSchema != "" && o.store.Kind != "postgres" {
@@ -130,7 +131,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	case o.pace < 0:
 		return bad("-pace: must not be negative")
 	}
-	spec, err := exampleserver.ParseStorageSpec(*storage)
+	spec, err := backends.ParseStorageSpec(*storage)
 	if err != nil {
 		return bad("-storage: %v", err)
 	}
@@ -197,15 +198,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	defer func() { _ = meters.Shutdown(context.Background()) }()
 
-	store, closeStore, err := exampleserver.OpenStore(ctx, o.store, &exampleserver.StoreOptions{PGSchema: o.pgSchema})
+	store, closeStore, err := backends.OpenStore(ctx, o.store, &backends.StoreOptions{PGSchema: o.pgSchema})
 	if err != nil {
 		return err
 	}
 	defer closeStore()
 	var files bulkexport.Storage // nil: a DirStorage over storageDir
 	if o.storageURL != "" {
-		spec := exampleserver.StorageSpec{Kind: "blob", URL: o.storageURL}
-		s, closeFiles, err := exampleserver.OpenStorage(ctx, spec)
+		spec := backends.StorageSpec{Kind: "blob", URL: o.storageURL}
+		s, closeFiles, err := backends.OpenStorage(ctx, spec)
 		if err != nil {
 			return err
 		}
@@ -258,7 +259,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	go func() { serveDone <- httpSrv.Serve(ln) }()
 
 	fmt.Fprintf(stdout, "bulkexport example server: base URL %s\n", srv.BaseURL)
-	storageDesc := exampleserver.StorageSpec{Kind: "blob", URL: o.storageURL}.String() // no query: no credentials in the logs
+	storageDesc := backends.StorageSpec{Kind: "blob", URL: o.storageURL}.String() // no query: no credentials in the logs
 	if srv.Storage != nil {
 		storageDesc = "dir:" + srv.Storage.Root()
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/examples/internal/backends"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
 )
 
@@ -117,7 +118,7 @@ func TestParseFlags(t *testing.T) {
 	o, err := parseFlags(nil, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, &options{addr: "127.0.0.1:8080", clients: map[string]string{}, patients: 100,
-		store:      exampleserver.StoreSpec{Kind: "sqlite", Path: "./bulkexport.db"},
+		store:      backends.StoreSpec{Kind: "sqlite", Path: "./bulkexport.db"},
 		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo,
 		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5}, o)
 
@@ -126,15 +127,15 @@ func TestParseFlags(t *testing.T) {
 		"-lease", "1s", "-checkpoint", "100ms", "-max-attempts", "20", "-pace", "1ms"}, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, &options{addr: ":9000", clients: map[string]string{"alice": "s1", "bob": "s2"}, patients: 5,
-		store: exampleserver.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
+		store: backends.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
 		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond}, o)
 
 	o, err = parseFlags([]string{"-store", "sqlite:/var/lib/x/jobs.db"}, io.Discard)
 	require.NoError(t, err)
-	require.Equal(t, exampleserver.StoreSpec{Kind: "sqlite", Path: "/var/lib/x/jobs.db"}, o.store)
+	require.Equal(t, backends.StoreSpec{Kind: "sqlite", Path: "/var/lib/x/jobs.db"}, o.store)
 	o, err = parseFlags([]string{"-store", "postgres:postgres://u:pw@127.0.0.1:5432/db?sslmode=disable", "-pg-schema", "exports"}, io.Discard)
 	require.NoError(t, err)
-	require.Equal(t, exampleserver.StoreSpec{Kind: "postgres", URL: "postgres://u:pw@127.0.0.1:5432/db?sslmode=disable"}, o.store)
+	require.Equal(t, backends.StoreSpec{Kind: "postgres", URL: "postgres://u:pw@127.0.0.1:5432/db?sslmode=disable"}, o.store)
 	require.Equal(t, "exports", o.pgSchema)
 	require.Equal(t, "postgres:…", o.store.String(), "the URL (and its password) stays out of the logs")
 

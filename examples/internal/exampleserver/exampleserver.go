@@ -25,7 +25,7 @@ import (
 
 // StoreMemory names the MemoryStore: jobs live in memory and are lost on
 // restart. The durable stores (SQLite, PostgreSQL) are opened with
-// OpenStore and passed in Config.JobStore.
+// backends.OpenStore and passed in Config.JobStore.
 const StoreMemory = "memory"
 
 // Config describes a server. Addr and StorageDir (or Storage) are
@@ -43,7 +43,7 @@ type Config struct {
 	// Store names the JobStore when JobStore is nil: "memory" (the
 	// default) is the only one New makes itself.
 	Store string
-	// JobStore is the job store (see OpenStore). Default: a MemoryStore.
+	// JobStore is the job store (see backends.OpenStore). Default: a MemoryStore.
 	JobStore bulkexport.JobStore
 	// Pace pauses the Source after every patient it exports, so that a
 	// small dataset makes a slow export (crash tests). Default: none.
@@ -51,7 +51,7 @@ type Config struct {
 	// StorageDir is the directory export files are written to, when
 	// Storage is nil.
 	StorageDir string
-	// Storage is where export files go (see OpenStorage), for example a
+	// Storage is where export files go (see backends.OpenStorage), for example a
 	// blobstorage.Storage over a bucket. Default: a DirStorage over
 	// StorageDir.
 	Storage bulkexport.Storage
@@ -124,7 +124,7 @@ func New(cfg Config) (*Server, error) {
 	case cfg.Store == "" || cfg.Store == StoreMemory:
 		store = bulkexport.NewMemoryStore()
 	default:
-		return nil, fmt.Errorf("exampleserver: unsupported store %q (New makes only %q; open others with OpenStore)", cfg.Store, StoreMemory)
+		return nil, fmt.Errorf("exampleserver: unsupported store %q (New makes only %q; open others with backends.OpenStore)", cfg.Store, StoreMemory)
 	}
 	var dir *bulkexport.DirStorage
 	storage := cfg.Storage

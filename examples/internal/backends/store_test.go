@@ -1,4 +1,4 @@
-package exampleserver
+package backends
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package exampleserver
+package backends
 
 import (
 	"context"
@@ -12,9 +12,14 @@ import (
 	_ "modernc.org/sqlite" // the SQLite driver sqlitestore is tested with
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
 	"github.com/bulkfhir/bulkexport/pgstore"
 	"github.com/bulkfhir/bulkexport/sqlitestore"
 )
+
+// StoreMemory names the MemoryStore: jobs live in memory and are lost on
+// restart.
+const StoreMemory = exampleserver.StoreMemory
 
 // DefaultStore is the example server's job store: a SQLite file in the
 // working directory, so that jobs survive a restart.
@@ -131,5 +136,5 @@ func OpenStore(ctx context.Context, spec StoreSpec, opts *StoreOptions) (bulkexp
 		}
 		return s, pool.Close, nil
 	}
-	return nil, nil, fmt.Errorf("exampleserver: unsupported store kind %q", spec.Kind)
+	return nil, nil, fmt.Errorf("backends: unsupported store kind %q", spec.Kind)
 }

@@ -1,4 +1,4 @@
-package exampleserver
+package backends
 
 import (
 	"context"
@@ -81,17 +81,17 @@ func OpenStorage(ctx context.Context, spec StorageSpec) (storage bulkexport.Stor
 	case "blob":
 		u, err := url.Parse(spec.URL)
 		if err != nil {
-			return nil, nil, fmt.Errorf("exampleserver: %s: %w", spec, err)
+			return nil, nil, fmt.Errorf("backends: %s: %w", spec, err)
 		}
 		if !blob.DefaultURLMux().ValidBucketScheme(u.Scheme) {
 			if hint, ok := cloudSchemes[u.Scheme]; ok {
-				return nil, nil, fmt.Errorf("exampleserver: %s: this build has no %s driver; build with the cloud drivers: go run -tags cloud ./examples/server", spec, hint)
+				return nil, nil, fmt.Errorf("backends: %s: this build has no %s driver; build with the cloud drivers: go run -tags cloud ./examples/server", spec, hint)
 			}
-			return nil, nil, fmt.Errorf("exampleserver: %s: no driver for %q buckets (file://, mem://, and with -tags cloud s3://, gs://, azblob://)", spec, u.Scheme)
+			return nil, nil, fmt.Errorf("backends: %s: no driver for %q buckets (file://, mem://, and with -tags cloud s3://, gs://, azblob://)", spec, u.Scheme)
 		}
 		bucket, err := blob.OpenBucket(ctx, spec.URL)
 		if err != nil {
-			return nil, nil, fmt.Errorf("exampleserver: opening %s: %w", spec, err)
+			return nil, nil, fmt.Errorf("backends: opening %s: %w", spec, err)
 		}
 		s, err := blobstorage.New(bucket, nil)
 		if err != nil {
@@ -100,5 +100,5 @@ func OpenStorage(ctx context.Context, spec StorageSpec) (storage bulkexport.Stor
 		}
 		return s, bucket.Close, nil
 	}
-	return nil, nil, fmt.Errorf("exampleserver: unknown storage kind %q", spec.Kind)
+	return nil, nil, fmt.Errorf("backends: unknown storage kind %q", spec.Kind)
 }
