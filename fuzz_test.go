@@ -176,6 +176,8 @@ func checkRequest(t *testing.T, req Request, method string, level Level, lenient
 		if len(f.Values()) == 0 {
 			t.Fatalf("_typeFilter %v has no query", f)
 		}
+		// What the Source receives is clean too.
+		checkCleanStrings(t, reflect.ValueOf(f.Values()), "TypeFilter.Values()")
 	}
 	if !req.Since.IsZero() && !req.Until.IsZero() && !req.Since.Before(req.Until) {
 		t.Fatalf("_since %v not before _until %v", req.Since, req.Until)

@@ -527,7 +527,13 @@ func parseTypeFilterValue(v string) ([]TypeFilter, *Error) {
 		if err != nil || len(q) == 0 {
 			return nil, paramError("_typeFilter", IssueInvalid, "%q has no valid search query", part)
 		}
-		for k := range q {
+		for k, vs := range q {
+			// The query was checked before it was decoded: a search name or
+			// value that decodes to NUL or invalid UTF-8 ("%2500") would
+			// reach the Source, which may hand it to a database.
+			if badBytes(k) || slices.ContainsFunc(vs, badBytes) {
+				return nil, paramError("_typeFilter", IssueInvalid, "%q: search names and values must be valid UTF-8 without NUL characters", part)
+			}
 			switch k {
 			case "_include", "_revinclude", "_sort", "_elements", "_count", "_summary", "_total", "_contained", "_containedType":
 				return nil, paramError("_typeFilter", IssueNotSupported, "%q: search result parameter %s is not allowed", part, k)

@@ -431,6 +431,16 @@ func TestKickoffTypeFilter(t *testing.T) {
 		{name: "invalid/bad-escape", query: "_typeFilter=Observation%3Fcode%3D%25zz", errParam: "_typeFilter", errCode: IssueInvalid},
 		{name: "invalid/type-not-among-_type", query: "_type=Patient&_typeFilter=Observation%3Fcode%3D1",
 			errParam: "_typeFilter", errCode: IssueInvalid},
+		// The value is clean, but its search query decodes to NUL or
+		// invalid UTF-8: refused like the same bytes one level up.
+		{name: "invalid/encoded-nul-value", query: "_typeFilter=Patient%3Fgender%3D%2500", errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/encoded-nul-name", query: "_typeFilter=Patient%3Fgen%2500der%3Dmale", errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/encoded-invalid-utf8", query: "_typeFilter=Patient%3Fname%3D%25FF", errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/encoded-overlong", query: "_typeFilter=Patient%3Fname%3D%25C0%25AF", errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/encoded-nul-post", method: http.MethodPost, level: LevelPatient,
+			body: parametersBody("_typeFilter", `"valueString":"Patient?gender=%00"`), errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "lenient/encoded-nul-dropped", query: "_typeFilter=Patient%3Fgender%3D%2500&_typeFilter=Observation%3Fcode%3D1",
+			prefer: lenient, ignored: []string{"_typeFilter"}, check: filters("Observation?code=1")},
 		{name: "invalid/type-not-exported", query: "_typeFilter=Medication%3Fcode%3D1", errParam: "_typeFilter", errCode: IssueNotSupported},
 		{name: "invalid/host-refuses", query: "_typeFilter=Observation%3Funsupported-param%3D1", errParam: "_typeFilter", errCode: IssueNotSupported},
 		{name: "invalid/stu2-one-bad-part", query: "_typeFilter=Observation%3Fstatus%3Dfinal,Condition%3F_sort%3Ddate",
