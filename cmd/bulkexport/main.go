@@ -34,6 +34,9 @@ const (
 	exitNetwork     = 3 // network failure, or the server stayed unavailable through the retries
 	exitInterrupted = 4 // interrupted (Ctrl-C, SIGTERM)
 	exitLocal       = 5 // local file system error (writing --out)
+	exitRunning     = 6 // status: the export is still in progress
+	exitCancelled   = 7 // status: the export was cancelled
+	exitGone        = 8 // status: the export has expired, or the server does not know it
 )
 
 const usage = `Usage:
@@ -41,7 +44,7 @@ const usage = `Usage:
   bulkexport export --resume STATUS_URL [flags]
                                             pick up an export left off
   bulkexport status [--wait] STATUS_URL     poll an export once (or wait for it)
-  bulkexport cancel STATUS_URL              cancel an export (DELETE)
+  bulkexport cancel STATUS_URL              cancel an export (DELETE; idempotent)
   bulkexport help                           this text
 
 Flags may come before or after the URL, written -flag or --flag.
@@ -55,20 +58,33 @@ Ctrl-C while the server is still exporting cancels the export there
 (DELETE) unless --keep is given; Ctrl-C during the download keeps the
 export and the partial files, for --resume.
 
+status prints one line on stderr saying the export's state (in progress,
+completed, failed, cancelled, expired or unknown) and, only when it is
+complete, the manifest as JSON on stdout; its exit code tells the state.
+--wait shows the progress on stderr until the export ends. cancel prints
+"cancelled", or "already cancelled" for an export cancelled before.
+
 The bearer token comes from --token or the BULKEXPORT_TOKEN environment
 variable. It is sent to file URLs only when the manifest says
 requiresAccessToken, and never across a redirect to another host.
 
 Exit codes:
-  0  success
-  1  the export failed: the server refused the kick-off, the job failed or
-     was cancelled or expired, a download was refused, or a file did not
-     match the manifest's count
+  0  success; status: the export is complete (the manifest is printed);
+     cancel: the export is cancelled, or already was
+  1  the export failed: the server refused the kick-off, the job failed,
+     a download was refused, or a file did not match the manifest's
+     count; export also exits 1 when the job was cancelled or expired;
+     cancel exits 1 when the job has already completed or failed, has
+     expired or is unknown
   2  usage error
   3  network failure, or the server stayed unavailable (429, 503 and other
      transient errors) through every retry
   4  interrupted (Ctrl-C or SIGTERM)
   5  local error: --out could not be written
+  6  status: the export is still in progress (without --wait)
+  7  status: the export was cancelled
+  8  status: the export has expired (its files were removed), or the
+     server does not know it
 `
 
 func main() {
@@ -159,13 +175,13 @@ func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
 // newFlagSet returns a FlagSet whose usage names the command.
-func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+func newFlagSet(name, synopsis, exitCodes string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: %s\n\nFlags:\n", synopsis)
 		fs.PrintDefaults()
-		fmt.Fprint(stderr, "\nExit codes: 0 ok, 1 export failed, 2 usage, 3 network/server unavailable, 4 interrupted, 5 local I/O error.\n")
+		fmt.Fprintf(stderr, "\nExit codes: %s.\n", exitCodes)
 	}
 	return fs
 }
@@ -237,7 +253,8 @@ func exitCode(ctx context.Context, err error) int {
 }
 
 func cmdExport(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("export", "bulkexport export BASE_URL [flags]\n       bulkexport export --resume STATUS_URL [flags]", stderr)
+	fs := newFlagSet("export", "bulkexport export BASE_URL [flags]\n       bulkexport export --resume STATUS_URL [flags]",
+		"0 ok, 1 export failed, 2 usage, 3 network/server unavailable, 4 interrupted, 5 local I/O error", stderr)
 	var cf common
 	cf.register(fs)
 	var types, filters, elements, patients, associated listFlag
@@ -475,10 +492,12 @@ func writeManifest(dir string, m *bulkexport.Manifest) error {
 }
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("status", "bulkexport status [--wait] STATUS_URL", stderr)
+	fs := newFlagSet("status", "bulkexport status [--wait] STATUS_URL",
+		"0 completed (the manifest is on stdout), 1 failed, 2 usage, 3 network/server unavailable, 4 interrupted, "+
+			"6 still in progress, 7 cancelled, 8 expired or unknown", stderr)
 	var cf common
 	cf.register(fs)
-	wait := fs.Bool("wait", false, "wait until the export completes")
+	wait := fs.Bool("wait", false, "wait until the export completes, showing its progress on stderr")
 	pos, code, ok := parseFlags(fs, args)
 	if !ok {
 		return code
@@ -493,39 +512,20 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err != nil {
 		return usageError(fs, stderr, "%v", err)
 	}
-	var st *client.Status
-	if *wait {
-		st, err = c.Wait(ctx, pos[0], nil)
-	} else {
-		st, err = c.Status(ctx, pos[0])
+	if !*wait {
+		st, err := c.Status(ctx, pos[0])
+		return reportStatus(ctx, stdout, stderr, st, err)
 	}
-	if err != nil {
-		fmt.Fprintf(stderr, "bulkexport: %v\n", err)
-		return exitCode(ctx, err)
-	}
-	if !st.Complete {
-		progress := st.Progress
-		if progress == "" {
-			progress = "in progress"
-		}
-		fmt.Fprintf(stdout, "in progress: %s", progress)
-		if st.RetryAfter > 0 {
-			fmt.Fprintf(stdout, " (poll again in %v)", st.RetryAfter)
-		}
-		fmt.Fprintln(stdout)
-		return exitOK
-	}
-	b, err := json.MarshalIndent(st.Manifest, "", "  ")
-	if err != nil {
-		fmt.Fprintf(stderr, "bulkexport: %v\n", err)
-		return exitFailed
-	}
-	fmt.Fprintf(stdout, "%s\n", b)
-	return exitOK
+	ui := newUI(stderr)
+	st, err := c.Wait(ctx, pos[0], ui.waiting)
+	ui.end()
+	return reportStatus(ctx, stdout, stderr, st, err)
 }
 
 func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("cancel", "bulkexport cancel STATUS_URL", stderr)
+	fs := newFlagSet("cancel", "bulkexport cancel STATUS_URL",
+		"0 cancelled (or already cancelled), 1 refused (the job has already completed or failed, has expired or is unknown), "+
+			"2 usage, 3 network/server unavailable, 4 interrupted", stderr)
 	var cf common
 	cf.register(fs)
 	pos, code, ok := parseFlags(fs, args)
@@ -542,10 +542,5 @@ func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err != nil {
 		return usageError(fs, stderr, "%v", err)
 	}
-	if err := c.Cancel(ctx, pos[0]); err != nil {
-		fmt.Fprintf(stderr, "bulkexport: %v\n", err)
-		return exitCode(ctx, err)
-	}
-	fmt.Fprintln(stdout, "cancelled")
-	return exitOK
+	return reportCancel(ctx, stdout, stderr, c.Cancel(ctx, pos[0]))
 }

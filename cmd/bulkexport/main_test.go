@@ -13,7 +13,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -171,12 +173,19 @@ func TestUsage(t *testing.T) {
 	require.Equal(t, exitOK, r.code)
 	require.Contains(t, r.stdout, "Exit codes:")
 	require.Contains(t, r.stdout, "3  network failure")
+	require.Contains(t, r.stdout, "6  status: the export is still in progress")
+	require.Contains(t, r.stdout, "7  status: the export was cancelled")
+	require.Contains(t, r.stdout, "8  status: the export has expired")
 	for _, cmd := range []string{"export", "status", "cancel"} {
 		r := cli(cmd, "-h")
 		require.Equal(t, exitOK, r.code)
 		require.Contains(t, r.stderr, "Usage: bulkexport "+cmd)
 		require.Contains(t, r.stderr, "Exit codes:")
 	}
+	r = cli("status", "-h")
+	require.Contains(t, r.stderr, "6 still in progress, 7 cancelled, 8 expired or unknown")
+	r = cli("cancel", "-h")
+	require.Contains(t, r.stderr, "0 cancelled (or already cancelled)")
 }
 
 func TestExportFailures(t *testing.T) {
@@ -209,6 +218,7 @@ func TestExportFailures(t *testing.T) {
 	require.Contains(t, r.stderr, "connect")
 	r = cli(withFast("status", closed.URL+"/status", "--retries", "0")...)
 	require.Equal(t, exitNetwork, r.code)
+	require.Empty(t, r.stdout)
 
 	// The server stays unavailable: 3.
 	busy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -247,35 +257,268 @@ func TestExportFailures(t *testing.T) {
 	require.Contains(t, r.stderr, "--resume 'http://"+strings.TrimPrefix(lying.URL, "http://")+"/status'")
 }
 
-func TestStatusAndCancel(t *testing.T) {
+func TestStatus(t *testing.T) {
+	t.Parallel()
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	failingSource := func() *bulkexporttest.Source {
+		src := source()
+		src.OnResource = func(context.Context, string, int) error { return errors.New("boom") }
+		return src
+	}
+	for _, tc := range []struct {
+		name string
+		// setup returns the status URL of a job in the state.
+		setup    func(t *testing.T) string
+		code     int
+		stderr   string // the whole of stderr, or
+		contains []string
+		manifest bool // stdout is the manifest, else empty
+	}{{
+		name: "running",
+		setup: func(t *testing.T) string {
+			return newServer(t, &bulkexporttest.ServerOptions{NoWorker: true}).Kickoff(t, "/$export")
+		},
+		code:   exitRunning,
+		stderr: "in progress: queued (poll again in 1s)\n",
+	}, {
+		name: "completed",
+		setup: func(t *testing.T) string {
+			srv := newServer(t, &bulkexporttest.ServerOptions{Clock: bulkexporttest.NewClock(t0)})
+			u := srv.Kickoff(t, "/$export")
+			code, _ := srv.Wait(t, u)
+			require.Equal(t, http.StatusOK, code)
+			return u
+		},
+		code:     exitOK,
+		stderr:   "completed: 3 files, 11 resources; the files expire at 2026-01-03T03:04:05Z\n",
+		manifest: true,
+	}, {
+		name: "failed",
+		setup: func(t *testing.T) string {
+			srv := newServer(t, &bulkexporttest.ServerOptions{Source: failingSource()})
+			u := srv.Kickoff(t, "/$export?_type=Patient")
+			code, _ := srv.Wait(t, u)
+			require.Equal(t, http.StatusInternalServerError, code)
+			return u
+		},
+		code:   exitFailed,
+		stderr: "failed: the export of Patient failed (500 Internal Server Error)\n",
+	}, {
+		name: "cancelled",
+		setup: func(t *testing.T) string {
+			srv := newServer(t, &bulkexporttest.ServerOptions{NoWorker: true})
+			u := srv.Kickoff(t, "/$export")
+			srv.Cancel(t, u)
+			return u
+		},
+		code:   exitCancelled,
+		stderr: "cancelled: the export job was cancelled\n",
+	}, {
+		name: "expired",
+		setup: func(t *testing.T) string {
+			clock := bulkexporttest.NewClock(t0)
+			srv := newServer(t, &bulkexporttest.ServerOptions{Clock: clock})
+			u := srv.Kickoff(t, "/$export?_type=Patient")
+			code, _ := srv.Wait(t, u)
+			require.Equal(t, http.StatusOK, code)
+			clock.Advance(25 * time.Hour) // past the default retention of a day
+			return u
+		},
+		code:   exitGone,
+		stderr: "expired or unknown: the export job has expired and its files were removed (404 Not Found)\n",
+	}, {
+		name: "unknown",
+		setup: func(t *testing.T) string {
+			return newServer(t, &bulkexporttest.ServerOptions{NoWorker: true}).BaseURL + "/$export-poll-status?_jobId=0123456789abcdef"
+		},
+		code:   exitGone,
+		stderr: "expired or unknown: no such export job (404 Not Found)\n",
+	}, {
+		name: "no answer",
+		setup: func(t *testing.T) string {
+			closed := httptest.NewServer(http.NotFoundHandler())
+			closed.Close()
+			return closed.URL + "/status"
+		},
+		code:     exitNetwork,
+		contains: []string{"bulkexport: the server could not be reached at ", "connect"},
+	}, {
+		name: "unavailable",
+		setup: func(t *testing.T) string {
+			busy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/fhir+json")
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_ = json.NewEncoder(w).Encode(bulkexport.NewOutcome(bulkexport.SeverityError, bulkexport.IssueTransient, "down for maintenance"))
+			}))
+			t.Cleanup(busy.Close)
+			return busy.URL + "/status"
+		},
+		code:   exitNetwork,
+		stderr: "bulkexport: the server stayed unavailable through the retries: down for maintenance (503 Service Unavailable); try again later\n",
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			r := cli(withFast("status", tc.setup(t), "--retries", "1")...)
+			require.Equal(t, tc.code, r.code, r.stderr)
+			if tc.stderr != "" {
+				require.Equal(t, tc.stderr, r.stderr)
+			}
+			for _, c := range tc.contains {
+				require.Contains(t, r.stderr, c)
+			}
+			require.NotRegexp(t, `error (deleted|not-found|transient)|fatal processing`, r.stderr, "issue codes are put in words")
+			if !tc.manifest {
+				require.Empty(t, r.stdout)
+				return
+			}
+			require.True(t, strings.HasPrefix(r.stdout, "{\n  \"transactionTime\""), r.stdout)
+			var m bulkexport.Manifest
+			require.NoError(t, json.Unmarshal([]byte(r.stdout), &m))
+			require.Len(t, m.Output, 3)
+		})
+	}
+}
+
+func TestStateLines(t *testing.T) {
+	t.Parallel()
+	n := func(v int64) *int64 { return &v }
+	file := func(count *int64) bulkexport.ManifestFile { return bulkexport.ManifestFile{URL: "u", Count: count} }
+	for _, tc := range []struct {
+		st   client.Status
+		want string
+	}{
+		{client.Status{Manifest: &bulkexport.Manifest{}}, "completed: 0 files"},
+		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(nil), file(nil)}}}, "completed: 2 files"},
+		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(1))}}}, "completed: 1 file, 1 resource"},
+		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(4)), file(nil)}}},
+			"completed: 2 files, at least 4 resources (1 of 2 output files give a count)"},
+		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(4)), file(n(3))},
+			Deleted: []bulkexport.ManifestFile{file(n(9))}, Error: []bulkexport.ManifestFile{file(n(1))}},
+			Expires: time.Date(2026, 3, 4, 5, 6, 7, 0, time.FixedZone("x", 3600))},
+			"completed: 4 files (2 output, 1 of deleted resources, 1 of errors), 7 resources; the files expire at 2026-03-04T04:06:07Z"},
+	} {
+		require.Equal(t, tc.want, completedLine(&tc.st))
+	}
+	require.Equal(t, "in progress: 42% complete: Patient", runningLine(&client.Status{Progress: "42% complete: Patient"}))
+	require.Equal(t, "in progress: the server gives no progress (poll again in 2s)", runningLine(&client.Status{RetryAfter: 2 * time.Second}))
+
+	// Issue codes without diagnostics are put in words.
+	oo := &bulkexport.OperationOutcome{Issue: []bulkexport.Issue{
+		{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueInformational, Diagnostics: "ignored"},
+		{Severity: bulkexport.SeverityFatal, Code: bulkexport.IssueTooCostly},
+		{Severity: bulkexport.SeverityError, Code: bulkexport.IssueProcessing, Details: &bulkexport.CodeableConcept{Text: "disk full"}},
+		{Severity: bulkexport.SeverityError, Code: "made-up-code"},
+	}}
+	require.Equal(t, "the export is too costly for the server; disk full; made up code", outcomeText(oo))
+	require.Equal(t, "the server answered 502 Bad Gateway", answerText(&client.Error{StatusCode: http.StatusBadGateway}))
+	require.Equal(t, "<html> (502 Bad Gateway)", answerText(&client.Error{StatusCode: http.StatusBadGateway, Body: "<html>"}))
+}
+
+// signalWriter is a writer that closes signal the first time it is
+// written text containing mark.
+type signalWriter struct {
+	bytes.Buffer
+	mark   string
+	signal chan struct{}
+	once   sync.Once
+}
+
+func (w *signalWriter) Write(p []byte) (int, error) {
+	n, err := w.Buffer.Write(p)
+	if strings.Contains(w.Buffer.String(), w.mark) {
+		w.once.Do(func() { close(w.signal) })
+	}
+	return n, err
+}
+
+func TestStatusWait(t *testing.T) {
+	t.Parallel()
+	// The export runs until the command has shown its progress.
+	stderr := &signalWriter{mark: "exporting: ", signal: make(chan struct{})}
+	src := source()
+	src.OnResource = func(ctx context.Context, typ string, n int) error {
+		select {
+		case <-stderr.signal:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		return nil
+	}
+	srv := newServer(t, &bulkexporttest.ServerOptions{Source: src})
+	statusURL := srv.Kickoff(t, "/$export?_type=Patient")
+	var stdout bytes.Buffer
+	code := run(withFast("status", "--wait", statusURL), &stdout, stderr)
+	require.Equal(t, exitOK, code, stderr.String())
+	var m bulkexport.Manifest
+	require.NoError(t, json.Unmarshal(stdout.Bytes(), &m))
+	require.Len(t, m.Output, 1)
+	lines := strings.Split(strings.TrimSuffix(stderr.String(), "\n"), "\n")
+	require.GreaterOrEqual(t, len(lines), 2, stderr.String())
+	for _, l := range lines[:len(lines)-1] {
+		require.True(t, strings.HasPrefix(l, "exporting: "), "a progress line: %q", l)
+	}
+	require.Regexp(t, `^completed: 1 file, 5 resources; the files expire at \S+Z$`, lines[len(lines)-1])
+	require.NotContains(t, stderr.String(), "\r", "no redrawn line without a terminal")
+
+	// A job that fails while waited for ends the wait with its state.
+	failing := source()
+	failing.OnResource = func(context.Context, string, int) error { return errors.New("boom") }
+	srv = newServer(t, &bulkexporttest.ServerOptions{Source: failing})
+	r := cli(withFast("status", "--wait", srv.Kickoff(t, "/$export?_type=Patient"))...)
+	require.Equal(t, exitFailed, r.code, r.stderr)
+	require.Contains(t, r.stderr, "failed: the export of Patient failed (500 Internal Server Error)\n")
+	require.Empty(t, r.stdout)
+
+	// Interrupted while waiting: 4, and the export is left alone.
+	queued := newServer(t, &bulkexporttest.ServerOptions{NoWorker: true})
+	statusURL = queued.Kickoff(t, "/$export")
+	ctx, interrupt := context.WithCancel(context.Background())
+	defer interrupt()
+	stderr = &signalWriter{mark: "exporting: queued", signal: make(chan struct{})}
+	go func() {
+		<-stderr.signal
+		interrupt()
+	}()
+	stdout.Reset()
+	code = runContext(ctx, withFast("status", "--wait", statusURL), &stdout, stderr)
+	require.Equal(t, exitInterrupted, code, stderr.String())
+	require.Empty(t, stdout.String())
+	require.True(t, strings.HasSuffix(stderr.String(), "\nbulkexport: interrupted; the export is unaffected on the server\n"), stderr.String())
+	require.Equal(t, bulkexport.StateQueued, queued.Job(t, statusURL).State)
+}
+
+func TestCancel(t *testing.T) {
 	t.Parallel()
 	queued := newServer(t, &bulkexporttest.ServerOptions{NoWorker: true})
 	statusURL := queued.Kickoff(t, "/$export")
 
-	r := cli(withFast("status", statusURL)...)
-	require.Equal(t, exitOK, r.code, r.stderr)
-	require.Equal(t, "in progress: queued (poll again in 1s)\n", r.stdout)
-
-	r = cli(withFast("cancel", statusURL)...)
+	// Running: 202, cancelled.
+	r := cli(withFast("cancel", statusURL)...)
 	require.Equal(t, exitOK, r.code, r.stderr)
 	require.Equal(t, "cancelled\n", r.stdout)
-	r = cli(withFast("cancel", statusURL)...)
-	require.Equal(t, exitFailed, r.code)
-	require.Contains(t, r.stderr, "404 Not Found: error deleted")
-	r = cli(withFast("status", statusURL)...)
-	require.Equal(t, exitFailed, r.code)
-	require.Contains(t, r.stderr, "the export job was cancelled")
+	require.Empty(t, r.stderr)
+	require.Equal(t, bulkexport.StateCancelled, queued.Job(t, statusURL).State)
 
+	// Again: the server answers 404 deleted, which is no error.
+	r = cli(withFast("cancel", statusURL)...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	require.Equal(t, "already cancelled\n", r.stdout)
+	require.Empty(t, r.stderr)
+
+	// Completed: the server refuses, in words.
 	srv := newServer(t, &bulkexporttest.ServerOptions{})
 	statusURL = srv.Kickoff(t, "/$export?_type=Patient")
-	r = cli(withFast("status", "--wait", statusURL)...)
-	require.Equal(t, exitOK, r.code, r.stderr)
-	var m bulkexport.Manifest
-	require.NoError(t, json.Unmarshal([]byte(r.stdout), &m))
-	require.Len(t, m.Output, 1)
-	r = cli(withFast("status", statusURL)...)
-	require.Equal(t, exitOK, r.code, r.stderr)
-	require.True(t, strings.HasPrefix(r.stdout, "{\n  \"transactionTime\""), r.stdout)
+	code, _ := srv.Wait(t, statusURL)
+	require.Equal(t, http.StatusOK, code)
+	r = cli(withFast("cancel", statusURL)...)
+	require.Equal(t, exitFailed, r.code, r.stderr)
+	require.Equal(t, "bulkexport: the export cannot be cancelled: the export job has already completed and cannot be cancelled (404 Not Found)\n", r.stderr)
+	require.Empty(t, r.stdout)
+
+	// Unknown: refused too.
+	r = cli(withFast("cancel", srv.BaseURL+"/$export-poll-status?_jobId=0123456789abcdef")...)
+	require.Equal(t, exitFailed, r.code, r.stderr)
+	require.Equal(t, "bulkexport: the export cannot be cancelled: no such export job (404 Not Found)\n", r.stderr)
 }
 
 func TestResume(t *testing.T) {

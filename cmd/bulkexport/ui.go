@@ -13,8 +13,9 @@ import (
 	"github.com/bulkfhir/bulkexport/client"
 )
 
-// ui reports progress on stdout: a progress line redrawn in place on a
-// terminal, plain lines otherwise (logs, pipes, files).
+// ui reports progress on its writer (stdout for export, stderr for
+// status --wait): a progress line redrawn in place on a terminal, plain
+// lines otherwise (logs, pipes, files).
 type ui struct {
 	w   io.Writer
 	tty bool
