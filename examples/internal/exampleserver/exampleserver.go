@@ -76,6 +76,12 @@ type Config struct {
 	// RetryAfter is the handler's Retry-After policy. Default:
 	// bulkexport.DefaultRetryAfter.
 	RetryAfter func(job *bulkexport.Job, now time.Time) time.Duration
+	// Options holds the handler's other options (delete policy, manifest
+	// version, status URL style, signing keys, caps...), copied. New sets
+	// BaseURL, Types, Storage, OnQueued and, from the fields above,
+	// Authenticate, Downloads, RetryAfter, Logger and the providers, over
+	// what Options holds. Default: the library's defaults.
+	Options *bulkexport.Options
 }
 
 // Server is a wired bulk export server. Serve Handler over HTTP and run
@@ -158,17 +164,23 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 
-	opts := &bulkexport.Options{
-		BaseURL:    base,
-		Types:      ds,
-		Storage:    storage,
-		Downloads:  cfg.Downloads,
-		OnQueued:   func(string) { worker.Notify() },
-		RetryAfter: cfg.RetryAfter,
-		Logger:     log,
-
-		MeterProvider:  cfg.MeterProvider,
-		TracerProvider: cfg.TracerProvider,
+	opts := &bulkexport.Options{}
+	if cfg.Options != nil {
+		*opts = *cfg.Options
+	}
+	opts.BaseURL, opts.Types, opts.Storage, opts.Logger = base, ds, storage, log
+	opts.OnQueued = func(string) { worker.Notify() }
+	if cfg.Downloads != bulkexport.DownloadProxy {
+		opts.Downloads = cfg.Downloads
+	}
+	if cfg.RetryAfter != nil {
+		opts.RetryAfter = cfg.RetryAfter
+	}
+	if cfg.MeterProvider != nil {
+		opts.MeterProvider = cfg.MeterProvider
+	}
+	if cfg.TracerProvider != nil {
+		opts.TracerProvider = cfg.TracerProvider
 	}
 	if len(cfg.Clients) > 0 {
 		auth, err := BearerAuth(cfg.Clients)
