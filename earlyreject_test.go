@@ -125,3 +125,51 @@ func isConnReset(err error) bool {
 	var op *net.OpError
 	return errors.As(err, &op) && strings.Contains(op.Err.Error(), "reset")
 }
+
+// TestBodyReadFailures: a kick-off body cut off by the host's read
+// deadline gets 408, and one the client breaks off gets 400, each an
+// OperationOutcome on a connection that is then closed.
+func TestBodyReadFailures(t *testing.T) {
+	t.Parallel()
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{
+		NoWorker: true,
+		Handler:  bulkexport.Options{Authenticate: tokenAuth(map[string]string{"tok": "alice"})},
+	})
+	// The host's per-request body deadline, as the example server sets it.
+	inner := srv.Config.Handler
+	srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		inner.ServeHTTP(w, r)
+	})
+	host := strings.TrimPrefix(srv.URL, "http://")
+	for _, tc := range []struct {
+		name     string
+		breakOff bool
+		status   int
+	}{
+		{"deadline", false, http.StatusRequestTimeout},
+		{"broken off", true, http.StatusBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			conn, err := net.Dial("tcp", host)
+			require.NoError(t, err)
+			defer conn.Close()
+			require.NoError(t, conn.SetDeadline(time.Now().Add(10*time.Second)))
+			_, err = io.WriteString(conn, "POST /fhir/$export HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer tok\r\n"+
+				"Prefer: respond-async\r\nContent-Type: application/fhir+json\r\nContent-Length: 1000\r\n\r\n{")
+			require.NoError(t, err)
+			if tc.breakOff {
+				require.NoError(t, conn.(*net.TCPConn).CloseWrite())
+			}
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, nil)
+			require.NoError(t, err)
+			body, err := io.ReadAll(resp.Body)
+			require.NoError(t, err)
+			require.Equal(t, tc.status, resp.StatusCode, "%s", body)
+			require.Contains(t, string(body), `"OperationOutcome"`)
+			require.True(t, resp.Close)
+		})
+	}
+}
