@@ -64,6 +64,46 @@ func ExampleNewHandler() {
 	// bad _type: 400 application/fhir+json
 }
 
+// A host server's limits for the handler: headers, bodies, idle
+// connections and header size are bounded for every request; answers get
+// WriteTimeout, except file downloads, which get a longer per-request write
+// deadline. There is no ReadTimeout: it counts from the start of the
+// request for its whole life, and its expiry cancels the context of a
+// request still being answered, such as a long download; a per-request
+// read deadline bounds the bodies instead. (The handler itself answers
+// 401, 415 and other early rejections without waiting for a body, and
+// closes such connections.)
+func ExampleHandler_timeouts() {
+	h, err := bulkexport.NewHandler(bulkexport.NewMemoryStore(), &bulkexport.Options{BaseURL: "https://fhir.example.org/fhir"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/fhir/", h)
+	deadlines := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			if r.ContentLength != 0 { // a POST kick-off or status body
+				_ = rc.SetReadDeadline(time.Now().Add(30 * time.Second))
+			}
+			if strings.HasPrefix(r.URL.Path, "/fhir/bulkfiles/") { // downloads
+				_ = rc.SetWriteDeadline(time.Now().Add(time.Hour))
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+	srv := &http.Server{
+		Addr:              "127.0.0.1:8080",
+		Handler:           deadlines(mux),
+		ReadHeaderTimeout: 10 * time.Second,
+		WriteTimeout:      30 * time.Second, // every answer but downloads
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
+	fmt.Println(srv.Addr) // then srv.ListenAndServeTLS(cert, key)
+	// Output: 127.0.0.1:8080
+}
+
 // A Worker runs the jobs the handler queues: it reads the Source and
 // writes NDJSON files to the Storage. Run blocks until its context is done.
 func ExampleNewWorker() {

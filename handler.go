@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -340,6 +341,7 @@ const (
 // path, so the handler works both mounted at that path and behind
 // http.StripPrefix.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	r = trackBody(r)
 	p := r.URL.EscapedPath()
 	if h.basePath != "" {
 		if rest, ok := strings.CutPrefix(p, h.basePath); ok && (rest == "" || rest[0] == '/') {
@@ -405,7 +407,64 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer`)
 	}
+	pending := bodyPending(r)
+	if pending {
+		// Rejected before its body was read: answer at once and close,
+		// rather than let net/http drain the body first (a client sending
+		// it slowly, with or without a token, would hold the answer and
+		// the connection for as long as it likes).
+		w.Header().Set("Connection", "close")
+	}
 	writeJSON(w, status, contentTypeFHIRJSON, oo)
+	if pending {
+		// Send the answer now. After it, net/http still reads what is
+		// left of the body before it closes. A client that sends its body
+		// at once has pendingBodyGrace to finish (so that closing does not
+		// reset the connection under its answer); a slow one is cut off
+		// then.
+		rc := http.NewResponseController(w)
+		_ = rc.Flush()
+		_ = rc.SetReadDeadline(time.Now().Add(pendingBodyGrace))
+	}
+}
+
+// pendingBodyGrace bounds how long the rest of a rejected request's body
+// is read after the answer.
+const pendingBodyGrace = time.Second
+
+// trackedBody is a request body that records whether it was read to its
+// end.
+type trackedBody struct {
+	io.ReadCloser
+	eof bool
+}
+
+func (b *trackedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.eof = true
+	}
+	return n, err
+}
+
+// trackBody returns r with its body tracked, when it is an HTTP/1.x
+// request that has one. The copy leaves net/http's own request untouched.
+func trackBody(r *http.Request) *http.Request {
+	if r.ProtoMajor != 1 || r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
+		return r
+	}
+	r2 := r.WithContext(r.Context())
+	r2.Body = &trackedBody{ReadCloser: r.Body}
+	return r2
+}
+
+// bodyPending reports whether r (HTTP/1.x) has a body the handler has not
+// read to its end. HTTP/2 streams need no such care: an unread body is
+// reset with its stream, and "Connection: close" would end the whole
+// connection.
+func bodyPending(r *http.Request) bool {
+	b, ok := r.Body.(*trackedBody)
+	return ok && !b.eof
 }
 
 func methodNotAllowed(allow string) *Error {

@@ -3,11 +3,13 @@ package bulkexport
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"mime"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -101,7 +103,7 @@ func readKickoffParams(r *http.Request, maxBody int64) ([]rawParam, error) {
 				Message: "the kick-off body must be a FHIR Parameters resource in application/fhir+json"}
 		}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxBody))
+	body, err := readBody(r, maxBody)
 	if err != nil {
 		return nil, err
 	}
@@ -113,6 +115,21 @@ func readKickoffParams(r *http.Request, maxBody int64) ([]rawParam, error) {
 		params = append(params, rawParam{"_format", f[0]})
 	}
 	return params, nil
+}
+
+// readBody reads a request body of at most maxBody bytes. A body cut off
+// by the server's read deadline gets 408, one the client broke off 400,
+// and one too long 413 (through DefaultErrorMapper's MaxBytesError case).
+func readBody(r *http.Request, maxBody int64) ([]byte, error) {
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxBody))
+	var mbe *http.MaxBytesError
+	switch {
+	case err == nil, errors.As(err, &mbe):
+		return body, err
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil, &Error{Status: http.StatusRequestTimeout, Code: IssueTimeout, Message: "the request body did not arrive in time", Err: err}
+	}
+	return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "the request body could not be read", Err: err}
 }
 
 func queryParams(q url.Values) ([]rawParam, error) {

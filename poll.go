@@ -2,7 +2,6 @@ package bulkexport
 
 import (
 	"errors"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -67,7 +66,7 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 		return "", 0, paramError("_jobId", IssueInvalid, "the job id is already in the path")
 	}
 	if id == "" && r.Method == http.MethodPost {
-		body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.opts.MaxBodyBytes))
+		body, err := readBody(r, h.opts.MaxBodyBytes)
 		if err != nil {
 			return "", 0, err
 		}

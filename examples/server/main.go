@@ -7,6 +7,8 @@
 //	       [-store sqlite:./bulkexport.db|memory|postgres:URL] [-pg-schema NAME]
 //	       [-storage dir:PATH|blob:URL] [-downloads proxy|signed|redirect] [-log-level info]
 //	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0]
+//	       [-read-header-timeout 10s] [-read-timeout 30s] [-write-timeout 30s]
+//	       [-download-timeout 1h] [-idle-timeout 2m] [-max-header-bytes 65536]
 //
 // It prints one line, "bulkexport example server: base URL http://ADDR/fhir",
 // to stdout, logs to stderr, and shuts down gracefully on SIGINT or
@@ -75,6 +77,31 @@ type options struct {
 	checkpoint  time.Duration
 	maxAttempts int
 	pace        time.Duration
+	// HTTP server limits (see timeouts).
+	timeouts timeouts
+}
+
+// timeouts are the HTTP server's limits. Zero durations mean none.
+type timeouts struct {
+	// readHeader bounds reading a request's headers (ReadHeaderTimeout).
+	readHeader time.Duration
+	// body bounds reading a request's body, from the end of its headers:
+	// a per-request read deadline, lifted once the body is read, so that
+	// it never cuts a long download short (http.Server.ReadTimeout would:
+	// its expiry cancels the context of a request still being answered).
+	body time.Duration
+	// write bounds writing an answer (WriteTimeout): every answer but a
+	// file download.
+	write time.Duration
+	// download replaces write for file downloads ([base]/bulkfiles/...),
+	// which may stream gigabytes.
+	download time.Duration
+	// idle bounds how long a keep-alive connection waits for its next
+	// request (IdleTimeout).
+	idle time.Duration
+	// maxHeaderBytes caps the size of a request's headers
+	// (MaxHeaderBytes); 0 is net/http's default, 1 MiB.
+	maxHeaderBytes int
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -92,6 +119,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	checkpoint := fs.Duration("checkpoint", 5*time.Second, "least time between two recorded checkpoints of a resource type; a resumed job redoes at most this much work per type")
 	maxAttempts := fs.Int("max-attempts", 5, "a job claimed this many times without finishing is failed")
 	pace := fs.Duration("pace", 0, "pause after every patient an export visits, to make exports slow (testing); 0: none")
+	readHeader := fs.Duration("read-header-timeout", 10*time.Second, "longest time to read a request's headers; 0: none")
+	readBody := fs.Duration("read-timeout", 30*time.Second, "longest time to read a request's body (POST kick-off or status), counted from the end of its headers; a body cut off gets 408 and the connection is closed; 0: none")
+	write := fs.Duration("write-timeout", 30*time.Second, "longest time to write an answer other than a file download; 0: none")
+	download := fs.Duration("download-timeout", time.Hour, "longest time to write a file download (replaces -write-timeout for [base]/bulkfiles/...); 0: none")
+	idle := fs.Duration("idle-timeout", 2*time.Minute, "an idle keep-alive connection is closed after this long; 0: none")
+	maxHeader := fs.Int("max-header-bytes", 64<<10, "largest request header block, in bytes (net/http allows 4 KiB more); larger gets 431; 0: net/http's default, 1 MiB")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -107,7 +140,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return bad("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	o := &options{addr: *addr, patients: *patients, pgSchema: *pgSchema,
-		lease: *lease, checkpoint: *checkpoint, maxAttempts: *maxAttempts, pace: *pace}
+		lease: *lease, checkpoint: *checkpoint, maxAttempts: *maxAttempts, pace: *pace,
+		timeouts: timeouts{readHeader: *readHeader, body: *readBody, write: *write, download: *download,
+			idle: *idle, maxHeaderBytes: *maxHeader}}
 	var err error
 	if o.clients, err = parseClients(*clients); err != nil {
 		return bad("-clients: %v", err)
@@ -130,6 +165,18 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return bad("-max-attempts: must be positive")
 	case o.pace < 0:
 		return bad("-pace: must not be negative")
+	case o.timeouts.readHeader < 0:
+		return bad("-read-header-timeout: must not be negative")
+	case o.timeouts.body < 0:
+		return bad("-read-timeout: must not be negative")
+	case o.timeouts.write < 0:
+		return bad("-write-timeout: must not be negative")
+	case o.timeouts.download < 0:
+		return bad("-download-timeout: must not be negative")
+	case o.timeouts.idle < 0:
+		return bad("-idle-timeout: must not be negative")
+	case o.timeouts.maxHeaderBytes < 0:
+		return bad("-max-header-bytes: must not be negative")
 	}
 	spec, err := backends.ParseStorageSpec(*storage)
 	if err != nil {
@@ -245,11 +292,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	httpSrv := &http.Server{
-		Handler:           srv.Handler,
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	httpSrv := newHTTPServer(srv.Handler, o.timeouts)
+	httpSrv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 
 	workerCtx, stopWorker := context.WithCancel(context.Background())
 	defer stopWorker()
@@ -283,4 +327,65 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		serveErr = nil
 	}
 	return errors.Join(serveErr, werr)
+}
+
+// newHTTPServer returns the http.Server for h with the limits t:
+// ReadHeaderTimeout, WriteTimeout, IdleTimeout and MaxHeaderBytes, plus
+// per-request deadlines (withDeadlines) for bodies and downloads. It sets
+// no ReadTimeout: that one would also cut off long downloads.
+func newHTTPServer(h http.Handler, t timeouts) *http.Server {
+	return &http.Server{
+		Handler:           withDeadlines(h, t),
+		ReadHeaderTimeout: t.readHeader,
+		WriteTimeout:      t.write,
+		IdleTimeout:       t.idle,
+		MaxHeaderBytes:    t.maxHeaderBytes,
+	}
+}
+
+// filesPath is the path prefix of the file downloads.
+const filesPath = "/fhir/bulkfiles/"
+
+// withDeadlines sets a request's deadlines through
+// http.ResponseController: a request with a body must deliver it within
+// t.body (the deadline is lifted once it is read, so the answer itself is
+// not cut short), and a file download may take t.download to write
+// instead of the server's WriteTimeout.
+func withDeadlines(h http.Handler, t timeouts) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		if strings.HasPrefix(r.URL.Path, filesPath) {
+			var dl time.Time // zero: none
+			if t.download > 0 {
+				dl = time.Now().Add(t.download)
+			}
+			_ = rc.SetWriteDeadline(dl)
+		}
+		if t.body > 0 && r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
+			if rc.SetReadDeadline(time.Now().Add(t.body)) == nil {
+				r = r.WithContext(r.Context()) // a copy: net/http's request keeps its own body
+				r.Body = &deadlineBody{ReadCloser: r.Body, rc: rc}
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// deadlineBody lifts the read deadline once the body has been read to its
+// end. (net/http then watches the connection for the client going away;
+// a deadline left in place would end that watch by cancelling the
+// request's context.)
+type deadlineBody struct {
+	io.ReadCloser
+	rc   *http.ResponseController
+	done bool
+}
+
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
 }

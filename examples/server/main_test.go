@@ -120,15 +120,21 @@ func TestParseFlags(t *testing.T) {
 	require.Equal(t, &options{addr: "127.0.0.1:8080", clients: map[string]string{}, patients: 100,
 		store:      backends.StoreSpec{Kind: "sqlite", Path: "./bulkexport.db"},
 		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo,
-		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5}, o)
+		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5,
+		timeouts: timeouts{readHeader: 10 * time.Second, body: 30 * time.Second, write: 30 * time.Second,
+			download: time.Hour, idle: 2 * time.Minute, maxHeaderBytes: 64 << 10}}, o)
 
 	o, err = parseFlags([]string{"-addr", ":9000", "-clients", "alice=s1, bob=s2", "-patients", "5",
 		"-storage", "dir:/tmp/x", "-log-level", "debug", "-store", "memory",
-		"-lease", "1s", "-checkpoint", "100ms", "-max-attempts", "20", "-pace", "1ms"}, io.Discard)
+		"-lease", "1s", "-checkpoint", "100ms", "-max-attempts", "20", "-pace", "1ms",
+		"-read-header-timeout", "1s", "-read-timeout", "2s", "-write-timeout", "3s", "-download-timeout", "0",
+		"-idle-timeout", "4s", "-max-header-bytes", "8192"}, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, &options{addr: ":9000", clients: map[string]string{"alice": "s1", "bob": "s2"}, patients: 5,
 		store: backends.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
-		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond}, o)
+		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond,
+		timeouts: timeouts{readHeader: time.Second, body: 2 * time.Second, write: 3 * time.Second,
+			idle: 4 * time.Second, maxHeaderBytes: 8192}}, o)
 
 	o, err = parseFlags([]string{"-store", "sqlite:/var/lib/x/jobs.db"}, io.Discard)
 	require.NoError(t, err)
@@ -152,6 +158,12 @@ func TestParseFlags(t *testing.T) {
 		{"-checkpoint", "-1s"},
 		{"-max-attempts", "0"},
 		{"-pace", "-1ms"},
+		{"-read-header-timeout", "-1s"},
+		{"-read-timeout", "-1s"},
+		{"-write-timeout", "-1s"},
+		{"-download-timeout", "-1s"},
+		{"-idle-timeout", "-1s"},
+		{"-max-header-bytes", "-1"},
 		{"-storage", "s3://bucket"},
 		{"-storage", "dir:"},
 		{"-clients", "alice"},
