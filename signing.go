@@ -79,7 +79,9 @@ func checkSigningKeys(keys []SigningKey) error {
 // was tampered with, made for another file, made with an unknown key, or
 // expired.
 func (h *Handler) verifySignedFile(r *http.Request, jobID, name string) (bool, error) {
-	if r.URL.RawQuery == "" {
+	if r.URL.RawQuery == "" || len(h.opts.SigningKeys) == 0 {
+		// Without keys the handler signs nothing: whatever the query
+		// holds, it is ignored, as on any other FHIR download.
 		return false, nil
 	}
 	q, err := url.ParseQuery(r.URL.RawQuery)
@@ -96,7 +98,7 @@ func (h *Handler) verifySignedFile(r *http.Request, jobID, name string) (bool, e
 	}
 	sig, exp, kid := q.Get(sigParamSig), q.Get(sigParamExpires), q.Get(sigParamKey)
 	denied := &Error{Status: http.StatusForbidden, Code: IssueSecurity, Message: "the signed download URL is invalid or has expired; fetch the manifest again"}
-	if len(h.opts.SigningKeys) == 0 || len(q) != 3 || len(q[sigParamSig]) != 1 || len(q[sigParamExpires]) != 1 || len(q[sigParamKey]) != 1 {
+	if len(q) != 3 || len(q[sigParamSig]) != 1 || len(q[sigParamExpires]) != 1 || len(q[sigParamKey]) != 1 {
 		return false, denied
 	}
 	expAt, err := strconv.ParseInt(exp, 10, 64)
