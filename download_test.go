@@ -161,6 +161,7 @@ func TestDownloadStorageErrors(t *testing.T) {
 	rec := newRecorder(h, fileURL)
 	require.Equal(t, http.StatusServiceUnavailable, rec.Code)
 	require.Contains(t, rec.Body.String(), `"transient"`)
+	require.Equal(t, "5", rec.Header().Get("Retry-After"))
 
 	require.NoError(t, srv.Storage.Delete(context.Background(), job.ID))
 	resp, body := srv.Send(t, http.MethodGet, fileURL, nil)

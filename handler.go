@@ -407,6 +407,12 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer`)
 	}
+	if status == http.StatusServiceUnavailable && w.Header().Get("Retry-After") == "" {
+		// A transient failure (the job store or the file storage is
+		// unreachable): say when to try again, so that clients back off
+		// rather than retry at once in a loop.
+		w.Header().Set("Retry-After", retryAfterSeconds(unavailableRetryAfter))
+	}
 	pending := bodyPending(r)
 	if pending {
 		// Rejected before its body was read: answer at once and close,
@@ -427,6 +433,10 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 		_ = rc.SetReadDeadline(time.Now().Add(pendingBodyGrace))
 	}
 }
+
+// unavailableRetryAfter is the Retry-After of a 503: long enough for a
+// database failover or restart, short enough not to stall a client.
+const unavailableRetryAfter = 5 * time.Second
 
 // pendingBodyGrace bounds how long the rest of a rejected request's body
 // is read after the answer.

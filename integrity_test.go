@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -412,4 +414,47 @@ func TestStaleRunCannotTouchCommittedFiles(t *testing.T) {
 	require.Equal(t, completed.Output, after.Output)
 	second := srv.Collect(t, statusURL)
 	require.Equal(t, first.Output, second.Output, "the completed export changed")
+}
+
+// downStore fails every call, as a job store whose database is unreachable.
+type downStore struct{ bulkexport.JobStore }
+
+func (downStore) Get(context.Context, string) (*bulkexport.Job, error) { return nil, errStoreDown }
+func (downStore) Create(context.Context, *bulkexport.Job, bulkexport.CreateParams) error {
+	return errStoreDown
+}
+func (downStore) List(context.Context, bulkexport.Filter) ([]*bulkexport.Job, error) {
+	return nil, errStoreDown
+}
+
+// TestStoreDownAnswers503RetryAfter: while the job store is unreachable,
+// kick-offs, polls and cancels answer 503 with a transient
+// OperationOutcome and a Retry-After, so that clients back off and retry
+// rather than give up or loop.
+func TestStoreDownAnswers503RetryAfter(t *testing.T) {
+	t.Parallel()
+	h, err := bulkexport.NewHandler(downStore{bulkexport.NewMemoryStore()}, &bulkexport.Options{BaseURL: "http://x/fhir", Logger: discardLogger()})
+	require.NoError(t, err)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	for _, tc := range []struct{ method, path string }{
+		{http.MethodGet, "/fhir/$export"},
+		{http.MethodGet, "/fhir/$export-poll-status?_jobId=0123456789abcdef0123456789abcdef"},
+		{http.MethodDelete, "/fhir/$export-poll-status?_jobId=0123456789abcdef0123456789abcdef"},
+	} {
+		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
+			req, err := http.NewRequest(tc.method, srv.URL+tc.path, nil)
+			require.NoError(t, err)
+			req.Header.Set("Prefer", "respond-async")
+			req.Header.Set("Accept", "application/fhir+json")
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			body, err := io.ReadAll(resp.Body)
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode, "%s", body)
+			require.Equal(t, "5", resp.Header.Get("Retry-After"))
+			require.Contains(t, string(body), `"code":"transient"`)
+		})
+	}
 }
