@@ -112,7 +112,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	patients := fs.Int("patients", 100, "number of patients in the synthetic dataset")
 	store := fs.String("store", backends.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
 	pgSchema := fs.String("pg-schema", "", "PostgreSQL schema of the jobs table with -store postgres:URL, created if missing; default: the search_path")
-	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH, or blob:URL for a bucket (s3://, gs://, azblob://, file://, mem://; see docs/storage.md)")
+	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH, or blob:URL for a bucket (file://, mem://; s3://, gs://, azblob:// in a build with -tags cloud; see docs/storage.md)")
 	downloads := fs.String("downloads", "proxy", "how clients download files: proxy (this server streams them), signed (the manifest lists presigned bucket URLs) or redirect (file URLs redirect to presigned bucket URLs); signed and redirect need -storage blob: on S3, GCS or Azure")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	lease := fs.Duration("lease", 30*time.Second, "worker lease: a job whose server died is taken over by another worker this long after its last renewal")
