@@ -8,6 +8,8 @@
 #   memory       peak heap exporting 100k vs 1M resources
 #   download     file endpoint vs http.ServeFile of the same file
 #   dirstorage   DirStorage writes vs bufio.Writer + fsync
+#   kickoff      kick-off with 5,000 expired finished jobs of the client
+#                waiting for the purge vs with none
 #   pgstore      poll-status over pgstore vs a raw pgx SELECT; Claim with
 #                10,000 queued jobs (needs BULKEXPORT_TEST_POSTGRES_URL;
 #                `source .ci/postgres.sh` provides one)
@@ -27,6 +29,7 @@ run . 'BenchmarkExportThroughput$' 3x
 run . 'BenchmarkExportMemory$' 1x
 run . 'BenchmarkDownload$' 20x
 run . 'BenchmarkDirStorageWrite$' 10x
+run . 'BenchmarkKickoffFinishedBacklog$' 400x
 if [ -n "${BULKEXPORT_TEST_POSTGRES_URL:-}" ]; then
 	run ./pgstore 'BenchmarkPollStatus$|BenchmarkClaim$' 2s
 fi
