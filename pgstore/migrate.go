@@ -42,17 +42,20 @@ func (s *Store) Migrations() []Migration {
 }
 
 // loadMigrations parses the embedded files ("0001_name.sql") and renders
-// them: {{table}} is the quoted, qualified jobs table and {{index "x"}}
-// the quoted index name table+"_x" (an index lives in its table's schema,
-// so its name is never qualified).
-func loadMigrations(table, qualified string) ([]Migration, error) {
+// them: {{table}} is the quoted, qualified jobs table, {{index "x"}} the
+// quoted index name table+"_x" (an index is created in its table's
+// schema, so CREATE INDEX takes it unqualified) and {{qualifiedIndex "x"}}
+// the same name qualified with the schema, for DROP INDEX.
+func loadMigrations(schema, table string) ([]Migration, error) {
+	qualified := qualify(schema, table)
 	names, err := fs.Glob(migrationFiles, "migrations/*.sql")
 	if err != nil {
 		return nil, err
 	}
 	funcs := template.FuncMap{
-		"table": func() string { return qualified },
-		"index": func(suffix string) string { return pgx.Identifier{table + "_" + suffix}.Sanitize() },
+		"table":          func() string { return qualified },
+		"index":          func(suffix string) string { return pgx.Identifier{table + "_" + suffix}.Sanitize() },
+		"qualifiedIndex": func(suffix string) string { return qualify(schema, table+"_"+suffix) },
 	}
 	var out []Migration
 	for _, name := range names {

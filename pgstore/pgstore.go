@@ -98,7 +98,7 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		callerClock: o.CallerClock,
 	}
 	var err error
-	if s.migrations, err = loadMigrations(o.Table, s.table); err != nil {
+	if s.migrations, err = loadMigrations(o.Schema, o.Table); err != nil {
 		return nil, err
 	}
 	t := s.table

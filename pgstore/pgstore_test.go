@@ -710,7 +710,7 @@ func TestDocsSchema(t *testing.T) {
 	}
 	require.NoError(t, err)
 	doc := string(b)
-	ms, err := loadMigrations(DefaultTable, qualify("", DefaultTable))
+	ms, err := loadMigrations("", DefaultTable)
 	require.NoError(t, err)
 	for _, m := range ms {
 		require.Contains(t, doc, m.SQL, "docs/pgstore.md lacks migration %d verbatim", m.Version)

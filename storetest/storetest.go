@@ -618,9 +618,6 @@ func createCases() []testCase {
 						t.Fatal(err)
 					}
 					j.Extension, j.Checkpoint = raw, json.RawMessage(string(raw))
-					if len(str) > maxOwnerTested {
-						j.Owner = "owner-" + id
-					}
 					return j
 				}
 				mustCreate(t, ctx, s, mk())
@@ -721,13 +718,6 @@ func noiseText(n int) string {
 	}
 	return b.String()
 }
-
-// maxOwnerTested caps the Owner that StringsRoundTripEveryField stores.
-// pgstore indexes the owner in a B-tree, whose entries PostgreSQL limits to
-// 2704 bytes after compression; a longer Owner is given another value.
-// Client ids that long do not occur in practice, and the JobStore contract
-// does not promise them.
-const maxOwnerTested = 2048
 
 // setStrings sets every exported free-text string reachable from v (a
 // job, or a part of one) to str: fields of type string, the elements of
