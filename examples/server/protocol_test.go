@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"encoding/json"
+	"flag"
 	"io"
 	"net/http"
 	"net/url"
@@ -546,4 +547,31 @@ func TestProfileIGConformance(t *testing.T) {
 		require.Equal(t, http.StatusNotFound, resp.StatusCode, "%s: %s", f.URL, body)
 	}
 	stop()
+}
+
+// TestEveryFlagDocumented: every flag -h lists has a row in the README's
+// flag table, and every row names a flag -h lists.
+func TestEveryFlagDocumented(t *testing.T) {
+	t.Parallel()
+	var usage bytes.Buffer
+	_, err := parseFlags([]string{"-h"}, &usage)
+	require.ErrorIs(t, err, flag.ErrHelp)
+	listed := map[string]bool{}
+	for _, line := range strings.Split(usage.String(), "\n") {
+		if rest, ok := strings.CutPrefix(line, "  -"); ok {
+			name, _, _ := strings.Cut(rest, " ")
+			listed[name] = true
+		}
+	}
+	require.Contains(t, listed, "profile")
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	require.NoError(t, err)
+	table := map[string]bool{}
+	for _, line := range strings.Split(string(readme), "\n") {
+		if rest, ok := strings.CutPrefix(line, "| `-"); ok {
+			name, _, _ := strings.Cut(rest, "`")
+			table[name] = true
+		}
+	}
+	require.Equal(t, listed, table)
 }
