@@ -335,7 +335,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		storageDesc = "dir:" + srv.Storage.Root()
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "storage", storageDesc, "downloads", o.downloads.String(),
-		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint)
+		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint,
+		"profile", o.protocol.profile, "signed_file_urls", o.protocol.signingKey != nil)
 
 	var serveErr error
 	select {

@@ -546,6 +546,18 @@ func TestProfileIGConformance(t *testing.T) {
 		resp, body := c.do(http.MethodGet, f.URL, "")
 		require.Equal(t, http.StatusNotFound, resp.StatusCode, "%s: %s", f.URL, body)
 	}
+
+	// The kit's own order: DELETE right after the kick-off, whether the
+	// export is still running (it is cancelled) or has already finished
+	// (it is removed): 202 either way, then 404.
+	for range 5 {
+		status := c.kickoff("_type=Patient")
+		resp, body := c.do(http.MethodDelete, status, "")
+		require.Equal(t, http.StatusAccepted, resp.StatusCode, "%s", body)
+		resp, body = c.do(http.MethodGet, status, "")
+		require.Equal(t, http.StatusNotFound, resp.StatusCode, "%s", body)
+		requireOutcome(t, body)
+	}
 	stop()
 }
 
