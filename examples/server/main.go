@@ -9,6 +9,18 @@
 //	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0]
 //	       [-read-header-timeout 10s] [-read-timeout 30s] [-write-timeout 30s]
 //	       [-download-timeout 1h] [-idle-timeout 2m] [-max-header-bytes 65536]
+//	       [-profile ehealth|ig] [-delete-policy ehealth|ig] [-manifest stu3|stu4]
+//	       [-status-url query|path] [-signing-key HEX|@FILE] [-signed-url-expiry 5m]
+//	       [-poll-limit off|on|BURST/RATE] [-max-active-jobs 10] [-max-finished-jobs 100]
+//	       [-reuse-in-flight] [-allow-missing-respond-async] [-disable-separate-export-status]
+//	       [-retry-after adaptive|DURATION] [-cancelled-retention 24h] [-manifest-page-size 1000]
+//	       [-max-body-bytes 1048576] [-max-param-length 8192] [-max-param-values 1000]
+//	       [-retention 24h] [-max-file-resources 100000] [-max-file-bytes 268435456]
+//	       [-max-files-per-job 10000]
+//
+// The flags from -profile on change what a client sees (protocol.go);
+// their defaults are the library's, the eHealth behaviour, and -profile ig
+// makes the HL7 Bulk Data IG's choices.
 //
 // It prints one line, "bulkexport example server: base URL http://ADDR/fhir",
 // to stdout, logs to stderr, and shuts down gracefully on SIGINT or
@@ -79,6 +91,8 @@ type options struct {
 	pace        time.Duration
 	// HTTP server limits (see timeouts).
 	timeouts timeouts
+	// protocol holds the flags a client can observe (protocol.go).
+	protocol protocol
 }
 
 // timeouts are the HTTP server's limits. Zero durations mean none.
@@ -125,6 +139,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	download := fs.Duration("download-timeout", time.Hour, "longest time to write a file download (replaces -write-timeout for [base]/bulkfiles/...); 0: none")
 	idle := fs.Duration("idle-timeout", 2*time.Minute, "an idle keep-alive connection is closed after this long; 0: none")
 	maxHeader := fs.Int("max-header-bytes", 64<<10, "largest request header block, in bytes (net/http allows 4 KiB more); larger gets 431; 0: net/http's default, 1 MiB")
+	proto := defineProtocolFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -195,6 +210,14 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if o.downloads != bulkexport.DownloadProxy && o.storageURL == "" {
 		return bad("-downloads %s: needs -storage blob:URL", *downloads)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if o.protocol, err = proto.parse(set); err != nil {
+		return bad("%v", err)
+	}
+	if o.protocol.signingKey != nil && o.downloads != bulkexport.DownloadProxy {
+		return bad("-signing-key: only with -downloads proxy (-downloads %s presigns bucket URLs)", *downloads)
 	}
 	switch *level {
 	case "debug":
@@ -270,6 +293,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer ln.Close()
+	workerOpts := &bulkexport.WorkerOptions{
+		Lease:              o.lease,
+		CheckpointInterval: o.checkpoint,
+		MaxAttempts:        o.maxAttempts,
+	}
+	o.protocol.workerOptions(workerOpts)
 	srv, err := exampleserver.New(exampleserver.Config{
 		Addr:       ln.Addr().String(),
 		Clients:    o.clients,
@@ -283,11 +312,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 		MeterProvider: meters,
 		Metrics:       metrics,
-		Worker: &bulkexport.WorkerOptions{
-			Lease:              o.lease,
-			CheckpointInterval: o.checkpoint,
-			MaxAttempts:        o.maxAttempts,
-		},
+		Worker:        workerOpts,
+		Options:       o.protocol.handlerOptions(),
+		RetryAfter:    o.protocol.retryAfterPolicy(),
 	})
 	if err != nil {
 		return err
@@ -308,7 +335,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		storageDesc = "dir:" + srv.Storage.Root()
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "storage", storageDesc, "downloads", o.downloads.String(),
-		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint)
+		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint,
+		"profile", o.protocol.profile, "signed_file_urls", o.protocol.signingKey != nil)
 
 	var serveErr error
 	select {

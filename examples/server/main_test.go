@@ -122,7 +122,8 @@ func TestParseFlags(t *testing.T) {
 		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo,
 		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5,
 		timeouts: timeouts{readHeader: 10 * time.Second, body: 30 * time.Second, write: 30 * time.Second,
-			download: time.Hour, idle: 2 * time.Minute, maxHeaderBytes: 64 << 10}}, o)
+			download: time.Hour, idle: 2 * time.Minute, maxHeaderBytes: 64 << 10},
+		protocol: defaultProtocol}, o)
 
 	o, err = parseFlags([]string{"-addr", ":9000", "-clients", "alice=s1, bob=s2", "-patients", "5",
 		"-storage", "dir:/tmp/x", "-log-level", "debug", "-store", "memory",
@@ -134,7 +135,8 @@ func TestParseFlags(t *testing.T) {
 		store: backends.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
 		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond,
 		timeouts: timeouts{readHeader: time.Second, body: 2 * time.Second, write: 3 * time.Second,
-			idle: 4 * time.Second, maxHeaderBytes: 8192}}, o)
+			idle: 4 * time.Second, maxHeaderBytes: 8192},
+		protocol: defaultProtocol}, o)
 
 	o, err = parseFlags([]string{"-store", "sqlite:/var/lib/x/jobs.db"}, io.Discard)
 	require.NoError(t, err)
