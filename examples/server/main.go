@@ -75,6 +75,7 @@ var errUsage = errors.New("usage")
 // options are the parsed command line.
 type options struct {
 	addr       string
+	baseURL    string
 	clients    map[string]string
 	patients   int
 	store      backends.StoreSpec
@@ -122,6 +123,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "127.0.0.1:8080", "`host:port` to listen on")
+	baseURL := fs.String("base-url", "", "public FHIR base `URL` to announce (Content-Location, file URLs, metadata), e.g. https://fhir.example.org/fhir behind a TLS-terminating proxy; its path must end in /fhir; default: http://ADDR/fhir")
 	clients := fs.String("clients", "", "comma-separated `NAME=TOKEN` pairs of clients allowed in with \"Authorization: Bearer TOKEN\"; none: no authentication")
 	patients := fs.Int("patients", 100, "number of patients in the synthetic dataset")
 	store := fs.String("store", backends.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
@@ -154,7 +156,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return bad("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
-	o := &options{addr: *addr, patients: *patients, pgSchema: *pgSchema,
+	o := &options{addr: *addr, baseURL: *baseURL, patients: *patients, pgSchema: *pgSchema,
 		lease: *lease, checkpoint: *checkpoint, maxAttempts: *maxAttempts, pace: *pace,
 		timeouts: timeouts{readHeader: *readHeader, body: *readBody, write: *write, download: *download,
 			idle: *idle, maxHeaderBytes: *maxHeader}}
@@ -301,6 +303,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	o.protocol.workerOptions(workerOpts)
 	srv, err := exampleserver.New(exampleserver.Config{
 		Addr:       ln.Addr().String(),
+		BaseURL:    o.baseURL,
 		Clients:    o.clients,
 		Patients:   o.patients,
 		JobStore:   store,

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -35,6 +36,11 @@ type Config struct {
 	// is http://Addr/fhir (an unspecified host such as "" or 0.0.0.0 is
 	// given as localhost).
 	Addr string
+	// BaseURL, if set, is the FHIR base URL the server announces (in
+	// Content-Location, file URLs and the CapabilityStatement) in place of
+	// http://Addr/fhir: its public URL behind a TLS-terminating proxy. Its
+	// path must end in /fhir, where the server routes.
+	BaseURL string
 	// Clients maps client names to bearer tokens. Empty: no
 	// authentication, every request is the anonymous client.
 	Clients map[string]string
@@ -112,6 +118,13 @@ func New(cfg Config) (*Server, error) {
 	base, err := BaseURL(cfg.Addr)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.BaseURL != "" {
+		u, err := url.Parse(cfg.BaseURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || !strings.HasSuffix(strings.TrimSuffix(u.Path, "/"), "/fhir") {
+			return nil, fmt.Errorf("exampleserver: base URL %q: want an absolute http(s) URL ending in /fhir, without a query", cfg.BaseURL)
+		}
+		base = strings.TrimSuffix(cfg.BaseURL, "/")
 	}
 	if cfg.StorageDir == "" && cfg.Storage == nil {
 		return nil, errors.New("exampleserver: no storage directory")

@@ -362,3 +362,23 @@ func TestSubsetExport(t *testing.T) {
 		require.Equal(t, want, got[typ], typ)
 	}
 }
+
+// TestPublicBaseURL: behind a TLS-terminating proxy the server announces
+// its public base URL in every URL it hands out; a base URL it could not
+// serve under is refused.
+func TestPublicBaseURL(t *testing.T) {
+	t.Parallel()
+	srv, ts := start(t, Config{Patients: 2, BaseURL: "https://fhir.example.org/fhir/"})
+	require.Equal(t, "https://fhir.example.org/fhir", srv.BaseURL)
+	resp, body := do(t, http.MethodGet, ts.URL+"/fhir/$export?_type=Patient", "")
+	require.Equal(t, http.StatusAccepted, resp.StatusCode, "%s", body)
+	require.True(t, strings.HasPrefix(resp.Header.Get("Content-Location"), "https://fhir.example.org/fhir/$export-poll-status"), resp.Header.Get("Content-Location"))
+	resp, body = do(t, http.MethodGet, ts.URL+"/fhir/metadata", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, string(body), `"url":"https://fhir.example.org/fhir"`)
+
+	for _, bad := range []string{"fhir.example.org/fhir", "ftp://x/fhir", "https://x/api", "https://x/fhir?a=b", "https:///fhir"} {
+		_, err := New(Config{Addr: "127.0.0.1:1", StorageDir: t.TempDir(), BaseURL: bad})
+		require.Error(t, err, bad)
+	}
+}
