@@ -3,9 +3,9 @@ module github.com/bulkfhir/bulkexport/examples
 go 1.24.0
 
 require (
-	github.com/bulkfhir/bulkexport v0.0.0
-	github.com/bulkfhir/bulkexport/pgstore v0.0.0
-	github.com/bulkfhir/bulkexport/sqlitestore v0.0.0
+	github.com/bulkfhir/bulkexport v0.1.0
+	github.com/bulkfhir/bulkexport/pgstore v0.1.0
+	github.com/bulkfhir/bulkexport/sqlitestore v0.1.0
 	github.com/jackc/pgx/v5 v5.7.6
 	github.com/prometheus/client_golang v1.23.2
 	github.com/stretchr/testify v1.12.1
@@ -103,7 +103,7 @@ require (
 )
 
 require (
-	github.com/bulkfhir/bulkexport/blobstorage v0.0.0
+	github.com/bulkfhir/bulkexport/blobstorage v0.1.0
 	github.com/dustin/go-humanize v1.0.1 // indirect
 	github.com/google/uuid v1.6.0 // indirect
 	github.com/jackc/pgpassfile v1.0.0 // indirect
@@ -122,11 +122,3 @@ require (
 	modernc.org/mathutil v1.7.1 // indirect
 	modernc.org/memory v1.11.0 // indirect
 )
-
-replace (
-	github.com/bulkfhir/bulkexport => ../
-	github.com/bulkfhir/bulkexport/pgstore => ../pgstore
-	github.com/bulkfhir/bulkexport/sqlitestore => ../sqlitestore
-)
-
-replace github.com/bulkfhir/bulkexport/blobstorage => ../blobstorage

@@ -3,7 +3,7 @@ module github.com/bulkfhir/bulkexport/pgstore
 go 1.23.0
 
 require (
-	github.com/bulkfhir/bulkexport v0.0.0
+	github.com/bulkfhir/bulkexport v0.1.0
 	github.com/jackc/pgx/v5 v5.7.6
 	github.com/stretchr/testify v1.12.1
 )
@@ -20,5 +20,3 @@ require (
 	golang.org/x/sync v0.16.0 // indirect
 	golang.org/x/text v0.24.0 // indirect
 )
-
-replace github.com/bulkfhir/bulkexport => ../

@@ -3,7 +3,7 @@ module github.com/bulkfhir/bulkexport/sqlitestore
 go 1.23.0
 
 require (
-	github.com/bulkfhir/bulkexport v0.0.0
+	github.com/bulkfhir/bulkexport v0.1.0
 	github.com/stretchr/testify v1.12.1
 	modernc.org/sqlite v1.39.0
 )
@@ -25,5 +25,3 @@ require (
 	modernc.org/mathutil v1.7.1 // indirect
 	modernc.org/memory v1.11.0 // indirect
 )
-
-replace github.com/bulkfhir/bulkexport => ../
