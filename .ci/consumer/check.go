@@ -61,7 +61,7 @@ func (e env) vars(extra ...string) []string {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case "GOWORK", "GOFLAGS", "GOPROXY", "GONOSUMDB", "GONOPROXY", "GOPRIVATE", "GOMODCACHE", "GOTOOLCHAIN", "GOBIN", "GOPATH":
+		case "GOWORK", "GOFLAGS", "GODEBUG", "GOPROXY", "GONOSUMDB", "GONOPROXY", "GOPRIVATE", "GOMODCACHE", "GOTOOLCHAIN", "GOBIN", "GOPATH":
 			continue
 		}
 		out = append(out, kv)
@@ -74,6 +74,11 @@ func (e env) vars(extra ...string) []string {
 		"GOMODCACHE="+e.modcache,
 		"GOPATH="+e.gopath,
 		"GOTOOLCHAIN=local",
+		// The module cache is reused between runs, with this repository's
+		// modules removed and fetched again: the go command's index of the
+		// module cache (which takes a module version's files never to
+		// change) must not remember an earlier run's file list.
+		"GODEBUG=goindex=0",
 	)
 	return append(out, extra...)
 }
@@ -135,7 +140,9 @@ func removeReadOnly(dir string) error {
 }
 
 // check runs the whole consumer check on the checkout at repo.
-func check(repo, version string, keep bool, log func(string, ...any)) error {
+// The module cache is the one of cacheRepo (repo itself, or the checkout a
+// self-test copied).
+func check(repo, cacheRepo, version string, keep bool, log func(string, ...any)) error {
 	upstream, err := upstreamProxy()
 	if err != nil {
 		return err
@@ -148,10 +155,11 @@ func check(repo, version string, keep bool, log func(string, ...any)) error {
 		defer os.RemoveAll(tmp)
 	}
 	proxyDir := filepath.Join(tmp, "proxy")
-	if _, err := buildProxy(repo, version, proxyDir, log); err != nil {
+	mods, err := buildProxy(repo, version, proxyDir, log)
+	if err != nil {
 		return err
 	}
-	modcache, err := privateModCache(repo)
+	modcache, err := privateModCache(cacheRepo)
 	if err != nil {
 		return err
 	}
@@ -159,7 +167,7 @@ func check(repo, version string, keep bool, log func(string, ...any)) error {
 	e.proxy = proxyList(proxyDir, upstream)
 
 	for _, p := range programs {
-		if err := checkProgram(repo, version, tmp, e, p, log); err != nil {
+		if err := checkProgram(repo, version, tmp, mods, e, p, log); err != nil {
 			return fmt.Errorf("program %q: %w", p.name, err)
 		}
 	}
@@ -177,7 +185,7 @@ func check(repo, version string, keep bool, log func(string, ...any)) error {
 	return nil
 }
 
-func checkProgram(repo, version, tmp string, e env, p program, log func(string, ...any)) error {
+func checkProgram(repo, version, tmp string, mods []*localModule, e env, p program, log func(string, ...any)) error {
 	dir := filepath.Join(tmp, "consumer-"+p.name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -230,32 +238,51 @@ func checkProgram(repo, version, tmp string, e env, p program, log func(string, 
 			return fmt.Errorf("the consumer got %s@%s, not %s", r.Mod.Path, r.Mod.Version, version)
 		}
 	}
-	// A module of the repository that imports a module it does not require
-	// makes the consumer require it for it: every indirect requirement
-	// must come from some dependency's go.mod.
-	graph, err := e.run(dir, nil, "mod", "graph")
+	// Every package of this repository in the build imports only modules
+	// its own go.mod requires: a missing require is otherwise made up for
+	// by the consumer's go.mod (or by chance by another dependency's).
+	listing, err := e.run(dir, nil, "list", "-deps", "-f", "{{if .Module}}{{.Module.Path}}{{end}}|{{.ImportPath}}|{{join .Imports \" \"}}", ".")
 	if err != nil {
 		return err
 	}
-	requiredByDeps := map[string]bool{}
-	self := mf.Module.Mod.Path
-	for _, line := range strings.Split(graph, "\n") {
-		from, to, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok || from == self {
+	moduleOf := map[string]string{}
+	type pkg struct {
+		module, path string
+		imports      []string
+	}
+	var pkgs []pkg
+	for _, line := range strings.Split(strings.TrimSpace(listing), "\n") {
+		f := strings.SplitN(line, "|", 3)
+		if len(f) != 3 {
 			continue
 		}
-		p, _, _ := strings.Cut(to, "@")
-		requiredByDeps[p] = true
+		moduleOf[f[1]] = f[0]
+		pkgs = append(pkgs, pkg{f[0], f[1], strings.Fields(f[2])})
 	}
-	var orphans []string
-	for _, r := range mf.Require {
-		if r.Indirect && !requiredByDeps[r.Mod.Path] {
-			why, _ := e.run(dir, nil, "mod", "why", "-m", r.Mod.Path)
-			orphans = append(orphans, fmt.Sprintf("%s, imported by a module that does not require it:\n%s", r.Mod.Path, indent(why)))
+	requires := map[string]map[string]bool{}
+	for _, m := range mods {
+		requires[m.Path] = map[string]bool{}
+		for _, r := range m.File.Require {
+			requires[m.Path][r.Mod.Path] = true
 		}
 	}
-	if len(orphans) > 0 {
-		return fmt.Errorf("a package imports a module its go.mod does not require:\n\t%s", strings.Join(orphans, "\n\t"))
+	var missing []string
+	for _, p := range pkgs {
+		req, local := requires[p.module]
+		if !local {
+			continue
+		}
+		for _, imp := range p.imports {
+			im := moduleOf[imp]
+			if im == "" || im == p.module || req[im] {
+				continue
+			}
+			missing = append(missing, fmt.Sprintf("module %s: package %s imports %s, but its go.mod does not require %s", p.module, p.path, imp, im))
+		}
+	}
+	if len(missing) > 0 {
+		sort.Strings(missing)
+		return fmt.Errorf("a package imports a module its go.mod does not require:\n\t%s", strings.Join(missing, "\n\t"))
 	}
 	// Test-only dependencies stay out of the consumer's build.
 	if len(p.notInBuild) > 0 {

@@ -34,7 +34,7 @@ const rootPath = "github.com/bulkfhir/bulkexport"
 func main() {
 	repo := flag.String("repo", "../..", "the repository checkout")
 	version := flag.String("version", "v0.1.0", "the version every module is published at (the next release)")
-	proxyOnly := flag.String("proxy-only", "", "build the file proxy in this directory, print GOPROXY, GOMODCACHE and GONOSUMDB lines for the shell, and stop")
+	proxyOnly := flag.String("proxy-only", "", "build the file proxy in this directory, print GOPROXY, GOMODCACHE, GONOSUMDB and GODEBUG lines for the shell, and stop")
 	selftest := flag.Bool("selftest", false, "check that the check fails, naming the module, when a sub-module requires an unpublished version")
 	keep := flag.Bool("keep", false, "keep the temporary directories")
 	deps := flag.Bool("deps", false, "check that the modules require one version of each shared dependency, and stop")
@@ -55,7 +55,7 @@ func main() {
 		if err := selfTest(abs, *version); err != nil {
 			fail(err)
 		}
-		log("consumer check self-test: ok (a require of an unpublished version and a file the zip rules refuse each fail the check, naming the module)")
+		log("consumer check self-test: ok (a require of an unpublished version, a file the zip rules refuse, and an import of a module not required each fail the check, naming the module)")
 		return
 	}
 	if *proxyOnly != "" {
@@ -75,10 +75,11 @@ func main() {
 		// For the shell: the environment of a "go" that gets this
 		// repository's modules from the proxy, with a module cache that
 		// holds no earlier zip of them.
-		fmt.Printf("GOPROXY=%s\nGOMODCACHE=%s\nGONOSUMDB=%s\n", proxyList(*proxyOnly, upstream), modcache, rootPath)
+		// (GODEBUG=goindex=0: see env.vars.)
+		fmt.Printf("GOPROXY=%s\nGOMODCACHE=%s\nGONOSUMDB=%s\nGODEBUG=goindex=0\n", proxyList(*proxyOnly, upstream), modcache, rootPath)
 		return
 	}
-	if err := check(abs, *version, *keep, log); err != nil {
+	if err := check(abs, abs, *version, *keep, log); err != nil {
 		fail(err)
 	}
 	log("consumer check: ok")

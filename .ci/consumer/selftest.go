@@ -12,7 +12,9 @@ import (
 // module at a version nobody publishes, and expects the check to fail with
 // a message that names sqlitestore; then, with that undone, puts two files
 // whose names differ only in case into pgstore and expects a failure that
-// names pgstore and the file.
+// names pgstore and the file; then, with that undone, makes the root
+// module import a module it does not require, and expects a failure that
+// names the root module.
 func selfTest(repo, version string) error {
 	files, err := repoFiles(repo)
 	if err != nil {
@@ -44,7 +46,7 @@ func selfTest(repo, version string) error {
 	if err := gitInit(tmp); err != nil {
 		return err
 	}
-	err = check(tmp, version, false, func(string, ...any) {})
+	err = check(tmp, repo, version, false, func(string, ...any) {})
 	if err == nil {
 		return fmt.Errorf("self-test: the check passed although sqlitestore requires %s@v0.9.9", rootPath)
 	}
@@ -65,7 +67,7 @@ func selfTest(repo, version string) error {
 	if err := os.WriteFile(filepath.Join(tmp, "pgstore", "PGSTORE.go"), src, 0o644); err != nil {
 		return err
 	}
-	err = check(tmp, version, false, func(string, ...any) {})
+	err = check(tmp, repo, version, false, func(string, ...any) {})
 	if err == nil {
 		return fmt.Errorf("self-test: the check passed although pgstore holds pgstore.go and PGSTORE.go")
 	}
@@ -73,6 +75,25 @@ func selfTest(repo, version string) error {
 		return fmt.Errorf("self-test: the check failed without naming the module and file:\n%v", err)
 	}
 	fmt.Fprintf(os.Stderr, "self-test: a file the zip rules refuse fails the check:\n%s\n", indent(err.Error()))
+
+	// Third: a package of the root module imports a module (golang.org/x/mod,
+	// which the check itself uses) that the root's go.mod does not
+	// require. This one gets as far as go get and the first program.
+	if err := os.Remove(filepath.Join(tmp, "pgstore", "PGSTORE.go")); err != nil {
+		return err
+	}
+	orphan := "package bulkexport\n\nimport _ \"golang.org/x/mod/semver\"\n"
+	if err := os.WriteFile(filepath.Join(tmp, "selftest_orphan.go"), []byte(orphan), 0o644); err != nil {
+		return err
+	}
+	err = check(tmp, repo, version, false, func(string, ...any) {})
+	if err == nil {
+		return fmt.Errorf("self-test: the check passed although the root module imports golang.org/x/mod without requiring it")
+	}
+	if !strings.Contains(err.Error(), "module "+rootPath+": package "+rootPath+" imports golang.org/x/mod/semver") {
+		return fmt.Errorf("self-test: the check failed without naming the importing module:\n%v", err)
+	}
+	fmt.Fprintf(os.Stderr, "self-test: an import of a module the go.mod does not require fails the check:\n%s\n", indent(err.Error()))
 	return nil
 }
 
