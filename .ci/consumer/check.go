@@ -23,7 +23,7 @@ type program struct {
 	modules []string // modules of the repository it gets (paths below rootPath, "" for the root)
 	extra   []string // third-party modules it imports itself, at the version go get picks
 	source  func(repo string) (string, error)
-	// notDownloaded lists module path prefixes that must not be part of the
+	// notInBuild lists module path prefixes that must not be part of the
 	// build: test-only dependencies of the modules it uses.
 	notInBuild []string
 }
