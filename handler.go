@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/metric"
@@ -251,6 +252,22 @@ type Handler struct {
 	polls    *pollLimiter // nil when polls are not limited
 	signer   URLSigner    // signs download URLs; nil under plain DownloadProxy
 	tel      *telemetry
+	closed   sync.Once
+}
+
+// Close releases what the Handler registered with Options.MeterProvider
+// (the callback that reports the poll counts), so that a host that makes
+// and drops handlers (tests, reconfiguration) over one MeterProvider does
+// not keep reporting through dropped ones. It does not stop the Handler
+// from serving. Safe to call more than once, and without a MeterProvider.
+func (h *Handler) Close() error {
+	var err error
+	h.closed.Do(func() {
+		if h.tel.pollReg != nil {
+			err = h.tel.pollReg.Unregister()
+		}
+	})
+	return err
 }
 
 // NewHandler returns a Handler over store. It fails when opts.BaseURL is

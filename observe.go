@@ -117,6 +117,8 @@ type telemetry struct {
 	// reports them as bulkexport.poll.requests. A poll costs one atomic
 	// add, not a synchronous instrument's Add. nil unless metered.
 	pollCounts *[1000]atomic.Int64
+	// pollReg is that callback's registration, undone by Handler.Close.
+	pollReg metric.Registration
 }
 
 // newTelemetry creates the instruments. A nil provider means no-op. An
@@ -194,8 +196,7 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider, log *slog.Lo
 var pollStatuses = []int{200, 202, 400, 401, 403, 404, 405, 410, 413, 429, 500, 503}
 
 // initPolls starts counting status requests (a Handler's telemetry): it
-// registers the callback that reports the counts. The callback lives as
-// long as the MeterProvider.
+// registers the callback that reports the counts, until Handler.Close.
 func (t *telemetry) initPolls(log *slog.Logger) {
 	if !t.metered {
 		return
@@ -205,7 +206,7 @@ func (t *telemetry) initPolls(log *slog.Logger) {
 	for _, code := range pollStatuses {
 		opts[code] = metric.WithAttributeSet(attribute.NewSet(attrStatusCode.Int(code)))
 	}
-	_, err := t.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+	reg, err := t.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		for code := range counts {
 			n := counts[code].Load()
 			if n == 0 {
@@ -224,6 +225,7 @@ func (t *telemetry) initPolls(log *slog.Logger) {
 		return
 	}
 	t.pollCounts = counts
+	t.pollReg = reg
 }
 
 // transition counts a job entering state.

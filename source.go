@@ -49,7 +49,11 @@ type Query struct {
 	// means no filter.
 	TypeFilters []TypeFilter
 	// Elements are the top-level elements _elements keeps for this type;
-	// nil means all. See SubsetElements.
+	// nil means all. A Source keeps those plus resourceType, id, meta and
+	// the elements FHIR makes mandatory for the type, and marks each
+	// resource it cut with the SUBSETTED tag in meta.tag (system
+	// http://terminology.hl7.org/CodeSystem/v3-ObservationValue), as the
+	// example dataset and the bulkexporttest fake do.
 	Elements []string
 	// IncludeAssociatedData holds the requested codes the handler accepted.
 	IncludeAssociatedData []string

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
@@ -479,4 +480,48 @@ func TestReclaim(t *testing.T) {
 	}
 	slices.Sort(outcomes)
 	require.Equal(t, []string{"completed", "requeued"}, outcomes)
+}
+
+// TestHandlerClose: a Handler reports its poll counts through the
+// MeterProvider until Close; after it, a collection no longer has them,
+// and a second Close is harmless.
+func TestHandlerClose(t *testing.T) {
+	t.Parallel()
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	defer func() { _ = mp.Shutdown(context.Background()) }()
+	h, err := bulkexport.NewHandler(bulkexport.NewMemoryStore(), &bulkexport.Options{BaseURL: "http://x/fhir", MeterProvider: mp})
+	require.NoError(t, err)
+	poll := func() {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "http://x/fhir/$export-poll-status?_jobId=0123456789abcdef0123456789abcdef", nil))
+		require.Equal(t, http.StatusNotFound, w.Code)
+	}
+	pollRequests := func() int64 {
+		var rm metricdata.ResourceMetrics
+		require.NoError(t, reader.Collect(context.Background(), &rm))
+		var n int64
+		for _, sm := range rm.ScopeMetrics {
+			for _, m := range sm.Metrics {
+				if m.Name == "bulkexport.poll.requests" {
+					for _, p := range m.Data.(metricdata.Sum[int64]).DataPoints {
+						n += p.Value
+					}
+				}
+			}
+		}
+		return n
+	}
+	poll()
+	poll()
+	require.EqualValues(t, 2, pollRequests())
+	require.NoError(t, h.Close())
+	poll()
+	require.Zero(t, pollRequests(), "a closed handler still reports its polls")
+	require.NoError(t, h.Close())
+
+	// Without a MeterProvider there is nothing to release.
+	plain, err := bulkexport.NewHandler(bulkexport.NewMemoryStore(), &bulkexport.Options{BaseURL: "http://x/fhir"})
+	require.NoError(t, err)
+	require.NoError(t, plain.Close())
 }
