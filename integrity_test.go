@@ -213,24 +213,35 @@ func (h logWatch) Handle(_ context.Context, r slog.Record) error {
 func (h logWatch) WithAttrs([]slog.Attr) slog.Handler { return h }
 func (h logWatch) WithGroup(string) slog.Handler      { return h }
 
+// startOutageRun kicks off an Observation export over a flakyStore and
+// runs a worker with the given lease and heartbeat, a checkpoint after
+// every resource and files of 7; the export pauses after 30 resources
+// (pause), and gaveUp sees the run give its claim up for a store outage.
+func startOutageRun(t *testing.T, lease, heartbeat time.Duration) (srv *bulkexporttest.Server, store *flakyStore,
+	pause *bulkexporttest.Pause, statusURL string, gaveUp logWatch) {
+	t.Helper()
+	src := clinicalSource(t, 40)
+	pause = src.Pause("Observation", 30)
+	store = &flakyStore{JobStore: bulkexport.NewMemoryStore()}
+	srv = bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL = srv.Kickoff(t, "/$export?_type=Observation")
+	gaveUp = newLogWatch("unreachable for the whole lease")
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
+		Lease: lease, PollInterval: 10 * time.Millisecond, Heartbeat: heartbeat,
+		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: slog.New(gaveUp),
+	})
+	require.NoError(t, err)
+	runWorker(t, w)
+	return srv, store, pause, statusURL, gaveUp
+}
+
 // TestStoreOutagePastLease: the store is down for longer than the lease.
 // The run gives its claim up without touching the recorded files, and the
 // job, still running in the store, is resumed from its checkpoint once the
 // store is back and the lease has run out.
 func TestStoreOutagePastLease(t *testing.T) {
 	t.Parallel()
-	src := clinicalSource(t, 40)
-	pause := src.Pause("Observation", 30)
-	store := &flakyStore{JobStore: bulkexport.NewMemoryStore()}
-	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
-	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
-	gaveUp := newLogWatch("unreachable for the whole lease")
-	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
-		Lease: 300 * time.Millisecond, PollInterval: 10 * time.Millisecond, Heartbeat: 10 * time.Millisecond,
-		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: slog.New(gaveUp),
-	})
-	require.NoError(t, err)
-	runWorker(t, w)
+	srv, store, pause, statusURL, gaveUp := startOutageRun(t, 300*time.Millisecond, 10*time.Millisecond)
 	<-pause.Reached()
 
 	ctx := context.Background()
@@ -273,20 +284,9 @@ func TestStoreOutagePastLease(t *testing.T) {
 // and completes.
 func TestStoreOutageRetriedToLeaseEnd(t *testing.T) {
 	t.Parallel()
-	src := clinicalSource(t, 40)
-	pause := src.Pause("Observation", 30)
-	store := &flakyStore{JobStore: bulkexport.NewMemoryStore()}
-	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
-	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
-	gaveUp := newLogWatch("unreachable for the whole lease")
-	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
-		// No heartbeat: the checkpoints alone renew the lease, so that the
-		// failed updates start right after a renewal.
-		Lease: 2500 * time.Millisecond, PollInterval: 10 * time.Millisecond, Heartbeat: time.Hour,
-		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: slog.New(gaveUp),
-	})
-	require.NoError(t, err)
-	runWorker(t, w)
+	// No heartbeat: the checkpoints alone renew the lease, so that the
+	// failed updates start right after a renewal.
+	srv, store, pause, statusURL, gaveUp := startOutageRun(t, 2500*time.Millisecond, time.Hour)
 	<-pause.Reached()
 	store.failNext.Store(7)
 	pause.Release()

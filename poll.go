@@ -90,11 +90,13 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 	if id == "" {
 		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
 	}
-	if badBytes(id) {
-		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Param: "_jobId",
-			Message: "the job id must be valid UTF-8 without NUL characters"}
-	}
 	if !validJobID(id) {
+		// A valid id is plain ASCII, so only an invalid one needs the
+		// byte check (bad bytes are bad input, 400).
+		if badBytes(id) {
+			return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Param: "_jobId",
+				Message: "the job id must be valid UTF-8 without NUL characters"}
+		}
 		// No store could hold it: answer like an unknown job.
 		return "", 0, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_jobId", Message: "no such export job"}
 	}

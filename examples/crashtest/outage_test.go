@@ -204,39 +204,10 @@ func (h *harness) outageMark(msg string) {
 }
 
 // outageWait is waitFor without the failure on a failed job (a job may fail
-// cleanly here): it waits, at most timeout, until cond (called with h.mu
-// held) is true, and fails the test if a server exits by itself.
+// cleanly here).
 func (h *harness) outageWait(timeout time.Duration, what string, cond func() bool) {
 	h.t.Helper()
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for {
-		h.mu.Lock()
-		ok := cond()
-		ch := h.changed
-		var problem string
-		for _, p := range h.procs {
-			select {
-			case <-p.exited:
-				if !p.killed {
-					problem = fmt.Sprintf("%s exited by itself: %v", p.name, p.exitErr)
-				}
-			default:
-			}
-		}
-		h.mu.Unlock()
-		if problem != "" {
-			h.t.Fatal(problem)
-		}
-		if ok {
-			return
-		}
-		select {
-		case <-ch:
-		case <-deadline.C:
-			h.t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-	}
+	h.wait(timeout, what, false, cond)
 }
 
 // outageCheck checks how export e ended: completed, with everything

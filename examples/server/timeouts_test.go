@@ -157,26 +157,10 @@ func TestDownloadWriteDeadline(t *testing.T) {
 
 	// Export with the default limits.
 	base, stop := startRun(t, args...)
-	req, err := http.NewRequest(http.MethodGet, base+"/$export?_type=Patient", nil)
-	require.NoError(t, err)
-	req.Header.Set("Prefer", "respond-async")
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	resp.Body.Close()
-	require.Equal(t, http.StatusAccepted, resp.StatusCode)
-	status := resp.Header.Get("Content-Location")
-	code, body, err := get(status)
-	for i := 0; i < 400 && err == nil && code == http.StatusAccepted; i++ { // a bounded wait
-		time.Sleep(25 * time.Millisecond)
-		code, body, err = get(status)
-	}
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, code, "%s", body)
-	_, fileURL, ok := strings.Cut(string(body), `"url":"`)
-	require.True(t, ok, "%s", body)
-	fileURL, _, _ = strings.Cut(fileURL, `"`)
-	filePath, ok := strings.CutPrefix(fileURL, base)
-	require.True(t, ok, fileURL)
+	_, _, m := (&fhirClient{t: t, base: base}).export("_type=Patient")
+	require.NotEmpty(t, m.Output)
+	filePath, ok := strings.CutPrefix(m.Output[0].URL, base)
+	require.True(t, ok, m.Output[0].URL)
 	require.True(t, strings.HasPrefix(filePath, "/bulkfiles/"), filePath)
 	stop()
 

@@ -234,15 +234,8 @@ func (d *Dataset) Export(ctx context.Context, q *bulkexport.Query, typ string, w
 		return err
 	}
 	if p.kind == kindPatient && q.Cursor == "" {
-		for _, id := range p.missing {
-			msg := "Patient/" + id + " is not known; it was left out"
-			if q.Level == bulkexport.LevelGroup {
-				msg = "Patient/" + id + " is not a member of Group/" + q.GroupID + "; it was left out"
-			}
-			if err := w.Issue(bulkexport.Issue{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotFound,
-				Diagnostics: msg, Expression: []string{"patient"}}); err != nil {
-				return err
-			}
+		if err := p.reportMissing(q, w); err != nil {
+			return err
 		}
 	}
 	var r rec
@@ -259,6 +252,22 @@ func (d *Dataset) Export(ctx context.Context, q *bulkexport.Query, typ string, w
 		cursor = strconv.AppendInt(cursor[:0], int64(idx), 10)
 		return w.Checkpoint(string(cursor))
 	})
+}
+
+// reportMissing writes a warning for every patient the patient parameter
+// named in vain (unknown, or not in the Group).
+func (p *plan) reportMissing(q *bulkexport.Query, w bulkexport.ResourceWriter) error {
+	for _, id := range p.missing {
+		msg := "Patient/" + id + " is not known; it was left out"
+		if q.Level == bulkexport.LevelGroup {
+			msg = "Patient/" + id + " is not a member of Group/" + q.GroupID + "; it was left out"
+		}
+		if err := w.Issue(bulkexport.Issue{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotFound,
+			Diagnostics: msg, Expression: []string{"patient"}}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Count implements bulkexport.Counter: the exact number of resources Export

@@ -52,15 +52,8 @@ func (d *Dataset) ExportBlocks(ctx context.Context, q *bulkexport.Query, by stri
 		plans = append(plans, p)
 	}
 	if q.Cursor == "" {
-		for _, id := range owners.missing {
-			msg := "Patient/" + id + " is not known; it was left out"
-			if q.Level == bulkexport.LevelGroup {
-				msg = "Patient/" + id + " is not a member of Group/" + q.GroupID + "; it was left out"
-			}
-			if err := w.Issue(bulkexport.Issue{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotFound,
-				Diagnostics: msg, Expression: []string{"patient"}}); err != nil {
-				return err
-			}
+		if err := owners.reportMissing(q, w); err != nil {
+			return err
 		}
 	}
 	var r rec
