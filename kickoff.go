@@ -136,6 +136,11 @@ func queryParams(q url.Values) ([]rawParam, error) {
 	var out []rawParam
 	keys := make([]string, 0, len(q))
 	for k := range q {
+		if k == "" {
+			// "=x" or "=": malformed, as a nameless parameter in a
+			// Parameters body is; not something lenient handling can name.
+			return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "a query parameter has no name"}
+		}
 		keys = append(keys, k)
 	}
 	slices.Sort(keys) // deterministic error messages

@@ -516,6 +516,8 @@ func TestKickoffRequestErrors(t *testing.T) {
 		{name: "malformed-query", query: "_type=%zz", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
 		{name: "invalid-utf8", query: "_type=%ff", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
 		{name: "invalid-utf8-name", query: "%ff=1", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
+		{name: "nameless", query: "=1", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
+		{name: "nameless-lenient", query: "_type=Patient&=", prefer: "handling=lenient", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
 		{name: "post-query-parameter", method: http.MethodPost, query: "_type=Patient", errParam: "_type", errCode: IssueInvalid},
 		{name: "post-not-parameters", method: http.MethodPost, body: `{"resourceType":"Bundle"}`, errStatus: http.StatusBadRequest, errCode: IssueStructure},
 		{name: "post-empty-body", method: http.MethodPost, check: func(t *testing.T, r Request) {
