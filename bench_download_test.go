@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // BenchmarkDownload compares the file endpoint (job lookup, client check,
@@ -25,7 +26,7 @@ func BenchmarkDownload(b *testing.B) {
 		b.Fatal(err)
 	}
 	store := bulkexport.NewMemoryStore()
-	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued, CreatedAt: time.Now()}
+	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued, CreatedAt: time.Now()}
 	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		b.Fatal(err)
 	}

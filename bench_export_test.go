@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // preencodedSource emits perType pre-encoded resources of about 1 KiB for
@@ -40,7 +41,7 @@ func newPreencodedSource(types []string, perType int) *preencodedSource {
 	return s
 }
 
-func (s *preencodedSource) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (s *preencodedSource) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return s.types, nil
 }
 
@@ -87,7 +88,7 @@ func runOneExport(tb testing.TB, src bulkexport.Source, dir string, opts bulkexp
 	if err != nil {
 		tb.Fatal(err)
 	}
-	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
+	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued,
 		CreatedAt: time.Now(), Request: bulkexport.Request{OutputFormat: bulkexport.FormatNDJSON}}
 	if err := store.Create(context.Background(), job, bulkexport.CreateParams{}); err != nil {
 		tb.Fatal(err)

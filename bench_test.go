@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // The poll benchmarks compare the real status handler with a baseline that
@@ -51,7 +52,7 @@ func newPollHandler(tb testing.TB, base string) (*bulkexport.Handler, string) {
 	}
 	job := &bulkexport.Job{
 		ID:    bulkexport.NewJobID(),
-		Level: bulkexport.LevelSystem,
+		Level: fhirbulk.LevelSystem,
 		Request: bulkexport.Request{
 			URL:          base + "/$export?_type=Patient,Observation,Condition&_since=2024-01-01T00:00:00Z",
 			Method:       http.MethodGet,
@@ -252,7 +253,7 @@ func newKickoffFixture(b *testing.B, backlog int) *kickoffFixture {
 	}
 	f.h = h
 	for i := range backlog {
-		j := &bulkexport.Job{ID: bulkexport.NewJobID(), Owner: "alice", Level: bulkexport.LevelSystem, State: bulkexport.StateCompleted,
+		j := &bulkexport.Job{ID: bulkexport.NewJobID(), Owner: "alice", Level: fhirbulk.LevelSystem, State: bulkexport.StateCompleted,
 			CreatedAt: f.now.Add(-time.Hour + time.Duration(i)), ExpiresAt: f.now.Add(-time.Minute),
 			Output: []bulkexport.File{{Type: "Patient", Name: "Patient.c1.ndjson", Count: 1, Size: 10}}}
 		if err := f.store.Create(context.Background(), j, bulkexport.CreateParams{}); err != nil {

@@ -5,28 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/http"
 )
-
-// Level is the scope of an export: the whole system, every patient, or
-// the members of one Group.
-type Level string
-
-const (
-	// LevelSystem is [base]/$export: every resource the client may see.
-	LevelSystem Level = "system"
-	// LevelPatient is [base]/Patient/$export: the Patient compartment of
-	// every patient.
-	LevelPatient Level = "patient"
-	// LevelGroup is [base]/Group/{id}/$export: the Patient compartment of the
-	// Group's members.
-	LevelGroup Level = "group"
-)
-
-// Valid reports whether l is one of the three defined levels.
-func (l Level) Valid() bool {
-	return l == LevelSystem || l == LevelPatient || l == LevelGroup
-}
 
 // Sentinel errors. Stores, sources and storages wrap them with %w; callers
 // match them with errors.Is.
@@ -56,91 +37,12 @@ var (
 	ErrUnavailable = errors.New("bulkexport: temporarily unavailable")
 )
 
-// OperationOutcome is the FHIR R4 OperationOutcome resource, reduced to the
-// elements this library reads and writes.
-type OperationOutcome struct {
-	ResourceType string  `json:"resourceType"`
-	ID           string  `json:"id,omitempty"`
-	Issue        []Issue `json:"issue"`
-}
-
-// Issue is one OperationOutcome.issue.
-type Issue struct {
-	Severity    Severity         `json:"severity"`
-	Code        IssueType        `json:"code"`
-	Details     *CodeableConcept `json:"details,omitempty"`
-	Diagnostics string           `json:"diagnostics,omitempty"`
-	Expression  []string         `json:"expression,omitempty"`
-}
-
-// CodeableConcept is the FHIR datatype, reduced to its text.
-type CodeableConcept struct {
-	Text string `json:"text,omitempty"`
-}
-
-// Severity is OperationOutcome.issue.severity.
-type Severity string
-
-// The FHIR issue severities.
-const (
-	SeverityFatal       Severity = "fatal"
-	SeverityError       Severity = "error"
-	SeverityWarning     Severity = "warning"
-	SeverityInformation Severity = "information"
-)
-
-// IssueType is OperationOutcome.issue.code (the FHIR IssueType value set).
-type IssueType string
-
-// The IssueType codes this library uses. Transient reports whether a code
-// belongs to the "transient" branch, which tells a client to retry.
-const (
-	IssueInvalid       IssueType = "invalid"
-	IssueStructure     IssueType = "structure"
-	IssueRequired      IssueType = "required"
-	IssueValue         IssueType = "value"
-	IssueSecurity      IssueType = "security"
-	IssueLogin         IssueType = "login"
-	IssueForbidden     IssueType = "forbidden"
-	IssueProcessing    IssueType = "processing"
-	IssueNotSupported  IssueType = "not-supported"
-	IssueNotFound      IssueType = "not-found"
-	IssueDeleted       IssueType = "deleted"
-	IssueTooCostly     IssueType = "too-costly"
-	IssueConflict      IssueType = "conflict"
-	IssueInformational IssueType = "informational"
-	IssueException     IssueType = "exception"
-	IssueTransient     IssueType = "transient"
-	IssueLockError     IssueType = "lock-error"
-	IssueNoStore       IssueType = "no-store"
-	IssueTimeout       IssueType = "timeout"
-	IssueIncomplete    IssueType = "incomplete"
-	IssueThrottled     IssueType = "throttled"
-)
-
-// Transient reports whether c is in the IssueType "transient" branch.
-func (c IssueType) Transient() bool {
-	switch c {
-	case IssueTransient, IssueLockError, IssueNoStore, IssueException, IssueTimeout, IssueIncomplete, IssueThrottled:
-		return true
-	}
-	return false
-}
-
-// NewOutcome returns an OperationOutcome with a single issue.
-func NewOutcome(sev Severity, code IssueType, diagnostics string, expression ...string) *OperationOutcome {
-	return &OperationOutcome{
-		ResourceType: "OperationOutcome",
-		Issue:        []Issue{{Severity: sev, Code: code, Diagnostics: diagnostics, Expression: expression}},
-	}
-}
-
 // Error is an error that knows its HTTP status and FHIR issue code. The
 // handler turns it into an OperationOutcome answer. Param, when set, names
 // the kick-off parameter at fault and becomes the issue's expression.
 type Error struct {
 	Status  int
-	Code    IssueType
+	Code    fhirbulk.IssueType
 	Param   string
 	Message string
 	Err     error // optional cause, for errors.Is/As
@@ -165,7 +67,7 @@ func (e *Error) Unwrap() error { return e.Err }
 // Outcome converts the error into its OperationOutcome. The diagnostics
 // hold Param and Message only: the wrapped cause may carry internal detail
 // and stays in logs.
-func (e *Error) Outcome() *OperationOutcome {
+func (e *Error) Outcome() *fhirbulk.OperationOutcome {
 	var expr []string
 	msg := e.Message
 	if msg == "" {
@@ -175,22 +77,22 @@ func (e *Error) Outcome() *OperationOutcome {
 		expr = []string{e.Param}
 		msg = e.Param + ": " + msg
 	}
-	sev := SeverityError
+	sev := fhirbulk.SeverityError
 	if e.Status >= 500 && !e.Code.Transient() {
-		sev = SeverityFatal
+		sev = fhirbulk.SeverityFatal
 	}
-	return NewOutcome(sev, e.Code, msg, expr...)
+	return fhirbulk.NewOutcome(sev, e.Code, msg, expr...)
 }
 
 // paramError is the 400 answer for a parameter that is unknown, unsupported
 // or malformed.
-func paramError(param string, code IssueType, format string, args ...any) *Error {
+func paramError(param string, code fhirbulk.IssueType, format string, args ...any) *Error {
 	return &Error{Status: http.StatusBadRequest, Code: code, Param: param, Message: fmt.Sprintf(format, args...)}
 }
 
 // ErrorMapper turns any error the handler meets into an HTTP status and an
 // OperationOutcome. Hosts may replace DefaultErrorMapper through Options.
-type ErrorMapper func(err error) (status int, outcome *OperationOutcome)
+type ErrorMapper func(err error) (status int, outcome *fhirbulk.OperationOutcome)
 
 // DefaultErrorMapper is the one place that maps errors to answers:
 //
@@ -204,7 +106,7 @@ type ErrorMapper func(err error) (status int, outcome *OperationOutcome)
 //   - *http.MaxBytesError: 413 too-costly;
 //   - anything else: 500 exception, without the error text, which may hold
 //     internal detail.
-func DefaultErrorMapper(err error) (int, *OperationOutcome) {
+func DefaultErrorMapper(err error) (int, *fhirbulk.OperationOutcome) {
 	var e *Error
 	var mbe *http.MaxBytesError
 	switch {
@@ -218,20 +120,20 @@ func DefaultErrorMapper(err error) (int, *OperationOutcome) {
 		}
 		return e.Status, e.Outcome()
 	case errors.As(err, &mbe):
-		return http.StatusRequestEntityTooLarge, NewOutcome(SeverityError, IssueTooCostly,
+		return http.StatusRequestEntityTooLarge, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueTooCostly,
 			fmt.Sprintf("request body exceeds %d bytes", mbe.Limit))
 	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound, NewOutcome(SeverityError, IssueNotFound, "not found")
+		return http.StatusNotFound, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueNotFound, "not found")
 	case errors.Is(err, ErrUnauthorized):
-		return http.StatusUnauthorized, NewOutcome(SeverityError, IssueLogin, "authentication required")
+		return http.StatusUnauthorized, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueLogin, "authentication required")
 	case errors.Is(err, ErrForbidden):
-		return http.StatusForbidden, NewOutcome(SeverityError, IssueForbidden, "forbidden")
+		return http.StatusForbidden, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueForbidden, "forbidden")
 	case errors.Is(err, ErrConflict), errors.Is(err, ErrAlreadyExists), errors.Is(err, ErrInvalidTransition):
-		return http.StatusConflict, NewOutcome(SeverityError, IssueConflict, "the job changed concurrently; retry")
+		return http.StatusConflict, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueConflict, "the job changed concurrently; retry")
 	case errors.Is(err, ErrUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-		return http.StatusServiceUnavailable, NewOutcome(SeverityError, IssueTransient, "temporarily unavailable; retry later")
+		return http.StatusServiceUnavailable, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueTransient, "temporarily unavailable; retry later")
 	default:
-		return http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueException, "internal server error")
+		return http.StatusInternalServerError, fhirbulk.NewOutcome(fhirbulk.SeverityFatal, fhirbulk.IssueException, "internal server error")
 	}
 }
 

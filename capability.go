@@ -4,11 +4,11 @@ import "encoding/json"
 
 // Canonical URLs the CapabilityStatement fragment advertises.
 const (
-	CapabilityBulkData       = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
-	OperationExport          = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"
-	OperationPatientExport   = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
-	OperationGroupExport     = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
-	OperationExportPollState = "http://ehealth.sundhed.dk/fhir/OperationDefinition/-s-export-poll-status"
+	CapabilityBulkData        = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+	OperationExport           = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"
+	OperationPatientExport    = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
+	OperationGroupExport      = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
+	OperationExportPollStatus = "http://ehealth.sundhed.dk/fhir/OperationDefinition/-s-export-poll-status"
 )
 
 // CapabilityOperation is a CapabilityStatement.rest[.resource].operation.
@@ -41,7 +41,7 @@ func (h *Handler) Capability() Capability {
 		Instantiates: []string{CapabilityBulkData},
 		Operations: []CapabilityOperation{
 			{Name: "export", Definition: OperationExport},
-			{Name: "export-poll-status", Definition: OperationExportPollState},
+			{Name: "export-poll-status", Definition: OperationExportPollStatus},
 		},
 		Resources: []CapabilityResource{
 			{Type: "Patient", Operation: []CapabilityOperation{{Name: "export", Definition: OperationPatientExport}}},

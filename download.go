@@ -3,6 +3,7 @@ package bulkexport
 import (
 	"compress/gzip"
 	"errors"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"io"
 	"io/fs"
 	"net/http"
@@ -23,7 +24,7 @@ func (h *Handler) serveFile(w http.ResponseWriter, r *http.Request, rest string)
 	}
 	w, r = h.tel.startDownload(w, r, rest) // span and byte count
 	defer h.tel.endDownload(w, r)
-	notFound := &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no such export file"}
+	notFound := &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "no such export file"}
 	jobID, name, ok := strings.Cut(rest, "/")
 	valid := ok && validJobID(jobID) && validJobID(name) && h.opts.Storage != nil
 	// A signed URL stands in for the client's credentials, for its file.
@@ -72,7 +73,7 @@ func (h *Handler) serveFile(w http.ResponseWriter, r *http.Request, rest string)
 		if errors.Is(err, fs.ErrNotExist) {
 			err = notFound
 		} else {
-			err = &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient, Message: "the file storage is unavailable; retry later", Err: err}
+			err = &Error{Status: http.StatusServiceUnavailable, Code: fhirbulk.IssueTransient, Message: "the file storage is unavailable; retry later", Err: err}
 		}
 		h.writeError(w, r, err)
 		return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/http"
 	"time"
 )
@@ -110,7 +111,7 @@ func (h *Handler) initDownloads() error {
 // errCannotSign answers a request that needed a presigned URL the Storage
 // could not make.
 func errCannotSign(err error) error {
-	return &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient,
+	return &Error{Status: http.StatusServiceUnavailable, Code: fhirbulk.IssueTransient,
 		Message: "the file storage cannot sign download URLs now; retry later", Err: err}
 }
 
@@ -132,7 +133,7 @@ func (h *Handler) manifestFor(w http.ResponseWriter, r *http.Request, job *Job, 
 // ManifestContext is Manifest with the file URLs the download mode calls
 // for: under DownloadSigned, presigned Storage URLs made with ctx (an error
 // when the Storage cannot sign); otherwise the handler's file URLs.
-func (h *Handler) ManifestContext(ctx context.Context, job *Job) (*Manifest, error) {
+func (h *Handler) ManifestContext(ctx context.Context, job *Job) (*fhirbulk.Manifest, error) {
 	m := h.Manifest(job)
 	if !h.signsManifest() {
 		return m, nil
@@ -148,12 +149,12 @@ func (h *Handler) ManifestContext(ctx context.Context, job *Job) (*Manifest, err
 // signed once, so that continuesInFile equals the url of the file it
 // names.
 func (h *Handler) signManifest(ctx context.Context, job *Job, body any) error {
-	var lists [][]ManifestFile
+	var lists [][]fhirbulk.ManifestFile
 	switch m := body.(type) {
-	case *Manifest:
-		lists = [][]ManifestFile{m.Output, m.Deleted, m.Error, m.Outcome}
+	case *fhirbulk.Manifest:
+		lists = [][]fhirbulk.ManifestFile{m.Output, m.Deleted, m.Error, m.Outcome}
 	case *manifestSTU4:
-		lists = [][]ManifestFile{m.Output, m.Deleted, m.Outcome}
+		lists = [][]fhirbulk.ManifestFile{m.Output, m.Deleted, m.Outcome}
 	default:
 		return fmt.Errorf("bulkexport: cannot sign a manifest of type %T", body)
 	}

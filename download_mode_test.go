@@ -25,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // signingStorage is a DirStorage that signs URLs the way object stores
@@ -237,7 +238,7 @@ func TestDownloadSigned(t *testing.T) {
 	status, resp, body := srv.exportWith(t, http.MethodGet, "/$export", "tok-a", "respond-async", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
 	require.Equal(t, "no-store", resp.Header.Get("Cache-Control"), "a manifest of capability URLs is not to be cached")
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.False(t, m.RequiresAccessToken, "presigned URLs are capability URLs")
 	require.NotEmpty(t, m.Output)
@@ -264,7 +265,7 @@ func TestDownloadSigned(t *testing.T) {
 	// Each poll signs afresh, so a client whose links expired polls again.
 	resp, body = send(t, http.DefaultClient, http.MethodGet, status, "tok-a", nil)
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	var m2 bulkexport.Manifest
+	var m2 fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m2))
 	require.Len(t, m2.Output, len(m.Output))
 	require.NotEqual(t, m.Output[0].URL, m2.Output[0].URL)
@@ -307,7 +308,7 @@ func TestDownloadSignedContinuesInFile(t *testing.T) {
 		bulkexport.WorkerOptions{MaxFileResources: 3})
 	_, resp, body := srv.exportWith(t, http.MethodGet, "/Patient/$export?organizeOutputBy=Patient", "", "respond-async", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	continued := 0
 	for i, f := range m.Output {
@@ -328,7 +329,7 @@ func TestDownloadSignedSTU4(t *testing.T) {
 	params := `{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Patient"},{"name":"_bogus","valueString":"x"}]}`
 	_, resp, body := srv.exportWith(t, http.MethodPost, "/$export", "", "respond-async, handling=lenient", params)
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.False(t, m.RequiresAccessToken)
 	require.Len(t, m.Outcome, 1, "the ignored parameter")
@@ -348,7 +349,7 @@ func TestDownloadRedirect(t *testing.T) {
 	_, resp, body := srv.exportWith(t, http.MethodGet, "/$export", "tok-a", "respond-async", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
 	require.Empty(t, resp.Header.Get("Cache-Control"), "the manifest holds no capability URL")
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.True(t, m.RequiresAccessToken, "the listed URLs are the handler's, behind the token")
 	job := srv.onlyJob(t)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestEarlyRejectionDoesNotWaitForBody: a request rejected before its body
@@ -65,7 +66,7 @@ func TestEarlyRejectionDoesNotWaitForBody(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, tc.status, resp.StatusCode, "%s", body)
 			require.Equal(t, "application/fhir+json", resp.Header.Get("Content-Type"))
-			var oo bulkexport.OperationOutcome
+			var oo fhirbulk.OperationOutcome
 			require.NoError(t, json.Unmarshal(body, &oo))
 			require.Equal(t, "OperationOutcome", oo.ResourceType)
 			require.True(t, resp.Close, "Connection: close")

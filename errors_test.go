@@ -12,67 +12,68 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func TestDefaultErrorMapper(t *testing.T) {
 	t.Parallel()
 	const secret = "dial tcp 10.0.0.7:5432: password authentication failed for user admin"
-	paramErr := &bulkexport.Error{Status: http.StatusBadRequest, Code: bulkexport.IssueInvalid, Param: "_type", Message: "bad type"}
+	paramErr := &bulkexport.Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Param: "_type", Message: "bad type"}
 	cases := []struct {
 		name     string
 		err      error
 		status   int
-		code     bulkexport.IssueType
-		severity bulkexport.Severity
+		code     fhirbulk.IssueType
+		severity fhirbulk.Severity
 		diag     string   // the diagnostics, when checked exactly
 		expr     []string // the expression
 	}{
-		{name: "Error", err: paramErr, status: 400, code: bulkexport.IssueInvalid, severity: bulkexport.SeverityError,
+		{name: "Error", err: paramErr, status: 400, code: fhirbulk.IssueInvalid, severity: fhirbulk.SeverityError,
 			diag: "_type: bad type", expr: []string{"_type"}},
-		{name: "Error/wrapped", err: fmt.Errorf("kick-off: %w", paramErr), status: 400, code: bulkexport.IssueInvalid,
-			severity: bulkexport.SeverityError, diag: "_type: bad type", expr: []string{"_type"}},
-		{name: "Error/no-message", err: &bulkexport.Error{Status: http.StatusNotFound, Code: bulkexport.IssueNotFound},
-			status: 404, code: bulkexport.IssueNotFound, severity: bulkexport.SeverityError, diag: "Not Found"},
-		{name: "Error/own-status-beats-cause", err: &bulkexport.Error{Status: http.StatusGone, Code: bulkexport.IssueDeleted,
-			Message: "gone", Err: bulkexport.ErrNotFound}, status: 410, code: bulkexport.IssueDeleted, severity: bulkexport.SeverityError, diag: "gone"},
-		{name: "Error/cause-not-leaked", err: &bulkexport.Error{Status: http.StatusServiceUnavailable, Code: bulkexport.IssueTransient,
-			Message: "retry later", Err: errors.New(secret)}, status: 503, code: bulkexport.IssueTransient,
-			severity: bulkexport.SeverityError, diag: "retry later"},
+		{name: "Error/wrapped", err: fmt.Errorf("kick-off: %w", paramErr), status: 400, code: fhirbulk.IssueInvalid,
+			severity: fhirbulk.SeverityError, diag: "_type: bad type", expr: []string{"_type"}},
+		{name: "Error/no-message", err: &bulkexport.Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound},
+			status: 404, code: fhirbulk.IssueNotFound, severity: fhirbulk.SeverityError, diag: "Not Found"},
+		{name: "Error/own-status-beats-cause", err: &bulkexport.Error{Status: http.StatusGone, Code: fhirbulk.IssueDeleted,
+			Message: "gone", Err: bulkexport.ErrNotFound}, status: 410, code: fhirbulk.IssueDeleted, severity: fhirbulk.SeverityError, diag: "gone"},
+		{name: "Error/cause-not-leaked", err: &bulkexport.Error{Status: http.StatusServiceUnavailable, Code: fhirbulk.IssueTransient,
+			Message: "retry later", Err: errors.New(secret)}, status: 503, code: fhirbulk.IssueTransient,
+			severity: fhirbulk.SeverityError, diag: "retry later"},
 		{name: "Error/5xx-non-transient-is-fatal", err: &bulkexport.Error{Status: http.StatusInternalServerError,
-			Code: bulkexport.IssueProcessing, Message: "boom"}, status: 500, code: bulkexport.IssueProcessing, severity: bulkexport.SeverityFatal, diag: "boom"},
-		{name: "Error/no-status", err: &bulkexport.Error{Code: bulkexport.IssueForbidden, Message: "host forgot the status"},
-			status: 500, code: bulkexport.IssueForbidden, severity: bulkexport.SeverityFatal, diag: "host forgot the status"},
-		{name: "Error/success-status", err: &bulkexport.Error{Status: http.StatusOK, Code: bulkexport.IssueInvalid, Message: "x"},
-			status: 500, code: bulkexport.IssueInvalid, severity: bulkexport.SeverityFatal, diag: "x"},
-		{name: "ErrNotFound", err: bulkexport.ErrNotFound, status: 404, code: bulkexport.IssueNotFound, severity: bulkexport.SeverityError},
-		{name: "ErrNotFound/wrapped", err: fmt.Errorf("job abc: %w", bulkexport.ErrNotFound), status: 404, code: bulkexport.IssueNotFound,
-			severity: bulkexport.SeverityError},
-		{name: "ErrUnauthorized", err: fmt.Errorf("token expired: %w", bulkexport.ErrUnauthorized), status: 401, code: bulkexport.IssueLogin,
-			severity: bulkexport.SeverityError},
-		{name: "ErrForbidden", err: fmt.Errorf("scope: %w", bulkexport.ErrForbidden), status: 403, code: bulkexport.IssueForbidden,
-			severity: bulkexport.SeverityError},
-		{name: "ErrConflict", err: fmt.Errorf("job: %w", bulkexport.ErrConflict), status: 409, code: bulkexport.IssueConflict,
-			severity: bulkexport.SeverityError},
-		{name: "ErrAlreadyExists", err: bulkexport.ErrAlreadyExists, status: 409, code: bulkexport.IssueConflict, severity: bulkexport.SeverityError},
+			Code: fhirbulk.IssueProcessing, Message: "boom"}, status: 500, code: fhirbulk.IssueProcessing, severity: fhirbulk.SeverityFatal, diag: "boom"},
+		{name: "Error/no-status", err: &bulkexport.Error{Code: fhirbulk.IssueForbidden, Message: "host forgot the status"},
+			status: 500, code: fhirbulk.IssueForbidden, severity: fhirbulk.SeverityFatal, diag: "host forgot the status"},
+		{name: "Error/success-status", err: &bulkexport.Error{Status: http.StatusOK, Code: fhirbulk.IssueInvalid, Message: "x"},
+			status: 500, code: fhirbulk.IssueInvalid, severity: fhirbulk.SeverityFatal, diag: "x"},
+		{name: "ErrNotFound", err: bulkexport.ErrNotFound, status: 404, code: fhirbulk.IssueNotFound, severity: fhirbulk.SeverityError},
+		{name: "ErrNotFound/wrapped", err: fmt.Errorf("job abc: %w", bulkexport.ErrNotFound), status: 404, code: fhirbulk.IssueNotFound,
+			severity: fhirbulk.SeverityError},
+		{name: "ErrUnauthorized", err: fmt.Errorf("token expired: %w", bulkexport.ErrUnauthorized), status: 401, code: fhirbulk.IssueLogin,
+			severity: fhirbulk.SeverityError},
+		{name: "ErrForbidden", err: fmt.Errorf("scope: %w", bulkexport.ErrForbidden), status: 403, code: fhirbulk.IssueForbidden,
+			severity: fhirbulk.SeverityError},
+		{name: "ErrConflict", err: fmt.Errorf("job: %w", bulkexport.ErrConflict), status: 409, code: fhirbulk.IssueConflict,
+			severity: fhirbulk.SeverityError},
+		{name: "ErrAlreadyExists", err: bulkexport.ErrAlreadyExists, status: 409, code: fhirbulk.IssueConflict, severity: fhirbulk.SeverityError},
 		{name: "ErrInvalidTransition", err: bulkexport.CheckTransition(bulkexport.StateCompleted, bulkexport.StateRunning), status: 409,
-			code: bulkexport.IssueConflict, severity: bulkexport.SeverityError},
-		{name: "ErrUnavailable", err: fmt.Errorf("db: %w", bulkexport.ErrUnavailable), status: 503, code: bulkexport.IssueTransient,
-			severity: bulkexport.SeverityError},
+			code: fhirbulk.IssueConflict, severity: fhirbulk.SeverityError},
+		{name: "ErrUnavailable", err: fmt.Errorf("db: %w", bulkexport.ErrUnavailable), status: 503, code: fhirbulk.IssueTransient,
+			severity: fhirbulk.SeverityError},
 		{name: "ErrUnavailable/joined", err: errors.Join(errors.New(secret), bulkexport.ErrUnavailable), status: 503,
-			code: bulkexport.IssueTransient, severity: bulkexport.SeverityError},
-		{name: "DeadlineExceeded", err: fmt.Errorf("query: %w", context.DeadlineExceeded), status: 503, code: bulkexport.IssueTransient,
-			severity: bulkexport.SeverityError},
-		{name: "Canceled", err: context.Canceled, status: 503, code: bulkexport.IssueTransient, severity: bulkexport.SeverityError},
-		{name: "MaxBytesError", err: &http.MaxBytesError{Limit: 1024}, status: 413, code: bulkexport.IssueTooCostly,
-			severity: bulkexport.SeverityError, diag: "request body exceeds 1024 bytes"},
+			code: fhirbulk.IssueTransient, severity: fhirbulk.SeverityError},
+		{name: "DeadlineExceeded", err: fmt.Errorf("query: %w", context.DeadlineExceeded), status: 503, code: fhirbulk.IssueTransient,
+			severity: fhirbulk.SeverityError},
+		{name: "Canceled", err: context.Canceled, status: 503, code: fhirbulk.IssueTransient, severity: fhirbulk.SeverityError},
+		{name: "MaxBytesError", err: &http.MaxBytesError{Limit: 1024}, status: 413, code: fhirbulk.IssueTooCostly,
+			severity: fhirbulk.SeverityError, diag: "request body exceeds 1024 bytes"},
 		{name: "MaxBytesError/wrapped", err: fmt.Errorf("read body: %w", &http.MaxBytesError{Limit: 7}), status: 413,
-			code: bulkexport.IssueTooCostly, severity: bulkexport.SeverityError, diag: "request body exceeds 7 bytes"},
-		{name: "ErrNoJob-is-internal", err: bulkexport.ErrNoJob, status: 500, code: bulkexport.IssueException,
-			severity: bulkexport.SeverityFatal, diag: "internal server error"},
-		{name: "unknown", err: errors.New(secret), status: 500, code: bulkexport.IssueException,
-			severity: bulkexport.SeverityFatal, diag: "internal server error"},
-		{name: "unknown/wrapped", err: fmt.Errorf("export: %w", errors.New(secret)), status: 500, code: bulkexport.IssueException,
-			severity: bulkexport.SeverityFatal, diag: "internal server error"},
+			code: fhirbulk.IssueTooCostly, severity: fhirbulk.SeverityError, diag: "request body exceeds 7 bytes"},
+		{name: "ErrNoJob-is-internal", err: bulkexport.ErrNoJob, status: 500, code: fhirbulk.IssueException,
+			severity: fhirbulk.SeverityFatal, diag: "internal server error"},
+		{name: "unknown", err: errors.New(secret), status: 500, code: fhirbulk.IssueException,
+			severity: fhirbulk.SeverityFatal, diag: "internal server error"},
+		{name: "unknown/wrapped", err: fmt.Errorf("export: %w", errors.New(secret)), status: 500, code: fhirbulk.IssueException,
+			severity: fhirbulk.SeverityFatal, diag: "internal server error"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -129,15 +130,15 @@ func TestErrorString(t *testing.T) {
 
 func TestIssueTypeTransient(t *testing.T) {
 	t.Parallel()
-	transient := []bulkexport.IssueType{
-		bulkexport.IssueTransient, bulkexport.IssueLockError, bulkexport.IssueNoStore, bulkexport.IssueException,
-		bulkexport.IssueTimeout, bulkexport.IssueIncomplete, bulkexport.IssueThrottled,
+	transient := []fhirbulk.IssueType{
+		fhirbulk.IssueTransient, fhirbulk.IssueLockError, fhirbulk.IssueNoStore, fhirbulk.IssueException,
+		fhirbulk.IssueTimeout, fhirbulk.IssueIncomplete, fhirbulk.IssueThrottled,
 	}
-	fatal := []bulkexport.IssueType{
-		bulkexport.IssueInvalid, bulkexport.IssueStructure, bulkexport.IssueRequired, bulkexport.IssueValue,
-		bulkexport.IssueSecurity, bulkexport.IssueLogin, bulkexport.IssueForbidden, bulkexport.IssueProcessing,
-		bulkexport.IssueNotSupported, bulkexport.IssueNotFound, bulkexport.IssueDeleted, bulkexport.IssueTooCostly,
-		bulkexport.IssueConflict, bulkexport.IssueInformational, "", "Transient", "unknown-code",
+	fatal := []fhirbulk.IssueType{
+		fhirbulk.IssueInvalid, fhirbulk.IssueStructure, fhirbulk.IssueRequired, fhirbulk.IssueValue,
+		fhirbulk.IssueSecurity, fhirbulk.IssueLogin, fhirbulk.IssueForbidden, fhirbulk.IssueProcessing,
+		fhirbulk.IssueNotSupported, fhirbulk.IssueNotFound, fhirbulk.IssueDeleted, fhirbulk.IssueTooCostly,
+		fhirbulk.IssueConflict, fhirbulk.IssueInformational, "", "Transient", "unknown-code",
 	}
 	for _, c := range transient {
 		t.Run(string(c), func(t *testing.T) {
@@ -155,11 +156,11 @@ func TestIssueTypeTransient(t *testing.T) {
 
 func TestNewOutcome(t *testing.T) {
 	t.Parallel()
-	oo := bulkexport.NewOutcome(bulkexport.SeverityWarning, bulkexport.IssueValue, "diag", "a", "b")
+	oo := fhirbulk.NewOutcome(fhirbulk.SeverityWarning, fhirbulk.IssueValue, "diag", "a", "b")
 	b, err := json.Marshal(oo)
 	require.NoError(t, err)
 	require.JSONEq(t, `{"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"value","diagnostics":"diag","expression":["a","b"]}]}`, string(b))
-	b, err = json.Marshal(bulkexport.NewOutcome(bulkexport.SeverityInformation, bulkexport.IssueInformational, ""))
+	b, err = json.Marshal(fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, ""))
 	require.NoError(t, err)
 	require.False(t, strings.Contains(string(b), "expression"), "no empty expression array")
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // The handler answers the whole protocol under its base URL. Here it is
@@ -178,7 +179,7 @@ func ExampleMemoryStore() {
 	store := bulkexport.NewMemoryStore()
 	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
 
-	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Owner: "alice", Level: bulkexport.LevelSystem,
+	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Owner: "alice", Level: fhirbulk.LevelSystem,
 		State: bulkexport.StateQueued, CreatedAt: now, UpdatedAt: now}
 	if err := store.Create(ctx, job, bulkexport.CreateParams{}); err != nil {
 		log.Fatal(err)

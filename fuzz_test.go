@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"io"
 	"log/slog"
 	"net/http"
@@ -21,7 +22,7 @@ import (
 // known Group, a _typeFilter checker that refuses the parameter "bad".
 type fuzzLister struct{}
 
-func (fuzzLister) ResourceTypes(context.Context, Level) ([]string, error) {
+func (fuzzLister) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient", "Observation", "Condition", "Encounter"}, nil
 }
 
@@ -85,7 +86,7 @@ func checkAnswer(t *testing.T, w *httptest.ResponseRecorder, what string) {
 	if ct := w.Header().Get("Content-Type"); ct != contentTypeFHIRJSON {
 		t.Fatalf("%s: status %d with Content-Type %q", what, w.Code, ct)
 	}
-	var oo OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	if err := json.Unmarshal(w.Body.Bytes(), &oo); err != nil {
 		t.Fatalf("%s: status %d, body is not JSON: %v: %q", what, w.Code, err, w.Body.Bytes())
 	}
@@ -146,7 +147,7 @@ func checkCleanStrings(t *testing.T, v reflect.Value, path string) {
 }
 
 // checkRequest asserts the invariants of an accepted kick-off.
-func checkRequest(t *testing.T, req Request, method string, level Level, lenient bool) {
+func checkRequest(t *testing.T, req Request, method string, level fhirbulk.Level, lenient bool) {
 	t.Helper()
 	checkCleanStrings(t, reflect.ValueOf(req), "Request")
 	if req.OutputFormat != FormatNDJSON {
@@ -182,7 +183,7 @@ func checkRequest(t *testing.T, req Request, method string, level Level, lenient
 	if !req.Since.IsZero() && !req.Until.IsZero() && !req.Since.Before(req.Until) {
 		t.Fatalf("_since %v not before _until %v", req.Since, req.Until)
 	}
-	if len(req.Patients) > 0 && (level == LevelSystem || method != http.MethodPost) {
+	if len(req.Patients) > 0 && (level == fhirbulk.LevelSystem || method != http.MethodPost) {
 		t.Fatalf("patient %v at %s level by %s", req.Patients, level, method)
 	}
 	for _, id := range req.Patients {
@@ -216,7 +217,7 @@ func FuzzKickoff(f *testing.F) {
 
 		// 1. The parsers, at every level.
 		if method == http.MethodGet || method == http.MethodPost {
-			for _, level := range []Level{LevelSystem, LevelPatient, LevelGroup} {
+			for _, level := range []fhirbulk.Level{fhirbulk.LevelSystem, fhirbulk.LevelPatient, fhirbulk.LevelGroup} {
 				r := newFuzzRequest(method, "/fhir/$export", query, body)
 				if contentType != "" {
 					r.Header.Set("Content-Type", contentType)

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -20,7 +21,7 @@ import (
 // TypeLister says which resource types each level exports. Every Source is
 // one; a host that runs exports its own way can implement just this.
 type TypeLister interface {
-	ResourceTypes(ctx context.Context, level Level) ([]string, error)
+	ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error)
 }
 
 // GroupChecker is an optional interface of a TypeLister (or Source): it
@@ -102,7 +103,7 @@ type Options struct {
 	// Authorize decides whether a client may start the export req (for
 	// example against its scopes). An error wrapping ErrForbidden gives 403.
 	// Default: nil, everything is allowed.
-	Authorize func(ctx context.Context, clientID string, level Level, groupID string, req *Request) error
+	Authorize func(ctx context.Context, clientID string, level fhirbulk.Level, groupID string, req *Request) error
 
 	// ErrorMapper turns errors into HTTP answers. Default: DefaultErrorMapper.
 	ErrorMapper ErrorMapper
@@ -374,26 +375,26 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case strings.HasPrefix(p, pollPathPrefix):
 		id := p[len(pollPathPrefix):]
 		if id == "" {
-			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "missing job id"})
+			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueRequired, Param: "_jobId", Message: "missing job id"})
 			return
 		}
 		h.serveStatus(w, r, id)
 	case p == pathExport:
-		h.serveKickoff(w, r, LevelSystem, "")
+		h.serveKickoff(w, r, fhirbulk.LevelSystem, "")
 	case p == pathPatient:
-		h.serveKickoff(w, r, LevelPatient, "")
+		h.serveKickoff(w, r, fhirbulk.LevelPatient, "")
 	case len(p) >= len(groupPrefix)+len(groupSuffix) && strings.HasPrefix(p, groupPrefix) && strings.HasSuffix(p, groupSuffix):
 		// The length check: "/Group/$export" has both affixes, overlapping.
 		id := p[len(groupPrefix) : len(p)-len(groupSuffix)]
 		if !validID(id) {
-			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "invalid Group id"})
+			h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "invalid Group id"})
 			return
 		}
-		h.serveKickoff(w, r, LevelGroup, id)
+		h.serveKickoff(w, r, fhirbulk.LevelGroup, id)
 	case strings.HasPrefix(p, pathFiles):
 		h.serveFile(w, r, p[len(pathFiles):])
 	default:
-		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no bulk export endpoint at this path"})
+		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "no bulk export endpoint at this path"})
 	}
 }
 
@@ -415,7 +416,7 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 	}
 	status, oo := h.mapErr(err)
 	if oo == nil {
-		oo = NewOutcome(SeverityError, IssueProcessing, http.StatusText(status))
+		oo = fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueProcessing, http.StatusText(status))
 	}
 	if status >= 500 && !errors.Is(err, context.Canceled) {
 		h.log.LogAttrs(r.Context(), slog.LevelError, "bulkexport: request failed",
@@ -495,7 +496,7 @@ func bodyPending(r *http.Request) bool {
 }
 
 func methodNotAllowed(allow string) *Error {
-	return &Error{Status: http.StatusMethodNotAllowed, Code: IssueNotSupported, Message: "method not allowed; use " + allow}
+	return &Error{Status: http.StatusMethodNotAllowed, Code: fhirbulk.IssueNotSupported, Message: "method not allowed; use " + allow}
 }
 
 // statusURL returns the absolute status URL of a job.
@@ -532,7 +533,7 @@ func FixedRetryAfter(d time.Duration) func(*Job, time.Time) time.Duration {
 
 // serveKickoff answers [base]/$export, [base]/Patient/$export and
 // [base]/Group/{id}/$export.
-func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Level, groupID string) {
+func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level fhirbulk.Level, groupID string) {
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "GET, POST")
 		h.writeError(w, r, methodNotAllowed("GET or POST"))
@@ -547,13 +548,13 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		return
 	}
 	if !acceptsJSON(r.Header.Get("Accept")) {
-		h.writeError(w, r, &Error{Status: http.StatusNotAcceptable, Code: IssueNotSupported,
+		h.writeError(w, r, &Error{Status: http.StatusNotAcceptable, Code: fhirbulk.IssueNotSupported,
 			Message: "the kick-off answers in application/fhir+json; the Accept header admits none of it"})
 		return
 	}
 	prefs := parsePrefer(r.Header)
 	if !prefs.respondAsync && !h.opts.AllowMissingRespondAsync {
-		h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: IssueInvalid,
+		h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid,
 			Message: "the export runs asynchronously: send the header Prefer: respond-async"})
 		return
 	}
@@ -564,7 +565,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 	}
 	if h.opts.ManifestVersion == ManifestSTU4 && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
-		h.writeError(w, r, &Error{Status: http.StatusMethodNotAllowed, Code: IssueNotSupported,
+		h.writeError(w, r, &Error{Status: http.StatusMethodNotAllowed, Code: fhirbulk.IssueNotSupported,
 			Message: "this server follows the STU4 ballot: kick off with POST and a Parameters body"})
 		return
 	}
@@ -595,11 +596,11 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		return
 	}
 	req.SeparateExportStatus = prefs.separateExportStatus && !h.opts.DisableSeparateExportStatus
-	if level == LevelGroup {
+	if level == fhirbulk.LevelGroup {
 		if gc, ok := h.opts.Types.(GroupChecker); ok {
 			if err := gc.CheckGroup(ctx, groupID); err != nil {
 				if errors.Is(err, ErrNotFound) {
-					err = &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "Group/" + groupID + " is not known", Err: err}
+					err = &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "Group/" + groupID + " is not known", Err: err}
 				}
 				h.writeError(w, r, err)
 				return
@@ -623,7 +624,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 		}
 		w.Header().Set("Content-Location", h.statusURL(reused.ID))
 		writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
-			NewOutcome(SeverityInformation, IssueInformational, "an identical export is already in progress: job "+reused.ID))
+			fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "an identical export is already in progress: job "+reused.ID))
 		return
 	}
 	now := h.now()
@@ -649,7 +650,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 	if h.opts.OnQueued != nil {
 		h.opts.OnQueued(job.ID)
 	}
-	oo := NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" queued")
+	oo := fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "export job "+job.ID+" queued")
 	oo.Issue = append(oo.Issue, req.Ignored...)
 	w.Header().Set("Content-Location", h.statusURL(job.ID))
 	if req.SeparateExportStatus {
@@ -658,11 +659,11 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level Lev
 	writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON, oo)
 }
 
-func kickoffPath(level Level, groupID string) string {
+func kickoffPath(level fhirbulk.Level, groupID string) string {
 	switch level {
-	case LevelPatient:
+	case fhirbulk.LevelPatient:
 		return pathPatient
-	case LevelGroup:
+	case fhirbulk.LevelGroup:
 		return groupPrefix + groupID + groupSuffix
 	}
 	return pathExport
@@ -678,6 +679,6 @@ func storeError(err error) error {
 		errors.Is(err, ErrAlreadyExists), errors.Is(err, ErrInvalidTransition):
 		return err
 	}
-	return &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient,
+	return &Error{Status: http.StatusServiceUnavailable, Code: fhirbulk.IssueTransient,
 		Message: "the job store is unavailable; retry later", Err: errors.Join(ErrUnavailable, err)}
 }

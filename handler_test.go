@@ -22,6 +22,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // ---------------------------------------------------------------------------
@@ -167,11 +168,11 @@ func jobIDOf(t *testing.T, loc string) string {
 
 // requireOO asserts an OperationOutcome answer with the given status and
 // (when not "") the first issue's code, and returns the outcome.
-func requireOO(t *testing.T, r response, status int, code bulkexport.IssueType) *bulkexport.OperationOutcome {
+func requireOO(t *testing.T, r response, status int, code fhirbulk.IssueType) *fhirbulk.OperationOutcome {
 	t.Helper()
 	require.Equal(t, status, r.status, "body: %s", r.body)
 	require.Equal(t, "application/fhir+json", r.header.Get("Content-Type"))
-	var oo bulkexport.OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	require.NoError(t, json.Unmarshal(r.body, &oo), string(r.body))
 	require.Equal(t, "OperationOutcome", oo.ResourceType)
 	require.NotEmpty(t, oo.Issue)
@@ -234,11 +235,11 @@ type typeLister struct {
 	err    error // returned by ResourceTypes
 }
 
-func (l *typeLister) ResourceTypes(_ context.Context, level bulkexport.Level) ([]string, error) {
+func (l *typeLister) ResourceTypes(_ context.Context, level fhirbulk.Level) ([]string, error) {
 	if l.err != nil {
 		return nil, l.err
 	}
-	if level == bulkexport.LevelSystem {
+	if level == fhirbulk.LevelSystem {
 		return append([]string{"Organization"}, l.types...), nil
 	}
 	return l.types, nil
@@ -369,7 +370,7 @@ func TestKickoffLevels(t *testing.T) {
 		method   string
 		path     string
 		body     string
-		level    bulkexport.Level
+		level    fhirbulk.Level
 		groupID  string
 		wantURL  string // the manifest's request, relative to the base
 		patients []string
@@ -382,19 +383,19 @@ func TestKickoffLevels(t *testing.T) {
 		`{"name":"patient","valueReference":{"reference":"Patient/p1"}}]}`
 	q := "?_type=Patient,Observation&_since=2024-01-01T00:00:00Z"
 	cases := []kcase{
-		{name: "system/GET", method: http.MethodGet, path: "/$export" + q, level: bulkexport.LevelSystem, wantURL: "/$export" + q},
-		{name: "patient/GET", method: http.MethodGet, path: "/Patient/$export" + q, level: bulkexport.LevelPatient, wantURL: "/Patient/$export" + q},
-		{name: "group/GET", method: http.MethodGet, path: "/Group/g1/$export" + q, level: bulkexport.LevelGroup, groupID: "g1",
+		{name: "system/GET", method: http.MethodGet, path: "/$export" + q, level: fhirbulk.LevelSystem, wantURL: "/$export" + q},
+		{name: "patient/GET", method: http.MethodGet, path: "/Patient/$export" + q, level: fhirbulk.LevelPatient, wantURL: "/Patient/$export" + q},
+		{name: "group/GET", method: http.MethodGet, path: "/Group/g1/$export" + q, level: fhirbulk.LevelGroup, groupID: "g1",
 			wantURL: "/Group/g1/$export" + q},
-		{name: "system/GET-no-params", method: http.MethodGet, path: "/$export", level: bulkexport.LevelSystem, wantURL: "/$export"},
-		{name: "system/GET-escaped-dollar", method: http.MethodGet, path: "/%24export", level: bulkexport.LevelSystem, wantURL: "/$export"},
-		{name: "system/POST", method: http.MethodPost, path: "/$export", body: params, level: bulkexport.LevelSystem, wantURL: "/$export"},
-		{name: "patient/POST", method: http.MethodPost, path: "/Patient/$export", body: withPatient, level: bulkexport.LevelPatient,
+		{name: "system/GET-no-params", method: http.MethodGet, path: "/$export", level: fhirbulk.LevelSystem, wantURL: "/$export"},
+		{name: "system/GET-escaped-dollar", method: http.MethodGet, path: "/%24export", level: fhirbulk.LevelSystem, wantURL: "/$export"},
+		{name: "system/POST", method: http.MethodPost, path: "/$export", body: params, level: fhirbulk.LevelSystem, wantURL: "/$export"},
+		{name: "patient/POST", method: http.MethodPost, path: "/Patient/$export", body: withPatient, level: fhirbulk.LevelPatient,
 			wantURL: "/Patient/$export", patients: []string{"p1"}},
-		{name: "group/POST", method: http.MethodPost, path: "/Group/g1/$export", body: withPatient, level: bulkexport.LevelGroup,
+		{name: "group/POST", method: http.MethodPost, path: "/Group/g1/$export", body: withPatient, level: fhirbulk.LevelGroup,
 			groupID: "g1", wantURL: "/Group/g1/$export", patients: []string{"p1"}},
 		{name: "group/POST-format-in-query", method: http.MethodPost, path: "/Group/g1/$export?_format=json", body: params,
-			level: bulkexport.LevelGroup, groupID: "g1", wantURL: "/Group/g1/$export"},
+			level: fhirbulk.LevelGroup, groupID: "g1", wantURL: "/Group/g1/$export"},
 	}
 	for _, m := range []mount{mountAtPath, mountStripPrefix} {
 		for _, c := range cases {
@@ -402,8 +403,8 @@ func TestKickoffLevels(t *testing.T) {
 				t.Parallel()
 				e := newEnvWith(t, envConfig{mount: m, opts: func(o *bulkexport.Options) { o.Types = newTypeLister() }})
 				r := e.kickoff(t, c.method, c.path, c.body)
-				oo := requireOO(t, r, http.StatusAccepted, bulkexport.IssueInformational)
-				require.Equal(t, bulkexport.SeverityInformation, oo.Issue[0].Severity)
+				oo := requireOO(t, r, http.StatusAccepted, fhirbulk.IssueInformational)
+				require.Equal(t, fhirbulk.SeverityInformation, oo.Issue[0].Severity)
 
 				loc := r.header.Get("Content-Location")
 				require.True(t, strings.HasPrefix(loc, e.base+"/$export-poll-status?_jobId="), loc)
@@ -477,7 +478,7 @@ func TestKickoffPreferRespondAsync(t *testing.T) {
 			e := newEnv(t, func(o *bulkexport.Options) { o.AllowMissingRespondAsync = c.allow })
 			r := e.kickoff(t, http.MethodGet, "/$export", "", "Prefer", c.prefer)
 			if c.want != http.StatusAccepted {
-				oo := requireOO(t, r, c.want, bulkexport.IssueInvalid)
+				oo := requireOO(t, r, c.want, fhirbulk.IssueInvalid)
 				require.Contains(t, oo.Issue[0].Diagnostics, "respond-async")
 				jobs, err := e.store.List(context.Background(), bulkexport.Filter{})
 				require.NoError(t, err)
@@ -524,7 +525,7 @@ func TestKickoffAccept(t *testing.T) {
 			if c.want == http.StatusNotAcceptable {
 				// The OperationOutcome is JSON even though the client did
 				// not ask for it: there is nothing else to send.
-				requireOO(t, r, c.want, bulkexport.IssueNotSupported)
+				requireOO(t, r, c.want, fhirbulk.IssueNotSupported)
 				return
 			}
 			require.Equal(t, c.want, r.status, string(r.body))
@@ -533,7 +534,7 @@ func TestKickoffAccept(t *testing.T) {
 	t.Run("_format=xml", func(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t, nil)
-		oo := requireOO(t, e.kickoff(t, http.MethodGet, "/$export?_format=xml", ""), http.StatusNotAcceptable, bulkexport.IssueNotSupported)
+		oo := requireOO(t, e.kickoff(t, http.MethodGet, "/$export?_format=xml", ""), http.StatusNotAcceptable, fhirbulk.IssueNotSupported)
 		require.Equal(t, []string{"_format"}, oo.Issue[0].Expression)
 	})
 }
@@ -543,11 +544,11 @@ func TestKickoffGroupChecker(t *testing.T) {
 	cases := []struct {
 		group string
 		want  int
-		code  bulkexport.IssueType
+		code  fhirbulk.IssueType
 	}{
-		{"g1", http.StatusAccepted, bulkexport.IssueInformational},
-		{"missing", http.StatusNotFound, bulkexport.IssueNotFound},
-		{"unavailable", http.StatusServiceUnavailable, bulkexport.IssueTransient},
+		{"g1", http.StatusAccepted, fhirbulk.IssueInformational},
+		{"missing", http.StatusNotFound, fhirbulk.IssueNotFound},
+		{"unavailable", http.StatusServiceUnavailable, fhirbulk.IssueTransient},
 	}
 	for _, c := range cases {
 		for _, method := range []string{http.MethodGet, http.MethodPost} {
@@ -570,8 +571,8 @@ func TestKickoffGroupChecker(t *testing.T) {
 	t.Run("invalid-group-id", func(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t, func(o *bulkexport.Options) { o.Types = newTypeLister() })
-		requireOO(t, e.kickoff(t, http.MethodGet, "/Group/a%20b/$export", ""), http.StatusBadRequest, bulkexport.IssueInvalid)
-		requireOO(t, e.kickoff(t, http.MethodGet, "/Group/a.b-1/$export", ""), http.StatusAccepted, bulkexport.IssueInformational)
+		requireOO(t, e.kickoff(t, http.MethodGet, "/Group/a%20b/$export", ""), http.StatusBadRequest, fhirbulk.IssueInvalid)
+		requireOO(t, e.kickoff(t, http.MethodGet, "/Group/a.b-1/$export", ""), http.StatusAccepted, fhirbulk.IssueInformational)
 		// ServeMux would redirect these unclean paths; the handler itself
 		// must still answer them.
 		for path, want := range map[string]int{"/fhir/Group//$export": 400, "/fhir/Group/$export": 404, "/fhir/Group/$export-poll-status": 404} {
@@ -591,27 +592,27 @@ func TestKickoffTypesHook(t *testing.T) {
 		path    string
 		prefer  string
 		status  int
-		code    bulkexport.IssueType
+		code    fhirbulk.IssueType
 		param   string
 		types   []string // stored _type on success
 		ignored []string // expressions of the warning issues on success
 	}{
 		{name: "exported-type", path: "/Patient/$export?_type=Patient,Observation", status: 202, types: []string{"Patient", "Observation"}},
 		{name: "level-specific-type", path: "/$export?_type=Organization", status: 202, types: []string{"Organization"}},
-		{name: "not-at-this-level", path: "/Patient/$export?_type=Organization", status: 400, code: bulkexport.IssueNotSupported, param: "_type"},
-		{name: "unknown-type", path: "/$export?_type=Medication", status: 400, code: bulkexport.IssueNotSupported, param: "_type"},
+		{name: "not-at-this-level", path: "/Patient/$export?_type=Organization", status: 400, code: fhirbulk.IssueNotSupported, param: "_type"},
+		{name: "unknown-type", path: "/$export?_type=Medication", status: 400, code: fhirbulk.IssueNotSupported, param: "_type"},
 		{name: "lenient-drops-unknown", path: "/$export?_type=Patient,Medication", prefer: "respond-async, handling=lenient", status: 202,
 			types: []string{"Patient"}, ignored: []string{"_type"}},
 		{name: "lenient-all-unknown", path: "/$export?_type=Medication", prefer: "respond-async, handling=lenient", status: 400,
-			code: bulkexport.IssueNotSupported, param: "_type"},
-		{name: "_elements-type", path: "/$export?_elements=Medication.code", status: 400, code: bulkexport.IssueNotSupported, param: "_elements"},
+			code: fhirbulk.IssueNotSupported, param: "_type"},
+		{name: "_elements-type", path: "/$export?_elements=Medication.code", status: 400, code: fhirbulk.IssueNotSupported, param: "_elements"},
 		{name: "type-filter-supported", path: "/$export?_typeFilter=" + url.QueryEscape("Observation?code=1"), status: 202},
 		{name: "type-filter-refused", path: "/$export?_typeFilter=" + url.QueryEscape("Observation?unsupported=1"), status: 400,
-			code: bulkexport.IssueNotSupported, param: "_typeFilter"},
+			code: fhirbulk.IssueNotSupported, param: "_typeFilter"},
 		{name: "type-filter-refused-lenient", path: "/$export?_typeFilter=" + url.QueryEscape("Observation?unsupported=1"),
 			prefer: "respond-async, handling=lenient", status: 202, ignored: []string{"_typeFilter"}},
 		{name: "type-filter-type-not-exported", path: "/$export?_typeFilter=" + url.QueryEscape("Medication?code=1"), status: 400,
-			code: bulkexport.IssueNotSupported, param: "_typeFilter"},
+			code: fhirbulk.IssueNotSupported, param: "_typeFilter"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -627,10 +628,10 @@ func TestKickoffTypesHook(t *testing.T) {
 				require.Equal(t, []string{c.param}, oo.Issue[0].Expression)
 				return
 			}
-			oo := requireOO(t, r, http.StatusAccepted, bulkexport.IssueInformational)
+			oo := requireOO(t, r, http.StatusAccepted, fhirbulk.IssueInformational)
 			var warned []string
 			for _, is := range oo.Issue[1:] {
-				require.Equal(t, bulkexport.SeverityWarning, is.Severity)
+				require.Equal(t, fhirbulk.SeverityWarning, is.Severity)
 				warned = append(warned, is.Expression...)
 			}
 			require.Equal(t, c.ignored, warned)
@@ -644,7 +645,7 @@ func TestKickoffTypesHook(t *testing.T) {
 		e := newEnv(t, func(o *bulkexport.Options) {
 			o.Types = &typeLister{err: fmt.Errorf("catalogue: %w", bulkexport.ErrUnavailable)}
 		})
-		requireOO(t, e.kickoff(t, http.MethodGet, "/$export", ""), http.StatusServiceUnavailable, bulkexport.IssueTransient)
+		requireOO(t, e.kickoff(t, http.MethodGet, "/$export", ""), http.StatusServiceUnavailable, fhirbulk.IssueTransient)
 	})
 }
 
@@ -657,32 +658,32 @@ func TestKickoffParameterErrorsHTTP(t *testing.T) {
 		body   string
 		hdr    []string
 		status int
-		code   bulkexport.IssueType
+		code   fhirbulk.IssueType
 		param  string
 	}{
-		{name: "unknown-parameter", path: "/$export?foo=bar", status: 400, code: bulkexport.IssueNotSupported, param: "foo"},
-		{name: "bad-since", path: "/$export?_since=yesterday", status: 400, code: bulkexport.IssueInvalid, param: "_since"},
+		{name: "unknown-parameter", path: "/$export?foo=bar", status: 400, code: fhirbulk.IssueNotSupported, param: "foo"},
+		{name: "bad-since", path: "/$export?_since=yesterday", status: 400, code: fhirbulk.IssueInvalid, param: "_since"},
 		{name: "since-after-until", path: "/$export?_since=2024-02-01T00:00:00Z&_until=2024-01-01T00:00:00Z", status: 400,
-			code: bulkexport.IssueInvalid, param: "_until"},
-		{name: "bad-output-format", path: "/$export?_outputFormat=text/csv", status: 400, code: bulkexport.IssueNotSupported, param: "_outputFormat"},
-		{name: "organizeOutputBy-unsupported", path: "/$export?organizeOutputBy=Patient", status: 400, code: bulkexport.IssueNotSupported,
+			code: fhirbulk.IssueInvalid, param: "_until"},
+		{name: "bad-output-format", path: "/$export?_outputFormat=text/csv", status: 400, code: fhirbulk.IssueNotSupported, param: "_outputFormat"},
+		{name: "organizeOutputBy-unsupported", path: "/$export?organizeOutputBy=Patient", status: 400, code: fhirbulk.IssueNotSupported,
 			param: "organizeOutputBy"},
 		{name: "includeAssociatedData-not-configured", path: "/$export?includeAssociatedData=LatestProvenanceResources", status: 400,
-			code: bulkexport.IssueNotSupported, param: "includeAssociatedData"},
-		{name: "patient-by-GET", path: "/Patient/$export?patient=Patient/1", status: 400, code: bulkexport.IssueNotSupported, param: "patient"},
+			code: fhirbulk.IssueNotSupported, param: "includeAssociatedData"},
+		{name: "patient-by-GET", path: "/Patient/$export?patient=Patient/1", status: 400, code: fhirbulk.IssueNotSupported, param: "patient"},
 		{name: "patient-at-system-level", method: http.MethodPost, path: "/$export",
 			body:   `{"resourceType":"Parameters","parameter":[{"name":"patient","valueReference":{"reference":"Patient/1"}}]}`,
-			status: 400, code: bulkexport.IssueNotSupported, param: "patient"},
-		{name: "POST-query-parameter", method: http.MethodPost, path: "/$export?_type=Patient", status: 400, code: bulkexport.IssueInvalid, param: "_type"},
+			status: 400, code: fhirbulk.IssueNotSupported, param: "patient"},
+		{name: "POST-query-parameter", method: http.MethodPost, path: "/$export?_type=Patient", status: 400, code: fhirbulk.IssueInvalid, param: "_type"},
 		{name: "POST-not-Parameters", method: http.MethodPost, path: "/$export", body: `{"resourceType":"Patient"}`, status: 400,
-			code: bulkexport.IssueStructure},
-		{name: "POST-not-JSON", method: http.MethodPost, path: "/$export", body: `_type=Patient`, status: 400, code: bulkexport.IssueStructure},
+			code: fhirbulk.IssueStructure},
+		{name: "POST-not-JSON", method: http.MethodPost, path: "/$export", body: `_type=Patient`, status: 400, code: fhirbulk.IssueStructure},
 		{name: "POST-wrong-content-type", method: http.MethodPost, path: "/$export", body: `_type=Patient`,
-			hdr: []string{"Content-Type", "application/x-www-form-urlencoded"}, status: 415, code: bulkexport.IssueNotSupported},
+			hdr: []string{"Content-Type", "application/x-www-form-urlencoded"}, status: 415, code: fhirbulk.IssueNotSupported},
 		{name: "POST-too-large", method: http.MethodPost, path: "/$export", body: `{"resourceType":"Parameters","parameter":[` +
 			strings.Repeat(`{"name":"_type","valueString":"Patient"},`, 20) + `{"name":"_type","valueString":"Patient"}]}`,
-			status: 413, code: bulkexport.IssueTooCostly},
-		{name: "malformed-query", path: "/$export?_type=%zz", status: 400, code: bulkexport.IssueInvalid},
+			status: 413, code: fhirbulk.IssueTooCostly},
+		{name: "malformed-query", path: "/$export?_type=%zz", status: 400, code: fhirbulk.IssueInvalid},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -705,13 +706,13 @@ func TestKickoffAuthorize(t *testing.T) {
 	var got struct {
 		sync.Mutex
 		client string
-		level  bulkexport.Level
+		level  fhirbulk.Level
 		group  string
 		types  []string
 	}
 	e := newEnv(t, func(o *bulkexport.Options) {
 		o.Authenticate = bearerAuth
-		o.Authorize = func(_ context.Context, clientID string, level bulkexport.Level, groupID string, req *bulkexport.Request) error {
+		o.Authorize = func(_ context.Context, clientID string, level fhirbulk.Level, groupID string, req *bulkexport.Request) error {
 			got.Lock()
 			defer got.Unlock()
 			got.client, got.level, got.group, got.types = clientID, level, groupID, req.Types
@@ -722,11 +723,11 @@ func TestKickoffAuthorize(t *testing.T) {
 		}
 	})
 	oo := requireOO(t, e.kickoff(t, http.MethodGet, "/Group/g7/$export?_type=Observation", "", "Authorization", "Bearer a"),
-		http.StatusForbidden, bulkexport.IssueForbidden)
+		http.StatusForbidden, fhirbulk.IssueForbidden)
 	require.NotContains(t, oo.Issue[0].Diagnostics, "scope", "the cause stays in the logs")
 	got.Lock()
 	require.Equal(t, "a", got.client)
-	require.Equal(t, bulkexport.LevelGroup, got.level)
+	require.Equal(t, fhirbulk.LevelGroup, got.level)
 	require.Equal(t, "g7", got.group)
 	require.Equal(t, []string{"Observation"}, got.types)
 	got.Unlock()
@@ -756,30 +757,30 @@ func TestStatusJobIDErrors(t *testing.T) {
 		target string
 		body   string
 		status int
-		code   bulkexport.IssueType
+		code   fhirbulk.IssueType
 		param  string
 	}{
-		{name: "missing", target: "/$export-poll-status", status: 400, code: bulkexport.IssueRequired, param: "_jobId"},
-		{name: "empty", target: "/$export-poll-status?_jobId=", status: 400, code: bulkexport.IssueRequired, param: "_jobId"},
-		{name: "empty-path", target: "/$export-poll-status/", status: 400, code: bulkexport.IssueRequired, param: "_jobId"},
-		{name: "unknown", target: "/$export-poll-status?_jobId=0123456789abcdef0123456789abcdef", status: 404, code: bulkexport.IssueNotFound},
-		{name: "unknown-path", target: "/$export-poll-status/0123456789abcdef0123456789abcdef", status: 404, code: bulkexport.IssueNotFound},
-		{name: "invalid-characters", target: "/$export-poll-status?_jobId=..%2F..%2Fetc", status: 404, code: bulkexport.IssueNotFound},
-		{name: "too-long", target: "/$export-poll-status?_jobId=" + strings.Repeat("a", 129), status: 404, code: bulkexport.IssueNotFound},
-		{name: "dot-dot-path", target: "/$export-poll-status/..", status: 404, code: bulkexport.IssueNotFound},
-		{name: "typo", target: "/$export-poll-status?_jobid=abc", status: 400, code: bulkexport.IssueNotSupported, param: "_jobid"},
-		{name: "repeated", target: "/$export-poll-status?_jobId=a&_jobId=a", status: 400, code: bulkexport.IssueInvalid, param: "_jobId"},
-		{name: "bad-escape", target: "/$export-poll-status?_jobId=%zz", status: 400, code: bulkexport.IssueInvalid, param: "_jobId"},
-		{name: "POST-missing", method: http.MethodPost, target: "/$export-poll-status", status: 400, code: bulkexport.IssueRequired, param: "_jobId"},
+		{name: "missing", target: "/$export-poll-status", status: 400, code: fhirbulk.IssueRequired, param: "_jobId"},
+		{name: "empty", target: "/$export-poll-status?_jobId=", status: 400, code: fhirbulk.IssueRequired, param: "_jobId"},
+		{name: "empty-path", target: "/$export-poll-status/", status: 400, code: fhirbulk.IssueRequired, param: "_jobId"},
+		{name: "unknown", target: "/$export-poll-status?_jobId=0123456789abcdef0123456789abcdef", status: 404, code: fhirbulk.IssueNotFound},
+		{name: "unknown-path", target: "/$export-poll-status/0123456789abcdef0123456789abcdef", status: 404, code: fhirbulk.IssueNotFound},
+		{name: "invalid-characters", target: "/$export-poll-status?_jobId=..%2F..%2Fetc", status: 404, code: fhirbulk.IssueNotFound},
+		{name: "too-long", target: "/$export-poll-status?_jobId=" + strings.Repeat("a", 129), status: 404, code: fhirbulk.IssueNotFound},
+		{name: "dot-dot-path", target: "/$export-poll-status/..", status: 404, code: fhirbulk.IssueNotFound},
+		{name: "typo", target: "/$export-poll-status?_jobid=abc", status: 400, code: fhirbulk.IssueNotSupported, param: "_jobid"},
+		{name: "repeated", target: "/$export-poll-status?_jobId=a&_jobId=a", status: 400, code: fhirbulk.IssueInvalid, param: "_jobId"},
+		{name: "bad-escape", target: "/$export-poll-status?_jobId=%zz", status: 400, code: fhirbulk.IssueInvalid, param: "_jobId"},
+		{name: "POST-missing", method: http.MethodPost, target: "/$export-poll-status", status: 400, code: fhirbulk.IssueRequired, param: "_jobId"},
 		{name: "POST-unknown-parameter", method: http.MethodPost, target: "/$export-poll-status",
 			body:   `{"resourceType":"Parameters","parameter":[{"name":"_exportId","valueString":"a"}]}`,
-			status: 400, code: bulkexport.IssueNotSupported, param: "_exportId"},
+			status: 400, code: fhirbulk.IssueNotSupported, param: "_exportId"},
 		{name: "POST-repeated", method: http.MethodPost, target: "/$export-poll-status",
 			body:   `{"resourceType":"Parameters","parameter":[{"name":"_jobId","valueString":"a"},{"name":"_jobId","valueString":"a"}]}`,
-			status: 400, code: bulkexport.IssueInvalid, param: "_jobId"},
+			status: 400, code: fhirbulk.IssueInvalid, param: "_jobId"},
 		{name: "POST-not-Parameters", method: http.MethodPost, target: "/$export-poll-status", body: `{"resourceType":"Bundle"}`,
-			status: 400, code: bulkexport.IssueStructure},
-		{name: "DELETE-missing", method: http.MethodDelete, target: "/$export-poll-status", status: 400, code: bulkexport.IssueRequired, param: "_jobId"},
+			status: 400, code: fhirbulk.IssueStructure},
+		{name: "DELETE-missing", method: http.MethodDelete, target: "/$export-poll-status", status: 400, code: fhirbulk.IssueRequired, param: "_jobId"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -1070,25 +1071,25 @@ func TestStatusCompleted(t *testing.T) {
 		e.clock.Advance(time.Hour - time.Nanosecond)
 		require.Equal(t, http.StatusOK, e.do(t, http.MethodGet, e.statusURL(id), "").status)
 		e.clock.Advance(time.Nanosecond)
-		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 	})
 }
 
 func TestStatusFailed(t *testing.T) {
 	t.Parallel()
-	custom := bulkexport.NewOutcome(bulkexport.SeverityError, bulkexport.IssueProcessing, "the source rejected the query")
+	custom := fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueProcessing, "the source rejected the query")
 	cases := []struct {
 		name    string
 		failure *bulkexport.Failure
 		status  int
-		code    bulkexport.IssueType
+		code    fhirbulk.IssueType
 		diag    string
 	}{
-		{"no-failure", nil, 500, bulkexport.IssueProcessing, "the export failed"},
-		{"outcome-default-status", &bulkexport.Failure{Outcome: custom}, 500, bulkexport.IssueProcessing, "the source rejected the query"},
-		{"own-status", &bulkexport.Failure{Status: 422, Outcome: custom}, 422, bulkexport.IssueProcessing, "the source rejected the query"},
-		{"status-without-outcome", &bulkexport.Failure{Status: 403}, 403, bulkexport.IssueProcessing, "the export failed"},
-		{"success-status-ignored", &bulkexport.Failure{Status: 200, Outcome: custom}, 500, bulkexport.IssueProcessing, "the source rejected the query"},
+		{"no-failure", nil, 500, fhirbulk.IssueProcessing, "the export failed"},
+		{"outcome-default-status", &bulkexport.Failure{Outcome: custom}, 500, fhirbulk.IssueProcessing, "the source rejected the query"},
+		{"own-status", &bulkexport.Failure{Status: 422, Outcome: custom}, 422, fhirbulk.IssueProcessing, "the source rejected the query"},
+		{"status-without-outcome", &bulkexport.Failure{Status: 403}, 403, fhirbulk.IssueProcessing, "the export failed"},
+		{"success-status-ignored", &bulkexport.Failure{Status: 200, Outcome: custom}, 500, fhirbulk.IssueProcessing, "the source rejected the query"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -1129,7 +1130,7 @@ func TestStatusStoreUnavailable(t *testing.T) {
 				id := e.mustKickoff(t)
 				oo := requireOO(t, e.do(t, method, e.statusURL(id), ""), http.StatusServiceUnavailable, "")
 				require.True(t, oo.Issue[0].Code.Transient(), "code %s tells the client to retry", oo.Issue[0].Code)
-				require.Equal(t, bulkexport.SeverityError, oo.Issue[0].Severity)
+				require.Equal(t, fhirbulk.SeverityError, oo.Issue[0].Severity)
 				require.NotContains(t, oo.Issue[0].Diagnostics, "pq:")
 				require.Equal(t, bulkexport.StateQueued, e.stored(t, id).State)
 			})
@@ -1147,8 +1148,8 @@ func TestCancel(t *testing.T) {
 		e := newEnv(t, nil)
 		id := e.mustKickoff(t)
 		r := e.do(t, http.MethodDelete, e.statusURL(id), "", "Accept", "application/json")
-		oo := requireOO(t, r, http.StatusAccepted, bulkexport.IssueInformational)
-		require.Equal(t, bulkexport.SeverityInformation, oo.Issue[0].Severity)
+		oo := requireOO(t, r, http.StatusAccepted, fhirbulk.IssueInformational)
+		require.Equal(t, fhirbulk.SeverityInformation, oo.Issue[0].Severity)
 
 		j := e.stored(t, id)
 		require.Equal(t, bulkexport.StateCancelled, j.State)
@@ -1156,30 +1157,30 @@ func TestCancel(t *testing.T) {
 
 		// Every later poll: 404 with an OperationOutcome.
 		for _, method := range []string{http.MethodGet, http.MethodPost} {
-			requireOO(t, e.do(t, method, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueDeleted)
+			requireOO(t, e.do(t, method, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueDeleted)
 		}
-		requireOO(t, e.do(t, http.MethodGet, "/$export-poll-status/"+id, ""), http.StatusNotFound, bulkexport.IssueDeleted)
+		requireOO(t, e.do(t, http.MethodGet, "/$export-poll-status/"+id, ""), http.StatusNotFound, fhirbulk.IssueDeleted)
 		// A second DELETE: 404.
-		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueDeleted)
+		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueDeleted)
 		// After the retention the record is gone from the client's view.
 		e.clock.Advance(24 * time.Hour)
-		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 	})
 	t.Run("running-path-form", func(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t, func(o *bulkexport.Options) { o.CancelledRetention = time.Minute })
 		id := e.mustKickoff(t)
 		e.claim(t, id, func(j *bulkexport.Job) { j.Progress = bulkexport.Progress{Percent: 10, Message: "Patient"} })
-		requireOO(t, e.do(t, http.MethodDelete, "/$export-poll-status/"+id, ""), http.StatusAccepted, bulkexport.IssueInformational)
+		requireOO(t, e.do(t, http.MethodDelete, "/$export-poll-status/"+id, ""), http.StatusAccepted, fhirbulk.IssueInformational)
 		j := e.stored(t, id)
 		require.Equal(t, bulkexport.StateCancelled, j.State)
 		require.True(t, j.ExpiresAt.Equal(e.clock.Now().Add(time.Minute)))
-		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueDeleted)
+		requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueDeleted)
 	})
 	t.Run("unknown", func(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t, nil)
-		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(bulkexport.NewJobID()), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(bulkexport.NewJobID()), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 	})
 	for _, state := range []bulkexport.JobState{bulkexport.StateCompleted, bulkexport.StateFailed} {
 		t.Run(string(state)+"/default-not-found", func(t *testing.T) {
@@ -1188,7 +1189,7 @@ func TestCancel(t *testing.T) {
 			e := newEnv(t, func(o *bulkexport.Options) { o.Storage = st })
 			id := e.mustKickoff(t)
 			e.complete(t, id, func(j *bulkexport.Job) { j.State = state })
-			oo := requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+			oo := requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 			require.Contains(t, oo.Issue[0].Diagnostics, string(state))
 			require.Equal(t, state, e.stored(t, id).State, "the job is kept")
 			require.Empty(t, st.deleted, "the files are kept")
@@ -1203,12 +1204,12 @@ func TestCancel(t *testing.T) {
 			})
 			id := e.mustKickoff(t)
 			e.complete(t, id, func(j *bulkexport.Job) { j.State = state })
-			requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, bulkexport.IssueInformational)
+			requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, fhirbulk.IssueInformational)
 			_, err := e.store.Get(context.Background(), id)
 			require.ErrorIs(t, err, bulkexport.ErrNotFound, "the job is removed")
 			require.Equal(t, []string{id}, st.deleted, "and its files")
-			requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
-			requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+			requireOO(t, e.do(t, http.MethodGet, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
+			requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 		})
 	}
 	t.Run("removes/storage-fails", func(t *testing.T) {
@@ -1220,7 +1221,7 @@ func TestCancel(t *testing.T) {
 		})
 		id := e.mustKickoff(t)
 		e.complete(t, id, nil)
-		oo := requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusServiceUnavailable, bulkexport.IssueTransient)
+		oo := requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusServiceUnavailable, fhirbulk.IssueTransient)
 		require.NotContains(t, oo.Issue[0].Diagnostics, "bucket")
 		require.Equal(t, bulkexport.StateCompleted, e.stored(t, id).State, "the job stays until its files are gone")
 	})
@@ -1228,7 +1229,7 @@ func TestCancel(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t, func(o *bulkexport.Options) { o.DeletePolicy = bulkexport.DeleteFinishedRemoves })
 		id := e.mustKickoff(t)
-		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, bulkexport.IssueInformational)
+		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, fhirbulk.IssueInformational)
 		require.Equal(t, bulkexport.StateCancelled, e.stored(t, id).State)
 	})
 	t.Run("conflict-with-worker-progress", func(t *testing.T) {
@@ -1240,7 +1241,7 @@ func TestCancel(t *testing.T) {
 		}})
 		id := e.mustKickoff(t)
 		e.claim(t, id, nil)
-		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, bulkexport.IssueInformational)
+		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusAccepted, fhirbulk.IssueInformational)
 		j := e.stored(t, id)
 		require.Equal(t, bulkexport.StateCancelled, j.State)
 		require.Equal(t, float64(50), j.Progress.Percent, "the worker's update was not lost")
@@ -1253,7 +1254,7 @@ func TestCancel(t *testing.T) {
 		id := e.mustKickoff(t)
 		e.claim(t, id, nil)
 		// The job completed under the DELETE: the default policy keeps it.
-		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, bulkexport.IssueNotFound)
+		requireOO(t, e.do(t, http.MethodDelete, e.statusURL(id), ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 		require.Equal(t, bulkexport.StateCompleted, e.stored(t, id).State)
 	})
 }
@@ -1298,7 +1299,7 @@ func TestAuthenticate(t *testing.T) {
 			require.Equal(t, http.StatusUnauthorized, r.status)
 			require.Equal(t, "Bearer", r.header.Get("WWW-Authenticate"))
 			if ep.method != http.MethodHead {
-				requireOO(t, r, http.StatusUnauthorized, bulkexport.IssueLogin)
+				requireOO(t, r, http.StatusUnauthorized, fhirbulk.IssueLogin)
 			}
 		})
 		t.Run("forbidden/"+ep.method+" "+ep.target, func(t *testing.T) {
@@ -1315,7 +1316,7 @@ func TestAuthenticate(t *testing.T) {
 			r := e.do(t, ep.method, ep.target, ep.body, asB...)
 			require.Equal(t, http.StatusNotFound, r.status, "%s %s", ep.method, ep.target)
 			if ep.method != http.MethodHead {
-				oo := requireOO(t, r, http.StatusNotFound, bulkexport.IssueNotFound)
+				oo := requireOO(t, r, http.StatusNotFound, fhirbulk.IssueNotFound)
 				if !strings.Contains(ep.target, "/bulkfiles/") {
 					require.Equal(t, "no such export job", oo.Issue[0].Diagnostics, "the same answer as for an unknown job")
 				}
@@ -1354,7 +1355,7 @@ func TestMethodNotAllowed(t *testing.T) {
 			require.Equal(t, http.StatusMethodNotAllowed, r.status)
 			require.Equal(t, c.allow, r.header.Get("Allow"))
 			if c.method != http.MethodHead {
-				requireOO(t, r, http.StatusMethodNotAllowed, bulkexport.IssueNotSupported)
+				requireOO(t, r, http.StatusMethodNotAllowed, fhirbulk.IssueNotSupported)
 			}
 		})
 	}
@@ -1371,7 +1372,7 @@ func TestUnknownPath(t *testing.T) {
 		} {
 			t.Run(m.String()+p, func(t *testing.T) {
 				t.Parallel()
-				requireOO(t, e.kickoff(t, http.MethodGet, p, ""), http.StatusNotFound, bulkexport.IssueNotFound)
+				requireOO(t, e.kickoff(t, http.MethodGet, p, ""), http.StatusNotFound, fhirbulk.IssueNotFound)
 			})
 		}
 	}
@@ -1406,10 +1407,10 @@ func TestDownload(t *testing.T) {
 	require.Equal(t, http.StatusPartialContent, r.status)
 	require.Equal(t, content[:17], string(r.body))
 
-	requireOO(t, e.do(t, http.MethodGet, fileURL, "", "Authorization", "Bearer b"), http.StatusNotFound, bulkexport.IssueNotFound)
-	requireOO(t, e.do(t, http.MethodGet, e.h.FileURL(id, "unlisted.ndjson"), "", asA...), http.StatusNotFound, bulkexport.IssueNotFound)
-	requireOO(t, e.do(t, http.MethodGet, e.h.FileURL(id, "gone.ndjson"), "", asA...), http.StatusNotFound, bulkexport.IssueNotFound)
-	requireOO(t, e.do(t, http.MethodGet, "/bulkfiles/"+id+"/..%2F..%2Fsecret", "", asA...), http.StatusNotFound, bulkexport.IssueNotFound)
+	requireOO(t, e.do(t, http.MethodGet, fileURL, "", "Authorization", "Bearer b"), http.StatusNotFound, fhirbulk.IssueNotFound)
+	requireOO(t, e.do(t, http.MethodGet, e.h.FileURL(id, "unlisted.ndjson"), "", asA...), http.StatusNotFound, fhirbulk.IssueNotFound)
+	requireOO(t, e.do(t, http.MethodGet, e.h.FileURL(id, "gone.ndjson"), "", asA...), http.StatusNotFound, fhirbulk.IssueNotFound)
+	requireOO(t, e.do(t, http.MethodGet, "/bulkfiles/"+id+"/..%2F..%2Fsecret", "", asA...), http.StatusNotFound, fhirbulk.IssueNotFound)
 }
 
 // ---------------------------------------------------------------------------
@@ -1470,7 +1471,7 @@ func TestCapability(t *testing.T) {
 	require.Equal(t, []string{bulkexport.CapabilityBulkData}, c.Instantiates)
 	require.Equal(t, []bulkexport.CapabilityOperation{
 		{Name: "export", Definition: bulkexport.OperationExport},
-		{Name: "export-poll-status", Definition: bulkexport.OperationExportPollState},
+		{Name: "export-poll-status", Definition: bulkexport.OperationExportPollStatus},
 	}, c.Operations)
 	require.Equal(t, []bulkexport.CapabilityResource{
 		{Type: "Patient", Operation: []bulkexport.CapabilityOperation{{Name: "export", Definition: bulkexport.OperationPatientExport}}},

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"slices"
 	"time"
 )
@@ -90,8 +91,8 @@ type Job struct {
 	// cancel and download is checked against it.
 	Owner string `json:"owner"`
 	// Level and GroupID say what was exported ([base]/Group/{GroupID}/$export).
-	Level   Level  `json:"level"`
-	GroupID string `json:"groupId,omitempty"`
+	Level   fhirbulk.Level `json:"level"`
+	GroupID string         `json:"groupId,omitempty"`
 	// Request is the parsed, validated kick-off request.
 	Request Request `json:"request"`
 
@@ -164,7 +165,7 @@ func (j *Job) Clone() *Job {
 	c.Checkpoint = slices.Clone(j.Checkpoint)
 	if j.Failure != nil {
 		f := *j.Failure
-		f.Outcome = f.Outcome.clone()
+		f.Outcome = f.Outcome.Clone()
 		c.Failure = &f
 	}
 	return &c
@@ -199,25 +200,8 @@ type File struct {
 // Failure is why a job failed, as the status endpoint reports it.
 type Failure struct {
 	// Status is the HTTP status polls answer with; 0 means 500.
-	Status  int               `json:"status,omitempty"`
-	Outcome *OperationOutcome `json:"outcome"`
-}
-
-func (o *OperationOutcome) clone() *OperationOutcome {
-	if o == nil {
-		return nil
-	}
-	c := *o
-	c.Issue = make([]Issue, len(o.Issue))
-	for i, is := range o.Issue {
-		is.Expression = slices.Clone(is.Expression)
-		if is.Details != nil {
-			d := *is.Details
-			is.Details = &d
-		}
-		c.Issue[i] = is
-	}
-	return &c
+	Status  int                        `json:"status,omitempty"`
+	Outcome *fhirbulk.OperationOutcome `json:"outcome"`
 }
 
 // NewJobID returns 128 random bits, hex encoded.

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -67,7 +68,7 @@ type jobRun struct {
 	// than Lease), and then this run must stop. The files this run writes
 	// carry the fence in their names (see FileName).
 	fence  int64
-	level  Level // the job's level, readable without mu
+	level  fhirbulk.Level // the job's level, readable without mu
 	cancel context.CancelCauseFunc
 
 	// The lease clock: the store's clock at the claim (the claimed
@@ -114,7 +115,7 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	r.files.Store(int64(len(job.Output) + len(job.Deleted) + len(job.Errors)))
 	if len(job.Checkpoint) > 0 {
 		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {
-			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
+			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
 			return
 		}
 	}
@@ -122,7 +123,7 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 		r.cp.Types = map[string]*typeCheckpoint{}
 	}
 	if job.Attempts > w.opts.MaxAttempts {
-		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
+		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
 			Message: fmt.Sprintf("the export was interrupted %d times and was given up", job.Attempts-1)})
 		return
 	}
@@ -506,7 +507,7 @@ func (r *jobRun) recordIgnored(ctx context.Context) error {
 	}
 	var size int64
 	for _, is := range ignored {
-		b, _ := json.Marshal(OperationOutcome{ResourceType: "OperationOutcome", Issue: []Issue{is}})
+		b, _ := json.Marshal(fhirbulk.OperationOutcome{ResourceType: "OperationOutcome", Issue: []fhirbulk.Issue{is}})
 		b = append(b, '\n')
 		if _, err := fw.Write(b); err != nil {
 			_ = fw.Abort()
@@ -596,13 +597,13 @@ func (r *jobRun) verify(ctx context.Context) error {
 		}
 		fr, err := r.w.storage.Open(ctx, r.id, f.Name)
 		if err != nil {
-			return &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
+			return &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
 				Message: "a file of the export could not be read back; the export was given up", Err: fmt.Errorf("file %s: %w", f.Name, err)}
 		}
 		size := fr.Size()
 		_ = fr.Close()
 		if size != f.Size {
-			return &Error{Status: http.StatusInternalServerError, Code: IssueProcessing,
+			return &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
 				Message: "a file of the export does not hold what was recorded; the export was given up",
 				Err:     fmt.Errorf("file %s: %d bytes, recorded %d", f.Name, size, f.Size)}
 		}
@@ -657,22 +658,22 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 // failureOutcome is the status and outcome a failed job reports. Only an
 // *Error's message reaches the client; other errors may carry internal
 // detail and are only logged.
-func failureOutcome(err error) (int, *OperationOutcome) {
+func failureOutcome(err error) (int, *fhirbulk.OperationOutcome) {
 	var e *Error
 	switch {
 	case errors.As(err, &e):
 		return e.Status, e.Outcome()
 	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound, NewOutcome(SeverityError, IssueNotFound, "a resource the export depends on was not found")
+		return http.StatusNotFound, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueNotFound, "a resource the export depends on was not found")
 	case errors.Is(err, ErrForbidden):
-		return http.StatusForbidden, NewOutcome(SeverityError, IssueForbidden, "the export is not allowed")
+		return http.StatusForbidden, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueForbidden, "the export is not allowed")
 	}
 	msg := "the export failed"
 	var te *typeError
 	if errors.As(err, &te) {
 		msg = "the export of " + te.typ + " failed"
 	}
-	return http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueProcessing, msg)
+	return http.StatusInternalServerError, fhirbulk.NewOutcome(fhirbulk.SeverityFatal, fhirbulk.IssueProcessing, msg)
 }
 
 // typeError ties an error to the type whose export raised it.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"io"
 	"mime"
 	"net/http"
@@ -82,7 +83,7 @@ type kickoffConfig struct {
 func readKickoffParams(r *http.Request, maxBody int64) ([]rawParam, error) {
 	q, err := url.ParseQuery(r.URL.RawQuery)
 	if err != nil {
-		return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+		return nil, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "malformed query string"}
 	}
 	if r.Method == http.MethodGet {
 		return queryParams(q)
@@ -91,7 +92,7 @@ func readKickoffParams(r *http.Request, maxBody int64) ([]rawParam, error) {
 		// _format is the only query parameter that makes sense with POST.
 		for k := range q {
 			if k != "_format" {
-				return nil, paramError(k, IssueInvalid, "a POST kick-off takes its parameters in the Parameters body, not the query string")
+				return nil, paramError(k, fhirbulk.IssueInvalid, "a POST kick-off takes its parameters in the Parameters body, not the query string")
 			}
 		}
 	}
@@ -99,7 +100,7 @@ func readKickoffParams(r *http.Request, maxBody int64) ([]rawParam, error) {
 	if ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
 		if err != nil || (mt != contentTypeFHIRJSON && mt != contentTypeJSON) {
-			return nil, &Error{Status: http.StatusUnsupportedMediaType, Code: IssueNotSupported,
+			return nil, &Error{Status: http.StatusUnsupportedMediaType, Code: fhirbulk.IssueNotSupported,
 				Message: "the kick-off body must be a FHIR Parameters resource in application/fhir+json"}
 		}
 	}
@@ -127,9 +128,9 @@ func readBody(r *http.Request, maxBody int64) ([]byte, error) {
 	case err == nil, errors.As(err, &mbe):
 		return body, err
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		return nil, &Error{Status: http.StatusRequestTimeout, Code: IssueTimeout, Message: "the request body did not arrive in time", Err: err}
+		return nil, &Error{Status: http.StatusRequestTimeout, Code: fhirbulk.IssueTimeout, Message: "the request body did not arrive in time", Err: err}
 	}
-	return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "the request body could not be read", Err: err}
+	return nil, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "the request body could not be read", Err: err}
 }
 
 func queryParams(q url.Values) ([]rawParam, error) {
@@ -139,7 +140,7 @@ func queryParams(q url.Values) ([]rawParam, error) {
 		if k == "" {
 			// "=x" or "=": malformed, as a nameless parameter in a
 			// Parameters body is; not something lenient handling can name.
-			return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "a query parameter has no name"}
+			return nil, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "a query parameter has no name"}
 		}
 		keys = append(keys, k)
 	}
@@ -157,14 +158,14 @@ func queryParams(q url.Values) ([]rawParam, error) {
 // type.
 func parseParametersBody(body []byte) ([]rawParam, error) {
 	bad := func(format string, args ...any) error {
-		return &Error{Status: http.StatusBadRequest, Code: IssueStructure, Message: fmt.Sprintf(format, args...)}
+		return &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueStructure, Message: fmt.Sprintf(format, args...)}
 	}
 	body = bytes.TrimSpace(body)
 	if len(body) == 0 {
 		return nil, nil // a POST with no body is a kick-off with no parameters
 	}
 	if !utf8.Valid(body) {
-		return nil, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "the Parameters body is not valid UTF-8"}
+		return nil, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "the Parameters body is not valid UTF-8"}
 	}
 	var res struct {
 		ResourceType string                       `json:"resourceType"`
@@ -190,7 +191,7 @@ func parseParametersBody(body []byte) ([]rawParam, error) {
 				case "name", "id", "extension", "modifierExtension":
 					continue
 				case "part", "resource":
-					return nil, paramError(name, IssueNotSupported, "parameter %q must carry a value, not %s", name, k)
+					return nil, paramError(name, fhirbulk.IssueNotSupported, "parameter %q must carry a value, not %s", name, k)
 				default:
 					return nil, bad("Parameters.parameter[%d] has an unknown element %q", i, k)
 				}
@@ -198,12 +199,12 @@ func parseParametersBody(body []byte) ([]rawParam, error) {
 			n++
 			v, err := parameterValue(k, raw)
 			if err != nil {
-				return nil, paramError(name, IssueInvalid, "%v", err)
+				return nil, paramError(name, fhirbulk.IssueInvalid, "%v", err)
 			}
 			value = v
 		}
 		if n != 1 {
-			return nil, paramError(name, IssueInvalid, "parameter %q must have exactly one value[x]", name)
+			return nil, paramError(name, fhirbulk.IssueInvalid, "parameter %q must have exactly one value[x]", name)
 		}
 		out = append(out, rawParam{name, value})
 	}
@@ -262,7 +263,7 @@ func badBytes(s string) bool {
 // checkBytes refuses parameter names and values that badBytes rejects.
 func checkBytes(name, value string) *Error {
 	if badBytes(name) || badBytes(value) {
-		return &Error{Status: http.StatusBadRequest, Code: IssueInvalid,
+		return &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid,
 			Message: "parameter names and values must be valid UTF-8 without NUL characters"}
 	}
 	return nil
@@ -271,7 +272,7 @@ func checkBytes(name, value string) *Error {
 // parseKickoff validates the parameters for a level and method. Under
 // lenient handling a bad parameter is dropped and recorded in Ignored
 // instead of failing the request.
-func parseKickoff(params []rawParam, method string, level Level, lenient bool, cfg kickoffConfig) (Request, error) {
+func parseKickoff(params []rawParam, method string, level fhirbulk.Level, lenient bool, cfg kickoffConfig) (Request, error) {
 	req := Request{Method: method, OutputFormat: FormatNDJSON, Lenient: lenient}
 	maxValues := cfg.maxValues
 	if maxValues <= 0 {
@@ -283,7 +284,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		maxLength = 8 << 10
 	}
 	if len(params) > 4*maxValues {
-		return req, &Error{Status: http.StatusBadRequest, Code: IssueTooCostly, Message: fmt.Sprintf("more than %d parameters", 4*maxValues)}
+		return req, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueTooCostly, Message: fmt.Sprintf("more than %d parameters", 4*maxValues)}
 	}
 	// Group the values by name, in the order the client sent them.
 	values := map[string][]string{}
@@ -299,7 +300,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 			if len(name) > 64 {
 				name = name[:64] + "…"
 			}
-			return req, paramError(name, IssueTooCostly, "value longer than %d bytes", maxLength)
+			return req, paramError(name, fhirbulk.IssueTooCostly, "value longer than %d bytes", maxLength)
 		}
 		if _, seen := values[p.name]; !seen {
 			order = append(order, p.name)
@@ -313,8 +314,8 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		if !lenient {
 			return err
 		}
-		req.Ignored = append(req.Ignored, Issue{
-			Severity:    SeverityWarning,
+		req.Ignored = append(req.Ignored, fhirbulk.Issue{
+			Severity:    fhirbulk.SeverityWarning,
 			Code:        err.Code,
 			Diagnostics: "ignored under handling=lenient: " + err.Error(),
 			Expression:  []string{err.Param},
@@ -331,13 +332,13 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		var perr *Error
 		switch {
 		case !known:
-			perr = paramError(name, IssueNotSupported, "unknown or unsupported parameter")
-		case spec.noSystem && level == LevelSystem:
-			perr = paramError(name, IssueNotSupported, "not allowed at system level")
+			perr = paramError(name, fhirbulk.IssueNotSupported, "unknown or unsupported parameter")
+		case spec.noSystem && level == fhirbulk.LevelSystem:
+			perr = paramError(name, fhirbulk.IssueNotSupported, "not allowed at system level")
 		case spec.postOnly && method != http.MethodPost:
-			perr = paramError(name, IssueNotSupported, "allowed only in a POST kick-off")
+			perr = paramError(name, fhirbulk.IssueNotSupported, "allowed only in a POST kick-off")
 		case !spec.repeat && len(vs) > 1:
-			perr = paramError(name, IssueInvalid, "may appear only once")
+			perr = paramError(name, fhirbulk.IssueInvalid, "may appear only once")
 		}
 		if perr == nil && spec.comma {
 			var split []string
@@ -345,7 +346,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 				for _, item := range strings.Split(v, ",") {
 					item = strings.TrimSpace(item)
 					if item == "" {
-						perr = paramError(name, IssueInvalid, "empty entry in the list %q", v)
+						perr = paramError(name, fhirbulk.IssueInvalid, "empty entry in the list %q", v)
 						break
 					}
 					split = append(split, item)
@@ -354,7 +355,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 			vs = split
 		}
 		if perr == nil && len(vs) > maxValues {
-			perr = paramError(name, IssueTooCostly, "more than %d values", maxValues)
+			perr = paramError(name, fhirbulk.IssueTooCostly, "more than %d values", maxValues)
 		}
 		if perr != nil {
 			if name == "_type" {
@@ -377,9 +378,9 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 			var perr *Error
 			switch {
 			case !validTypeName(t):
-				perr = paramError("_type", IssueInvalid, "%q is not a resource type", t)
+				perr = paramError("_type", fhirbulk.IssueInvalid, "%q is not a resource type", t)
 			case cfg.types != nil && !slices.Contains(cfg.types, t):
-				perr = paramError("_type", IssueNotSupported, "resource type %s is not exported at %s level", t, level)
+				perr = paramError("_type", fhirbulk.IssueNotSupported, "resource type %s is not exported at %s level", t, level)
 			}
 			if perr != nil {
 				if err := reject(perr); err != nil {
@@ -394,7 +395,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		if len(req.Types) == 0 {
 			// Every listed type was dropped under lenient handling; an
 			// empty _type would silently widen the export to every type.
-			return req, paramError("_type", IssueNotSupported, "none of the requested types is exported at %s level", level)
+			return req, paramError("_type", fhirbulk.IssueNotSupported, "none of the requested types is exported at %s level", level)
 		}
 	}
 
@@ -407,17 +408,17 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		switch name {
 		case "_format":
 			if !acceptableFormat(mediaTypePlus(vs[0])) {
-				return req, &Error{Status: http.StatusNotAcceptable, Code: IssueNotSupported, Param: name,
+				return req, &Error{Status: http.StatusNotAcceptable, Code: fhirbulk.IssueNotSupported, Param: name,
 					Message: fmt.Sprintf("only FHIR JSON responses are produced, not %q", vs[0])}
 			}
 		case "_outputFormat":
 			if !slices.Contains(ndjsonAliases, mediaTypePlus(vs[0])) {
-				perr = paramError(name, IssueNotSupported, "output format %q is not supported; use application/fhir+ndjson", vs[0])
+				perr = paramError(name, fhirbulk.IssueNotSupported, "output format %q is not supported; use application/fhir+ndjson", vs[0])
 			}
 		case "_since", "_until":
-			t, err := ParseInstant(vs[0])
+			t, err := fhirbulk.ParseInstant(vs[0])
 			if err != nil {
-				perr = paramError(name, IssueInvalid, "%v", err)
+				perr = paramError(name, fhirbulk.IssueInvalid, "%v", err)
 			} else if name == "_since" {
 				req.Since = t
 			} else {
@@ -439,7 +440,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		case "includeAssociatedData":
 			for _, v := range vs {
 				if !slices.Contains(cfg.associated, v) {
-					perr = paramError(name, IssueNotSupported, "value %q is not supported", v)
+					perr = paramError(name, fhirbulk.IssueNotSupported, "value %q is not supported", v)
 					if err := reject(perr); err != nil {
 						return req, err
 					}
@@ -469,16 +470,16 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		case "organizeOutputBy":
 			switch {
 			case !validTypeName(vs[0]):
-				perr = paramError(name, IssueInvalid, "%q is not a resource type", vs[0])
+				perr = paramError(name, fhirbulk.IssueInvalid, "%q is not a resource type", vs[0])
 			case !slices.Contains(cfg.organizeBy, vs[0]):
-				perr = paramError(name, IssueNotSupported, "output cannot be organized by %s", vs[0])
+				perr = paramError(name, fhirbulk.IssueNotSupported, "output cannot be organized by %s", vs[0])
 			default:
 				req.OrganizeOutputBy = vs[0]
 			}
 		case "allowPartialManifests":
 			b, err := strconv.ParseBool(vs[0])
 			if err != nil || (vs[0] != "true" && vs[0] != "false") {
-				perr = paramError(name, IssueInvalid, "must be true or false, not %q", vs[0])
+				perr = paramError(name, fhirbulk.IssueInvalid, "must be true or false, not %q", vs[0])
 			} else {
 				req.AllowPartialManifests = b
 			}
@@ -488,7 +489,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 				if !ok || !validID(id) {
 					// Under lenient handling only this reference is
 					// dropped; the others still restrict the export.
-					if err := reject(paramError(name, IssueInvalid, "%q is not a Patient reference (Patient/{id})", v)); err != nil {
+					if err := reject(paramError(name, fhirbulk.IssueInvalid, "%q is not a Patient reference (Patient/{id})", v)); err != nil {
 						return req, err
 					}
 					continue
@@ -500,7 +501,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 			if len(req.Patients) == 0 {
 				// Every reference was dropped: an empty list would
 				// silently widen the export to every patient.
-				return req, paramError(name, IssueInvalid, "none of the patient references is valid")
+				return req, paramError(name, fhirbulk.IssueInvalid, "none of the patient references is valid")
 			}
 		}
 		if perr != nil {
@@ -510,7 +511,7 @@ func parseKickoff(params []rawParam, method string, level Level, lenient bool, c
 		}
 	}
 	if !req.Since.IsZero() && !req.Until.IsZero() && !req.Since.Before(req.Until) {
-		perr := paramError("_until", IssueInvalid, "_until must be later than _since")
+		perr := paramError("_until", fhirbulk.IssueInvalid, "_until must be later than _since")
 		if err := reject(perr); err != nil {
 			return req, err
 		}
@@ -523,14 +524,14 @@ func checkElement(e string, req *Request, cfg kickoffConfig) *Error {
 	typ, el, typed := cutDot(e)
 	if typed {
 		if !validTypeName(typ) {
-			return paramError("_elements", IssueInvalid, "%q: %q is not a resource type", e, typ)
+			return paramError("_elements", fhirbulk.IssueInvalid, "%q: %q is not a resource type", e, typ)
 		}
 		if cfg.types != nil && !slices.Contains(cfg.types, typ) {
-			return paramError("_elements", IssueNotSupported, "%q: resource type %s is not exported", e, typ)
+			return paramError("_elements", fhirbulk.IssueNotSupported, "%q: resource type %s is not exported", e, typ)
 		}
 	}
 	if !validElementName(el) {
-		return paramError("_elements", IssueInvalid, "%q is not a top-level element (Type.element or element)", e)
+		return paramError("_elements", fhirbulk.IssueInvalid, "%q is not a top-level element (Type.element or element)", e)
 	}
 	return nil
 }
@@ -543,22 +544,22 @@ func parseTypeFilterValue(v string) ([]TypeFilter, *Error) {
 	for _, part := range splitTypeFilter(v) {
 		typ, query, ok := strings.Cut(part, "?")
 		if !ok || !validTypeName(typ) {
-			return nil, paramError("_typeFilter", IssueInvalid, "%q is not of the form Type?query", part)
+			return nil, paramError("_typeFilter", fhirbulk.IssueInvalid, "%q is not of the form Type?query", part)
 		}
 		q, err := url.ParseQuery(query)
 		if err != nil || len(q) == 0 {
-			return nil, paramError("_typeFilter", IssueInvalid, "%q has no valid search query", part)
+			return nil, paramError("_typeFilter", fhirbulk.IssueInvalid, "%q has no valid search query", part)
 		}
 		for k, vs := range q {
 			// The query was checked before it was decoded: a search name or
 			// value that decodes to NUL or invalid UTF-8 ("%2500") would
 			// reach the Source, which may hand it to a database.
 			if badBytes(k) || slices.ContainsFunc(vs, badBytes) {
-				return nil, paramError("_typeFilter", IssueInvalid, "%q: search names and values must be valid UTF-8 without NUL characters", part)
+				return nil, paramError("_typeFilter", fhirbulk.IssueInvalid, "%q: search names and values must be valid UTF-8 without NUL characters", part)
 			}
 			switch k {
 			case "_include", "_revinclude", "_sort", "_elements", "_count", "_summary", "_total", "_contained", "_containedType":
-				return nil, paramError("_typeFilter", IssueNotSupported, "%q: search result parameter %s is not allowed", part, k)
+				return nil, paramError("_typeFilter", fhirbulk.IssueNotSupported, "%q: search result parameter %s is not allowed", part, k)
 			}
 		}
 		out = append(out, TypeFilter{Type: typ, Query: query})
@@ -587,37 +588,17 @@ func splitTypeFilter(v string) []string {
 
 func checkTypeFilter(f TypeFilter, req *Request, cfg kickoffConfig) *Error {
 	if len(req.Types) > 0 && !slices.Contains(req.Types, f.Type) {
-		return paramError("_typeFilter", IssueInvalid, "%q: type %s is not among _type", f.String(), f.Type)
+		return paramError("_typeFilter", fhirbulk.IssueInvalid, "%q: type %s is not among _type", f.String(), f.Type)
 	}
 	if cfg.types != nil && !slices.Contains(cfg.types, f.Type) {
-		return paramError("_typeFilter", IssueNotSupported, "%q: resource type %s is not exported", f.String(), f.Type)
+		return paramError("_typeFilter", fhirbulk.IssueNotSupported, "%q: resource type %s is not exported", f.String(), f.Type)
 	}
 	if cfg.checkFilter != nil {
 		if err := cfg.checkFilter(f.Type, f.Values()); err != nil {
-			return paramError("_typeFilter", IssueNotSupported, "%q: %v", f.String(), err)
+			return paramError("_typeFilter", fhirbulk.IssueNotSupported, "%q: %v", f.String(), err)
 		}
 	}
 	return nil
-}
-
-// ParseInstant parses a FHIR instant: YYYY-MM-DDThh:mm:ss[.fraction] with
-// Z or a ±hh:mm offset. A space where the offset's "+" belongs (an
-// unencoded "+" in a query string) is taken as "+".
-func ParseInstant(s string) (time.Time, error) {
-	if len(s) > 40 {
-		return time.Time{}, fmt.Errorf("%.40q… is not a FHIR instant", s)
-	}
-	if n := len(s); n > 6 && s[n-6] == ' ' {
-		s = s[:n-6] + "+" + s[n-5:]
-	}
-	if len(s) < 20 || s[10] != 'T' {
-		return time.Time{}, fmt.Errorf("%q is not a FHIR instant (YYYY-MM-DDThh:mm:ss with Z or an offset)", s)
-	}
-	t, err := time.Parse(time.RFC3339Nano, s)
-	if err != nil {
-		return time.Time{}, fmt.Errorf("%q is not a FHIR instant (YYYY-MM-DDThh:mm:ss with Z or an offset)", s)
-	}
-	return t, nil
 }
 
 // validTypeName reports whether s looks like a FHIR resource type name.

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/stretchr/testify/require"
 )
 
@@ -34,18 +35,18 @@ var testKickoffConfig = kickoffConfig{
 // parseKickoff.
 type kickoffCase struct {
 	name   string
-	level  Level  // default LevelSystem
-	method string // default GET
-	query  string // raw query string
-	body   string // POST Parameters body
-	prefer string // added to "Prefer: respond-async", e.g. "handling=lenient"
+	level  fhirbulk.Level // default LevelSystem
+	method string         // default GET
+	query  string         // raw query string
+	body   string         // POST Parameters body
+	prefer string         // added to "Prefer: respond-async", e.g. "handling=lenient"
 	cfg    *kickoffConfig
 
 	// An error is expected when errStatus or errParam is set. errParam is
 	// the parameter the OperationOutcome's expression must name.
 	errStatus int // default 400
 	errParam  string
-	errCode   IssueType
+	errCode   fhirbulk.IssueType
 
 	// ignored lists, for an accepted request, the expression of every
 	// Ignored issue (any order).
@@ -63,7 +64,7 @@ func (c kickoffCase) parse(t *testing.T) (Request, error) {
 	}
 	level := c.level
 	if level == "" {
-		level = LevelSystem
+		level = fhirbulk.LevelSystem
 	}
 	target := "http://example.org/fhir/$export"
 	if c.query != "" {
@@ -110,7 +111,7 @@ func runKickoffCases(t *testing.T, cases []kickoffCase) {
 				require.Equal(t, wantStatus, status, "error: %v", err)
 				require.Equal(t, "OperationOutcome", oo.ResourceType)
 				require.Len(t, oo.Issue, 1)
-				require.Equal(t, SeverityError, oo.Issue[0].Severity)
+				require.Equal(t, fhirbulk.SeverityError, oo.Issue[0].Severity)
 				require.NotEmpty(t, oo.Issue[0].Diagnostics)
 				if c.errParam != "" {
 					require.Equal(t, []string{c.errParam}, oo.Issue[0].Expression)
@@ -125,7 +126,7 @@ func runKickoffCases(t *testing.T, cases []kickoffCase) {
 			require.Equal(t, c.prefer == lenient, req.Lenient)
 			var got []string
 			for _, is := range req.Ignored {
-				require.Equal(t, SeverityWarning, is.Severity)
+				require.Equal(t, fhirbulk.SeverityWarning, is.Severity)
 				require.Len(t, is.Expression, 1)
 				require.Contains(t, is.Diagnostics, "handling=lenient")
 				got = append(got, is.Expression[0])
@@ -164,9 +165,9 @@ func TestKickoffOutputFormat(t *testing.T) {
 		{name: "valid/ndjson", query: "_outputFormat=ndjson", check: ndjson},
 		{name: "valid/post-valueString", method: http.MethodPost,
 			body: parametersBody("_outputFormat", `"valueString":"application/fhir+ndjson"`), check: ndjson},
-		{name: "invalid/csv", query: "_outputFormat=text/csv", errParam: "_outputFormat", errCode: IssueNotSupported},
-		{name: "invalid/empty", query: "_outputFormat=", errParam: "_outputFormat", errCode: IssueNotSupported},
-		{name: "invalid/case", query: "_outputFormat=NDJSON", errParam: "_outputFormat", errCode: IssueNotSupported},
+		{name: "invalid/csv", query: "_outputFormat=text/csv", errParam: "_outputFormat", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/empty", query: "_outputFormat=", errParam: "_outputFormat", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/case", query: "_outputFormat=NDJSON", errParam: "_outputFormat", errCode: fhirbulk.IssueNotSupported},
 		{name: "lenient/csv", query: "_outputFormat=text/csv", prefer: lenient, ignored: []string{"_outputFormat"}, check: ndjson},
 	})
 }
@@ -188,12 +189,12 @@ func TestKickoffSince(t *testing.T) {
 		{name: "valid/negative-offset", query: "_since=2024-01-01T22:04:05-05:00", check: since(at)},
 		{name: "valid/post-valueInstant", method: http.MethodPost,
 			body: parametersBody("_since", `"valueInstant":"2024-01-02T03:04:05Z"`), check: since(at)},
-		{name: "invalid/date-only", query: "_since=2024-01-02", errParam: "_since", errCode: IssueInvalid},
-		{name: "invalid/no-zone", query: "_since=2024-01-02T03:04:05", errParam: "_since", errCode: IssueInvalid},
-		{name: "invalid/word", query: "_since=yesterday", errParam: "_since", errCode: IssueInvalid},
-		{name: "invalid/month-13", query: "_since=2024-13-02T03:04:05Z", errParam: "_since", errCode: IssueInvalid},
-		{name: "invalid/long", query: "_since=" + strings.Repeat("2", 100), errParam: "_since", errCode: IssueInvalid},
-		{name: "invalid/repeated", query: "_since=2024-01-02T03:04:05Z&_since=2024-01-03T03:04:05Z", errParam: "_since", errCode: IssueInvalid},
+		{name: "invalid/date-only", query: "_since=2024-01-02", errParam: "_since", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/no-zone", query: "_since=2024-01-02T03:04:05", errParam: "_since", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/word", query: "_since=yesterday", errParam: "_since", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/month-13", query: "_since=2024-13-02T03:04:05Z", errParam: "_since", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/long", query: "_since=" + strings.Repeat("2", 100), errParam: "_since", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/repeated", query: "_since=2024-01-02T03:04:05Z&_since=2024-01-03T03:04:05Z", errParam: "_since", errCode: fhirbulk.IssueInvalid},
 		{name: "lenient/word", query: "_since=yesterday", prefer: lenient, ignored: []string{"_since"}, check: since(time.Time{})},
 		{name: "lenient/repeated", query: "_since=2024-01-02T03:04:05Z&_since=2024-01-03T03:04:05Z", prefer: lenient,
 			ignored: []string{"_since"}, check: since(time.Time{})},
@@ -216,12 +217,12 @@ func TestKickoffUntil(t *testing.T) {
 			require.True(t, r.Since.Equal(time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)))
 			require.True(t, r.Until.Equal(at))
 		}},
-		{name: "invalid/no-seconds", query: "_until=2024-01-02T03:04Z", errParam: "_until", errCode: IssueInvalid},
-		{name: "invalid/space-not-offset", query: "_until=2024-01-02%2003:04:05Z", errParam: "_until", errCode: IssueInvalid},
+		{name: "invalid/no-seconds", query: "_until=2024-01-02T03:04Z", errParam: "_until", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/space-not-offset", query: "_until=2024-01-02%2003:04:05Z", errParam: "_until", errCode: fhirbulk.IssueInvalid},
 		{name: "invalid/before-since", query: "_since=2024-02-01T00:00:00Z&_until=2024-01-01T00:00:00Z",
-			errParam: "_until", errCode: IssueInvalid},
+			errParam: "_until", errCode: fhirbulk.IssueInvalid},
 		{name: "invalid/equal-to-since", query: "_since=2024-01-02T03:04:05Z&_until=2024-01-02T04:04:05+01:00",
-			errParam: "_until", errCode: IssueInvalid},
+			errParam: "_until", errCode: fhirbulk.IssueInvalid},
 		{name: "lenient/garbage", query: "_until=soon", prefer: lenient, ignored: []string{"_until"}, check: until(time.Time{})},
 		{name: "lenient/before-since", query: "_since=2024-02-01T00:00:00Z&_until=2024-01-01T00:00:00Z", prefer: lenient,
 			ignored: []string{"_until"}, check: func(t *testing.T, r Request) {
@@ -250,21 +251,21 @@ func TestKickoffType(t *testing.T) {
 			body:  parametersBody("_type", `"valueString":"Patient,Observation"`, "_type", `"valueCode":"Condition"`, "_type", `"valueString":"Patient"`),
 			check: types("Patient", "Observation", "Condition")},
 		{name: "valid/any-type-without-lister", query: "_type=Medication", cfg: &kickoffConfig{}, check: types("Medication")},
-		{name: "invalid/lowercase", query: "_type=patient", errParam: "_type", errCode: IssueInvalid},
-		{name: "invalid/not-exported", query: "_type=Patient,Medication", errParam: "_type", errCode: IssueNotSupported},
-		{name: "invalid/empty-entry", query: "_type=Patient,,Observation", errParam: "_type", errCode: IssueInvalid},
-		{name: "invalid/trailing-comma", query: "_type=Patient,", errParam: "_type", errCode: IssueInvalid},
-		{name: "invalid/empty", query: "_type=", errParam: "_type", errCode: IssueInvalid},
-		{name: "invalid/too-many", query: "_type=" + many, errParam: "_type", errCode: IssueTooCostly},
+		{name: "invalid/lowercase", query: "_type=patient", errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/not-exported", query: "_type=Patient,Medication", errParam: "_type", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/empty-entry", query: "_type=Patient,,Observation", errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/trailing-comma", query: "_type=Patient,", errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/empty", query: "_type=", errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/too-many", query: "_type=" + many, errParam: "_type", errCode: fhirbulk.IssueTooCostly},
 		{name: "lenient/unknown-type-dropped", query: "_type=Patient,Medication,Observation", prefer: lenient,
 			ignored: []string{"_type"}, check: types("Patient", "Observation")},
 		{name: "lenient/two-dropped-two-issues", query: "_type=Medication,Patient,Device", prefer: lenient,
 			ignored: []string{"_type", "_type"}, check: types("Patient")},
 		// Dropping every listed type would widen the export to all types:
 		// refused even under lenient handling.
-		{name: "lenient/all-dropped-refused", query: "_type=Medication", prefer: lenient, errParam: "_type", errCode: IssueNotSupported},
-		{name: "lenient/empty-entry-refused", query: "_type=Patient,,Observation", prefer: lenient, errParam: "_type", errCode: IssueInvalid},
-		{name: "lenient/too-many-refused", query: "_type=" + many, prefer: lenient, errParam: "_type", errCode: IssueTooCostly},
+		{name: "lenient/all-dropped-refused", query: "_type=Medication", prefer: lenient, errParam: "_type", errCode: fhirbulk.IssueNotSupported},
+		{name: "lenient/empty-entry-refused", query: "_type=Patient,,Observation", prefer: lenient, errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "lenient/too-many-refused", query: "_type=" + many, prefer: lenient, errParam: "_type", errCode: fhirbulk.IssueTooCostly},
 	})
 }
 
@@ -281,11 +282,11 @@ func TestKickoffElements(t *testing.T) {
 				require.Equal(t, []string{"id"}, r.ElementsFor("Condition"))
 			}},
 		{name: "valid/repeats-merged-deduplicated", query: "_elements=id&_elements=id,meta", check: elements("id", "meta")},
-		{name: "invalid/nested", query: "_elements=Patient.name.given", errParam: "_elements", errCode: IssueInvalid},
-		{name: "invalid/uppercase-element", query: "_elements=Name", errParam: "_elements", errCode: IssueInvalid},
-		{name: "invalid/lowercase-type", query: "_elements=patient.name", errParam: "_elements", errCode: IssueInvalid},
-		{name: "invalid/type-not-exported", query: "_elements=Medication.code", errParam: "_elements", errCode: IssueNotSupported},
-		{name: "invalid/empty-entry", query: "_elements=id,", errParam: "_elements", errCode: IssueInvalid},
+		{name: "invalid/nested", query: "_elements=Patient.name.given", errParam: "_elements", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/uppercase-element", query: "_elements=Name", errParam: "_elements", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/lowercase-type", query: "_elements=patient.name", errParam: "_elements", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/type-not-exported", query: "_elements=Medication.code", errParam: "_elements", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/empty-entry", query: "_elements=id,", errParam: "_elements", errCode: fhirbulk.IssueInvalid},
 		{name: "lenient/bad-entry-dropped", query: "_elements=id,Patient.name.given", prefer: lenient,
 			ignored: []string{"_elements"}, check: elements("id")},
 		{name: "lenient/empty-entry-drops-parameter", query: "_elements=id,,meta", prefer: lenient,
@@ -306,10 +307,10 @@ func TestKickoffIncludeAssociatedData(t *testing.T) {
 			body:  parametersBody("includeAssociatedData", `"valueCoding":{"system":"http://hl7.org/fhir/uv/bulkdata/CodeSystem/include-associated-data","code":"LatestProvenanceResources"}`),
 			check: assoc(AssociatedLatestProvenance)},
 		{name: "invalid/unsupported-code", query: "includeAssociatedData=RelevantProvenanceResources",
-			errParam: "includeAssociatedData", errCode: IssueNotSupported},
-		{name: "invalid/custom", query: "includeAssociatedData=_custom", errParam: "includeAssociatedData", errCode: IssueNotSupported},
+			errParam: "includeAssociatedData", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/custom", query: "includeAssociatedData=_custom", errParam: "includeAssociatedData", errCode: fhirbulk.IssueNotSupported},
 		{name: "invalid/none-configured", query: "includeAssociatedData=LatestProvenanceResources", cfg: &kickoffConfig{},
-			errParam: "includeAssociatedData", errCode: IssueNotSupported},
+			errParam: "includeAssociatedData", errCode: fhirbulk.IssueNotSupported},
 		{name: "lenient/unsupported-dropped", query: "includeAssociatedData=LatestProvenanceResources,RelevantProvenanceResources",
 			prefer: lenient, ignored: []string{"includeAssociatedData"}, check: assoc(AssociatedLatestProvenance)},
 	})
@@ -321,11 +322,11 @@ func TestKickoffOrganizeOutputBy(t *testing.T) {
 		{name: "valid/patient", query: "organizeOutputBy=Patient", check: func(t *testing.T, r Request) {
 			require.Equal(t, "Patient", r.OrganizeOutputBy)
 		}},
-		{name: "invalid/unsupported-type", query: "organizeOutputBy=Observation", errParam: "organizeOutputBy", errCode: IssueNotSupported},
-		{name: "invalid/not-a-type", query: "organizeOutputBy=patient", errParam: "organizeOutputBy", errCode: IssueInvalid},
-		{name: "invalid/repeated", query: "organizeOutputBy=Patient&organizeOutputBy=Patient", errParam: "organizeOutputBy", errCode: IssueInvalid},
+		{name: "invalid/unsupported-type", query: "organizeOutputBy=Observation", errParam: "organizeOutputBy", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/not-a-type", query: "organizeOutputBy=patient", errParam: "organizeOutputBy", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/repeated", query: "organizeOutputBy=Patient&organizeOutputBy=Patient", errParam: "organizeOutputBy", errCode: fhirbulk.IssueInvalid},
 		{name: "invalid/not-configured", query: "organizeOutputBy=Patient", cfg: &kickoffConfig{},
-			errParam: "organizeOutputBy", errCode: IssueNotSupported},
+			errParam: "organizeOutputBy", errCode: fhirbulk.IssueNotSupported},
 		{name: "lenient/unsupported", query: "organizeOutputBy=Observation", prefer: lenient,
 			ignored: []string{"organizeOutputBy"}, check: func(t *testing.T, r Request) { require.Empty(t, r.OrganizeOutputBy) }},
 	})
@@ -341,12 +342,12 @@ func TestKickoffAllowPartialManifests(t *testing.T) {
 		{name: "valid/false", query: "allowPartialManifests=false", check: partial(false)},
 		{name: "valid/post-valueBoolean", method: http.MethodPost,
 			body: parametersBody("allowPartialManifests", `"valueBoolean":true`), check: partial(true)},
-		{name: "invalid/yes", query: "allowPartialManifests=yes", errParam: "allowPartialManifests", errCode: IssueInvalid},
-		{name: "invalid/1", query: "allowPartialManifests=1", errParam: "allowPartialManifests", errCode: IssueInvalid},
-		{name: "invalid/uppercase", query: "allowPartialManifests=TRUE", errParam: "allowPartialManifests", errCode: IssueInvalid},
-		{name: "invalid/repeated", query: "allowPartialManifests=true&allowPartialManifests=true", errParam: "allowPartialManifests", errCode: IssueInvalid},
+		{name: "invalid/yes", query: "allowPartialManifests=yes", errParam: "allowPartialManifests", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/1", query: "allowPartialManifests=1", errParam: "allowPartialManifests", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/uppercase", query: "allowPartialManifests=TRUE", errParam: "allowPartialManifests", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/repeated", query: "allowPartialManifests=true&allowPartialManifests=true", errParam: "allowPartialManifests", errCode: fhirbulk.IssueInvalid},
 		{name: "invalid/post-boolean-as-string", method: http.MethodPost,
-			body: parametersBody("allowPartialManifests", `"valueBoolean":"true"`), errParam: "allowPartialManifests", errCode: IssueInvalid},
+			body: parametersBody("allowPartialManifests", `"valueBoolean":"true"`), errParam: "allowPartialManifests", errCode: fhirbulk.IssueInvalid},
 		{name: "lenient/yes", query: "allowPartialManifests=yes", prefer: lenient,
 			ignored: []string{"allowPartialManifests"}, check: partial(false)},
 	})
@@ -360,34 +361,34 @@ func TestKickoffPatient(t *testing.T) {
 	ref := func(id string) string { return `"valueReference":{"reference":"` + id + `"}` }
 	post := http.MethodPost
 	runKickoffCases(t, []kickoffCase{
-		{name: "valid/patient-level", method: post, level: LevelPatient,
+		{name: "valid/patient-level", method: post, level: fhirbulk.LevelPatient,
 			body:  parametersBody("patient", ref("Patient/123"), "patient", ref("Patient/abc-1.x"), "patient", ref("Patient/123")),
 			check: patients("123", "abc-1.x")},
-		{name: "valid/group-level", method: post, level: LevelGroup,
+		{name: "valid/group-level", method: post, level: fhirbulk.LevelGroup,
 			body: parametersBody("patient", ref("Patient/7")), check: patients("7")},
-		{name: "invalid/get", level: LevelPatient, query: "patient=Patient/123", errParam: "patient", errCode: IssueNotSupported},
-		{name: "invalid/system-level", method: post, level: LevelSystem,
-			body: parametersBody("patient", ref("Patient/123")), errParam: "patient", errCode: IssueNotSupported},
-		{name: "invalid/other-type", method: post, level: LevelPatient,
-			body: parametersBody("patient", ref("Observation/1")), errParam: "patient", errCode: IssueInvalid},
-		{name: "invalid/no-id", method: post, level: LevelPatient,
-			body: parametersBody("patient", ref("Patient/")), errParam: "patient", errCode: IssueInvalid},
-		{name: "invalid/bad-id", method: post, level: LevelPatient,
-			body: parametersBody("patient", ref("Patient/a b")), errParam: "patient", errCode: IssueInvalid},
-		{name: "invalid/absolute-url", method: post, level: LevelPatient,
-			body: parametersBody("patient", ref("http://other.example/fhir/Patient/1")), errParam: "patient", errCode: IssueInvalid},
-		{name: "invalid/empty-reference", method: post, level: LevelPatient,
-			body: parametersBody("patient", `"valueReference":{}`), errParam: "patient", errCode: IssueInvalid},
-		{name: "lenient/system-level", method: post, level: LevelSystem, prefer: lenient,
+		{name: "invalid/get", level: fhirbulk.LevelPatient, query: "patient=Patient/123", errParam: "patient", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/system-level", method: post, level: fhirbulk.LevelSystem,
+			body: parametersBody("patient", ref("Patient/123")), errParam: "patient", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/other-type", method: post, level: fhirbulk.LevelPatient,
+			body: parametersBody("patient", ref("Observation/1")), errParam: "patient", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/no-id", method: post, level: fhirbulk.LevelPatient,
+			body: parametersBody("patient", ref("Patient/")), errParam: "patient", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/bad-id", method: post, level: fhirbulk.LevelPatient,
+			body: parametersBody("patient", ref("Patient/a b")), errParam: "patient", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/absolute-url", method: post, level: fhirbulk.LevelPatient,
+			body: parametersBody("patient", ref("http://other.example/fhir/Patient/1")), errParam: "patient", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/empty-reference", method: post, level: fhirbulk.LevelPatient,
+			body: parametersBody("patient", `"valueReference":{}`), errParam: "patient", errCode: fhirbulk.IssueInvalid},
+		{name: "lenient/system-level", method: post, level: fhirbulk.LevelSystem, prefer: lenient,
 			body: parametersBody("patient", ref("Patient/123")), ignored: []string{"patient"}, check: patients()},
-		{name: "lenient/get", level: LevelGroup, query: "patient=Patient/123", prefer: lenient,
+		{name: "lenient/get", level: fhirbulk.LevelGroup, query: "patient=Patient/123", prefer: lenient,
 			ignored: []string{"patient"}, check: patients()},
-		{name: "lenient/bad-reference-dropped", method: post, level: LevelPatient, prefer: lenient,
+		{name: "lenient/bad-reference-dropped", method: post, level: fhirbulk.LevelPatient, prefer: lenient,
 			body:    parametersBody("patient", ref("Observation/1"), "patient", ref("Patient/9")),
 			ignored: []string{"patient"}, check: patients("9")},
 		// Dropping every reference would widen the export to all patients.
-		{name: "lenient/only-bad-references", method: post, level: LevelPatient, prefer: lenient,
-			body: parametersBody("patient", ref("Observation/1")), errParam: "patient", errCode: IssueInvalid},
+		{name: "lenient/only-bad-references", method: post, level: fhirbulk.LevelPatient, prefer: lenient,
+			body: parametersBody("patient", ref("Observation/1")), errParam: "patient", errCode: fhirbulk.IssueInvalid},
 	})
 }
 
@@ -424,27 +425,27 @@ func TestKickoffTypeFilter(t *testing.T) {
 		{name: "valid/post", method: http.MethodPost,
 			body:  parametersBody("_typeFilter", `"valueString":"Observation?code=1"`, "_typeFilter", `"valueString":"Condition?code=2"`),
 			check: filters("Observation?code=1", "Condition?code=2")},
-		{name: "invalid/no-query", query: "_typeFilter=Observation", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/empty-query", query: "_typeFilter=Observation%3F", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/no-type", query: "_typeFilter=%3Fcode%3D1", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/lowercase-type", query: "_typeFilter=observation%3Fcode%3D1", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/bad-escape", query: "_typeFilter=Observation%3Fcode%3D%25zz", errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/no-query", query: "_typeFilter=Observation", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/empty-query", query: "_typeFilter=Observation%3F", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/no-type", query: "_typeFilter=%3Fcode%3D1", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/lowercase-type", query: "_typeFilter=observation%3Fcode%3D1", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/bad-escape", query: "_typeFilter=Observation%3Fcode%3D%25zz", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
 		{name: "invalid/type-not-among-_type", query: "_type=Patient&_typeFilter=Observation%3Fcode%3D1",
-			errParam: "_typeFilter", errCode: IssueInvalid},
+			errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
 		// The value is clean, but its search query decodes to NUL or
 		// invalid UTF-8: refused like the same bytes one level up.
-		{name: "invalid/encoded-nul-value", query: "_typeFilter=Patient%3Fgender%3D%2500", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/encoded-nul-name", query: "_typeFilter=Patient%3Fgen%2500der%3Dmale", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/encoded-invalid-utf8", query: "_typeFilter=Patient%3Fname%3D%25FF", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/encoded-overlong", query: "_typeFilter=Patient%3Fname%3D%25C0%25AF", errParam: "_typeFilter", errCode: IssueInvalid},
-		{name: "invalid/encoded-nul-post", method: http.MethodPost, level: LevelPatient,
-			body: parametersBody("_typeFilter", `"valueString":"Patient?gender=%00"`), errParam: "_typeFilter", errCode: IssueInvalid},
+		{name: "invalid/encoded-nul-value", query: "_typeFilter=Patient%3Fgender%3D%2500", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/encoded-nul-name", query: "_typeFilter=Patient%3Fgen%2500der%3Dmale", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/encoded-invalid-utf8", query: "_typeFilter=Patient%3Fname%3D%25FF", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/encoded-overlong", query: "_typeFilter=Patient%3Fname%3D%25C0%25AF", errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
+		{name: "invalid/encoded-nul-post", method: http.MethodPost, level: fhirbulk.LevelPatient,
+			body: parametersBody("_typeFilter", `"valueString":"Patient?gender=%00"`), errParam: "_typeFilter", errCode: fhirbulk.IssueInvalid},
 		{name: "lenient/encoded-nul-dropped", query: "_typeFilter=Patient%3Fgender%3D%2500&_typeFilter=Observation%3Fcode%3D1",
 			prefer: lenient, ignored: []string{"_typeFilter"}, check: filters("Observation?code=1")},
-		{name: "invalid/type-not-exported", query: "_typeFilter=Medication%3Fcode%3D1", errParam: "_typeFilter", errCode: IssueNotSupported},
-		{name: "invalid/host-refuses", query: "_typeFilter=Observation%3Funsupported-param%3D1", errParam: "_typeFilter", errCode: IssueNotSupported},
+		{name: "invalid/type-not-exported", query: "_typeFilter=Medication%3Fcode%3D1", errParam: "_typeFilter", errCode: fhirbulk.IssueNotSupported},
+		{name: "invalid/host-refuses", query: "_typeFilter=Observation%3Funsupported-param%3D1", errParam: "_typeFilter", errCode: fhirbulk.IssueNotSupported},
 		{name: "invalid/stu2-one-bad-part", query: "_typeFilter=Observation%3Fstatus%3Dfinal,Condition%3F_sort%3Ddate",
-			errParam: "_typeFilter", errCode: IssueNotSupported},
+			errParam: "_typeFilter", errCode: fhirbulk.IssueNotSupported},
 		{name: "lenient/bad-value-dropped", query: "_typeFilter=Observation%3Fcode%3D1&_typeFilter=Observation%3F_sort%3Ddate",
 			prefer: lenient, ignored: []string{"_typeFilter"}, check: filters("Observation?code=1")},
 		{name: "lenient/type-not-among-_type", query: "_type=Patient&_typeFilter=Observation%3Fcode%3D1",
@@ -454,7 +455,7 @@ func TestKickoffTypeFilter(t *testing.T) {
 	for _, p := range []string{"_include", "_revinclude", "_sort", "_elements", "_count", "_summary", "_total", "_contained", "_containedType"} {
 		cases = append(cases, kickoffCase{
 			name:  "invalid/forbidden-" + p,
-			query: "_typeFilter=" + url.QueryEscape("Observation?code=1&"+p+"=x"), errParam: "_typeFilter", errCode: IssueNotSupported,
+			query: "_typeFilter=" + url.QueryEscape("Observation?code=1&"+p+"=x"), errParam: "_typeFilter", errCode: fhirbulk.IssueNotSupported,
 		})
 	}
 	runKickoffCases(t, cases)
@@ -468,35 +469,35 @@ func TestKickoffFormat(t *testing.T) {
 		{name: "valid/fhir-json-plus-as-space", query: "_format=application/fhir+json"},
 		{name: "valid/application-json", query: "_format=application/json"},
 		{name: "valid/post-query", method: http.MethodPost, query: "_format=json"},
-		{name: "invalid/xml", query: "_format=xml", errStatus: http.StatusNotAcceptable, errParam: "_format", errCode: IssueNotSupported},
+		{name: "invalid/xml", query: "_format=xml", errStatus: http.StatusNotAcceptable, errParam: "_format", errCode: fhirbulk.IssueNotSupported},
 		// A response format cannot be ignored: the answer would be in the
 		// wrong format.
 		{name: "lenient/xml-still-refused", query: "_format=xml", prefer: lenient,
-			errStatus: http.StatusNotAcceptable, errParam: "_format", errCode: IssueNotSupported},
+			errStatus: http.StatusNotAcceptable, errParam: "_format", errCode: fhirbulk.IssueNotSupported},
 	})
 }
 
 func TestKickoffUnknownAndRepeated(t *testing.T) {
 	t.Parallel()
 	runKickoffCases(t, []kickoffCase{
-		{name: "unknown/foo", query: "foo=bar", errParam: "foo", errCode: IssueNotSupported},
-		{name: "unknown/_include", query: "_include=Patient:organization", errParam: "_include", errCode: IssueNotSupported},
-		{name: "unknown/_sort", query: "_sort=date", errParam: "_sort", errCode: IssueNotSupported},
-		{name: "unknown/_count", query: "_count=10", errParam: "_count", errCode: IssueNotSupported},
-		{name: "unknown/hapi-_exportId", query: "_exportId=abc", errParam: "_exportId", errCode: IssueNotSupported},
-		{name: "unknown/case-matters", query: "_Type=Patient", errParam: "_Type", errCode: IssueNotSupported},
+		{name: "unknown/foo", query: "foo=bar", errParam: "foo", errCode: fhirbulk.IssueNotSupported},
+		{name: "unknown/_include", query: "_include=Patient:organization", errParam: "_include", errCode: fhirbulk.IssueNotSupported},
+		{name: "unknown/_sort", query: "_sort=date", errParam: "_sort", errCode: fhirbulk.IssueNotSupported},
+		{name: "unknown/_count", query: "_count=10", errParam: "_count", errCode: fhirbulk.IssueNotSupported},
+		{name: "unknown/hapi-_exportId", query: "_exportId=abc", errParam: "_exportId", errCode: fhirbulk.IssueNotSupported},
+		{name: "unknown/case-matters", query: "_Type=Patient", errParam: "_Type", errCode: fhirbulk.IssueNotSupported},
 		{name: "unknown/post", method: http.MethodPost, body: parametersBody("_mdm", `"valueBoolean":true`),
-			errParam: "_mdm", errCode: IssueNotSupported},
+			errParam: "_mdm", errCode: fhirbulk.IssueNotSupported},
 		{name: "unknown/lenient", query: "foo=bar&_count=10&_type=Patient", prefer: lenient,
 			ignored: []string{"_count", "foo"}, check: func(t *testing.T, r Request) { require.Equal(t, []string{"Patient"}, r.Types) }},
-		{name: "repeated/_outputFormat", query: "_outputFormat=ndjson&_outputFormat=ndjson", errParam: "_outputFormat", errCode: IssueInvalid},
-		{name: "repeated/_until", query: "_until=2024-01-02T03:04:05Z&_until=2024-01-02T03:04:05Z", errParam: "_until", errCode: IssueInvalid},
-		{name: "repeated/_format", query: "_format=json&_format=json", errParam: "_format", errCode: IssueInvalid},
+		{name: "repeated/_outputFormat", query: "_outputFormat=ndjson&_outputFormat=ndjson", errParam: "_outputFormat", errCode: fhirbulk.IssueInvalid},
+		{name: "repeated/_until", query: "_until=2024-01-02T03:04:05Z&_until=2024-01-02T03:04:05Z", errParam: "_until", errCode: fhirbulk.IssueInvalid},
+		{name: "repeated/_format", query: "_format=json&_format=json", errParam: "_format", errCode: fhirbulk.IssueInvalid},
 		{name: "repeated/post", method: http.MethodPost,
 			body:     parametersBody("_outputFormat", `"valueString":"ndjson"`, "_outputFormat", `"valueString":"ndjson"`),
-			errParam: "_outputFormat", errCode: IssueInvalid},
+			errParam: "_outputFormat", errCode: fhirbulk.IssueInvalid},
 		{name: "repeated/post-body-and-query-_format", method: http.MethodPost, query: "_format=json",
-			body: parametersBody("_format", `"valueString":"json"`), errParam: "_format", errCode: IssueInvalid},
+			body: parametersBody("_format", `"valueString":"json"`), errParam: "_format", errCode: fhirbulk.IssueInvalid},
 		{name: "repeated/lenient", query: "_outputFormat=ndjson&_outputFormat=ndjson", prefer: lenient, ignored: []string{"_outputFormat"}},
 		{name: "lenient/one-issue-per-parameter", prefer: lenient,
 			query:   "foo=1&_outputFormat=text/csv&_since=bad&_until=bad&organizeOutputBy=Observation&allowPartialManifests=maybe",
@@ -506,20 +507,20 @@ func TestKickoffUnknownAndRepeated(t *testing.T) {
 				require.True(t, r.Since.IsZero())
 				require.True(t, r.Until.IsZero())
 			}},
-		{name: "strict-overrides-nothing", query: "foo=1", prefer: "handling=strict", errParam: "foo", errCode: IssueNotSupported},
+		{name: "strict-overrides-nothing", query: "foo=1", prefer: "handling=strict", errParam: "foo", errCode: fhirbulk.IssueNotSupported},
 	})
 }
 
 func TestKickoffRequestErrors(t *testing.T) {
 	t.Parallel()
 	runKickoffCases(t, []kickoffCase{
-		{name: "malformed-query", query: "_type=%zz", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
-		{name: "invalid-utf8", query: "_type=%ff", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
-		{name: "invalid-utf8-name", query: "%ff=1", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
-		{name: "nameless", query: "=1", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
-		{name: "nameless-lenient", query: "_type=Patient&=", prefer: "handling=lenient", errStatus: http.StatusBadRequest, errCode: IssueInvalid},
-		{name: "post-query-parameter", method: http.MethodPost, query: "_type=Patient", errParam: "_type", errCode: IssueInvalid},
-		{name: "post-not-parameters", method: http.MethodPost, body: `{"resourceType":"Bundle"}`, errStatus: http.StatusBadRequest, errCode: IssueStructure},
+		{name: "malformed-query", query: "_type=%zz", errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueInvalid},
+		{name: "invalid-utf8", query: "_type=%ff", errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueInvalid},
+		{name: "invalid-utf8-name", query: "%ff=1", errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueInvalid},
+		{name: "nameless", query: "=1", errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueInvalid},
+		{name: "nameless-lenient", query: "_type=Patient&=", prefer: "handling=lenient", errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueInvalid},
+		{name: "post-query-parameter", method: http.MethodPost, query: "_type=Patient", errParam: "_type", errCode: fhirbulk.IssueInvalid},
+		{name: "post-not-parameters", method: http.MethodPost, body: `{"resourceType":"Bundle"}`, errStatus: http.StatusBadRequest, errCode: fhirbulk.IssueStructure},
 		{name: "post-empty-body", method: http.MethodPost, check: func(t *testing.T, r Request) {
 			require.Equal(t, http.MethodPost, r.Method)
 			require.Equal(t, FormatNDJSON, r.OutputFormat)
@@ -534,7 +535,7 @@ func TestKickoffRequestErrors(t *testing.T) {
 		_, err := readKickoffParams(r, 1<<20)
 		status, oo := DefaultErrorMapper(err)
 		require.Equal(t, http.StatusUnsupportedMediaType, status)
-		require.Equal(t, IssueNotSupported, oo.Issue[0].Code)
+		require.Equal(t, fhirbulk.IssueNotSupported, oo.Issue[0].Code)
 	})
 	t.Run("post-json-content-type-accepted", func(t *testing.T) {
 		t.Parallel()
@@ -553,7 +554,7 @@ func TestKickoffRequestErrors(t *testing.T) {
 		require.ErrorAs(t, err, &mbe)
 		status, oo := DefaultErrorMapper(err)
 		require.Equal(t, http.StatusRequestEntityTooLarge, status)
-		require.Equal(t, IssueTooCostly, oo.Issue[0].Code)
+		require.Equal(t, fhirbulk.IssueTooCostly, oo.Issue[0].Code)
 	})
 }
 
@@ -562,7 +563,7 @@ func TestParseParametersBody(t *testing.T) {
 	type want struct {
 		params []rawParam
 		status int // error expected when set
-		code   IssueType
+		code   fhirbulk.IssueType
 		param  string
 	}
 	body := func(params string) string { return `{"resourceType":"Parameters","parameter":[` + params + `]}` }
@@ -587,31 +588,31 @@ func TestParseParametersBody(t *testing.T) {
 			want{params: []rawParam{{"_type", "Patient"}}}},
 		{"order-kept", body(`{"name":"_type","valueString":"A"},{"name":"_since","valueString":"B"},{"name":"_type","valueString":"C"}`),
 			want{params: []rawParam{{"_type", "A"}, {"_since", "B"}, {"_type", "C"}}}},
-		{"missing-name", body(`{"valueString":"Patient"}`), want{status: 400, code: IssueStructure}},
-		{"empty-name", body(`{"name":"","valueString":"Patient"}`), want{status: 400, code: IssueStructure}},
-		{"name-not-string", body(`{"name":1,"valueString":"Patient"}`), want{status: 400, code: IssueStructure}},
-		{"null-parameter", body(`null`), want{status: 400, code: IssueStructure}},
-		{"no-value", body(`{"name":"_type"}`), want{status: 400, code: IssueInvalid, param: "_type"}},
-		{"two-values", body(`{"name":"_type","valueString":"Patient","valueCode":"Observation"}`), want{status: 400, code: IssueInvalid, param: "_type"}},
-		{"value-bare", body(`{"name":"_type","value":"Patient"}`), want{status: 400, code: IssueInvalid, param: "_type"}},
-		{"valueInteger-unsupported", body(`{"name":"_count","valueInteger":1}`), want{status: 400, code: IssueInvalid, param: "_count"}},
-		{"valueString-number", body(`{"name":"_type","valueString":1}`), want{status: 400, code: IssueInvalid, param: "_type"}},
-		{"valueString-null", body(`{"name":"_type","valueString":null}`), want{status: 400, code: IssueInvalid, param: "_type"}},
-		{"valueBoolean-null", body(`{"name":"allowPartialManifests","valueBoolean":null}`), want{status: 400, code: IssueInvalid, param: "allowPartialManifests"}},
-		{"valueBoolean-string", body(`{"name":"allowPartialManifests","valueBoolean":"true"}`), want{status: 400, code: IssueInvalid, param: "allowPartialManifests"}},
-		{"valueReference-no-reference", body(`{"name":"patient","valueReference":{"display":"x"}}`), want{status: 400, code: IssueInvalid, param: "patient"}},
-		{"valueReference-string", body(`{"name":"patient","valueReference":"Patient/1"}`), want{status: 400, code: IssueInvalid, param: "patient"}},
-		{"valueCoding-no-code", body(`{"name":"includeAssociatedData","valueCoding":{"system":"s"}}`), want{status: 400, code: IssueInvalid, param: "includeAssociatedData"}},
-		{"part", body(`{"name":"patient","part":[{"name":"x","valueString":"y"}]}`), want{status: 400, code: IssueNotSupported, param: "patient"}},
-		{"resource", body(`{"name":"patient","resource":{"resourceType":"Patient"}}`), want{status: 400, code: IssueNotSupported, param: "patient"}},
-		{"unknown-element", body(`{"name":"_type","valueString":"Patient","foo":1}`), want{status: 400, code: IssueStructure}},
-		{"wrong-resourceType", `{"resourceType":"Bundle","parameter":[]}`, want{status: 400, code: IssueStructure}},
-		{"missing-resourceType", `{"parameter":[]}`, want{status: 400, code: IssueStructure}},
-		{"parameter-not-array", `{"resourceType":"Parameters","parameter":{}}`, want{status: 400, code: IssueStructure}},
-		{"non-json", `_type=Patient`, want{status: 400, code: IssueStructure}},
-		{"json-array", `[]`, want{status: 400, code: IssueStructure}},
-		{"truncated", `{"resourceType":"Parameters","parameter":[`, want{status: 400, code: IssueStructure}},
-		{"invalid-utf8", "{\"resourceType\":\"Parameters\",\"parameter\":[{\"name\":\"\xff\",\"valueString\":\"x\"}]}", want{status: 400, code: IssueInvalid}},
+		{"missing-name", body(`{"valueString":"Patient"}`), want{status: 400, code: fhirbulk.IssueStructure}},
+		{"empty-name", body(`{"name":"","valueString":"Patient"}`), want{status: 400, code: fhirbulk.IssueStructure}},
+		{"name-not-string", body(`{"name":1,"valueString":"Patient"}`), want{status: 400, code: fhirbulk.IssueStructure}},
+		{"null-parameter", body(`null`), want{status: 400, code: fhirbulk.IssueStructure}},
+		{"no-value", body(`{"name":"_type"}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_type"}},
+		{"two-values", body(`{"name":"_type","valueString":"Patient","valueCode":"Observation"}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_type"}},
+		{"value-bare", body(`{"name":"_type","value":"Patient"}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_type"}},
+		{"valueInteger-unsupported", body(`{"name":"_count","valueInteger":1}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_count"}},
+		{"valueString-number", body(`{"name":"_type","valueString":1}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_type"}},
+		{"valueString-null", body(`{"name":"_type","valueString":null}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "_type"}},
+		{"valueBoolean-null", body(`{"name":"allowPartialManifests","valueBoolean":null}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "allowPartialManifests"}},
+		{"valueBoolean-string", body(`{"name":"allowPartialManifests","valueBoolean":"true"}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "allowPartialManifests"}},
+		{"valueReference-no-reference", body(`{"name":"patient","valueReference":{"display":"x"}}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "patient"}},
+		{"valueReference-string", body(`{"name":"patient","valueReference":"Patient/1"}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "patient"}},
+		{"valueCoding-no-code", body(`{"name":"includeAssociatedData","valueCoding":{"system":"s"}}`), want{status: 400, code: fhirbulk.IssueInvalid, param: "includeAssociatedData"}},
+		{"part", body(`{"name":"patient","part":[{"name":"x","valueString":"y"}]}`), want{status: 400, code: fhirbulk.IssueNotSupported, param: "patient"}},
+		{"resource", body(`{"name":"patient","resource":{"resourceType":"Patient"}}`), want{status: 400, code: fhirbulk.IssueNotSupported, param: "patient"}},
+		{"unknown-element", body(`{"name":"_type","valueString":"Patient","foo":1}`), want{status: 400, code: fhirbulk.IssueStructure}},
+		{"wrong-resourceType", `{"resourceType":"Bundle","parameter":[]}`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"missing-resourceType", `{"parameter":[]}`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"parameter-not-array", `{"resourceType":"Parameters","parameter":{}}`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"non-json", `_type=Patient`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"json-array", `[]`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"truncated", `{"resourceType":"Parameters","parameter":[`, want{status: 400, code: fhirbulk.IssueStructure}},
+		{"invalid-utf8", "{\"resourceType\":\"Parameters\",\"parameter\":[{\"name\":\"\xff\",\"valueString\":\"x\"}]}", want{status: 400, code: fhirbulk.IssueInvalid}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -704,28 +705,5 @@ func TestAcceptsJSON(t *testing.T) {
 			t.Parallel()
 			require.Equal(t, c.want, acceptsJSON(c.accept))
 		})
-	}
-}
-
-func TestParseInstant(t *testing.T) {
-	t.Parallel()
-	valid := map[string]time.Time{
-		"2024-01-02T03:04:05Z":          time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC),
-		"2024-01-02T03:04:05.5Z":        time.Date(2024, 1, 2, 3, 4, 5, 5e8, time.UTC),
-		"2024-01-02T04:04:05+01:00":     time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC),
-		"2024-01-02T04:04:05 01:00":     time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC),
-		"2024-01-02T04:04:05.123 01:00": time.Date(2024, 1, 2, 3, 4, 5, 123e6, time.UTC),
-		"2024-01-01T22:04:05-05:00":     time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC),
-	}
-	for s, want := range valid {
-		got, err := ParseInstant(s)
-		require.NoError(t, err, s)
-		require.True(t, want.Equal(got), "%s: got %v", s, got)
-	}
-	for _, s := range []string{"", "2024", "2024-01-02", "2024-01-02T03:04:05", "2024-01-02 03:04:05Z",
-		"2024-01-02T03:04Z", "2024-02-30T00:00:00Z", "2024-01-02T03:04:05 0100", "2024-01-02T03:04:05+1:00",
-		"x024-01-02T03:04:05Z", strings.Repeat("9", 41)} {
-		_, err := ParseInstant(s)
-		require.Error(t, err, s)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"log/slog"
 	"net/http"
 	"reflect"
@@ -16,7 +17,7 @@ import (
 // client's queued or running jobs with the same level, group and
 // parameters. The active-job cap is not checked here but by the store's
 // Create, atomically (see create).
-func (h *Handler) admit(ctx context.Context, clientID string, level Level, groupID string, req *Request) (*Job, error) {
+func (h *Handler) admit(ctx context.Context, clientID string, level fhirbulk.Level, groupID string, req *Request) (*Job, error) {
 	if !h.opts.ReuseInFlight {
 		return nil, nil
 	}
@@ -95,7 +96,7 @@ func (e *tooManyRequests) Error() string { return e.msg }
 
 // asError is the 429 as an *Error, for the ErrorMapper.
 func (e *tooManyRequests) asError() *Error {
-	return &Error{Status: http.StatusTooManyRequests, Code: IssueThrottled, Message: e.msg}
+	return &Error{Status: http.StatusTooManyRequests, Code: fhirbulk.IssueThrottled, Message: e.msg}
 }
 
 // retryAfterSeconds is d in whole seconds, at least 1.

@@ -3,8 +3,8 @@ package bulkexport
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"strconv"
-	"time"
 )
 
 // ManifestVersion picks the shape of the completion manifest.
@@ -20,87 +20,31 @@ const (
 	ManifestSTU4
 )
 
-// ManifestTypeURL is the STU4 manifestType.
-const ManifestTypeURL = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest"
-
-// Manifest is the body of a completed status response. The handler writes
-// it in the STU2/STU3 shape; the STU4 fields (Outcome, OutputFormat,
-// ManifestType) are there so that clients can decode either shape.
-type Manifest struct {
-	// ManifestType is the STU4 profile URL.
-	ManifestType string `json:"manifestType,omitempty"`
-	// TransactionTime is the instant the export's data reflects.
-	TransactionTime string `json:"transactionTime"`
-	// Request is the full kick-off URL (not in STU4).
-	Request string `json:"request"`
-	// RequiresAccessToken says whether downloads need the kick-off's token.
-	RequiresAccessToken bool `json:"requiresAccessToken"`
-	// OutputFormat is the files' MIME type (STU4).
-	OutputFormat string `json:"outputFormat,omitempty"`
-	// OutputOrganizedBy echoes organizeOutputBy.
-	OutputOrganizedBy string `json:"outputOrganizedBy,omitempty"`
-	// Output lists the data files; always present, [] when empty.
-	Output []ManifestFile `json:"output"`
-	// Deleted lists NDJSON files of transaction Bundles with DELETE
-	// entries; left out when there are none.
-	Deleted []ManifestFile `json:"deleted,omitempty"`
-	// Error lists NDJSON files of OperationOutcomes; always present.
-	Error []ManifestFile `json:"error"`
-	// Outcome is STU4's name for Error.
-	Outcome []ManifestFile `json:"outcome,omitempty"`
-	// Link points to the next page of a paged manifest.
-	Link []ManifestLink `json:"link,omitempty"`
-	// Extension is a JSON object of custom fields (an array of FHIR
-	// Extensions in STU4).
-	Extension json.RawMessage `json:"extension,omitempty"`
-}
-
-// ManifestFile is one entry of output[], deleted[] or error[].
-type ManifestFile struct {
-	// Type is the resource type of every line; absent for organized
-	// output (and for deleted[] in STU4).
-	Type string `json:"type,omitempty"`
-	URL  string `json:"url"`
-	// Count is the number of resources in the file.
-	Count *int64 `json:"count,omitempty"`
-	// ContinuesInFile is the URL of the file where this file's last
-	// resource block continues (organized output).
-	ContinuesInFile string `json:"continuesInFile,omitempty"`
-	// FileSize is the size in bytes (STU4).
-	FileSize *int64 `json:"fileSize,omitempty"`
-}
-
-// ManifestLink is one entry of a manifest's link[].
-type ManifestLink struct {
-	Relation string `json:"relation"`
-	URL      string `json:"url"`
-}
-
 // manifestSTU4 is the wire shape of an STU4 manifest.
 type manifestSTU4 struct {
-	ManifestType        string          `json:"manifestType"`
-	TransactionTime     string          `json:"transactionTime"`
-	RequiresAccessToken bool            `json:"requiresAccessToken"`
-	OutputFormat        string          `json:"outputFormat"`
-	OutputOrganizedBy   string          `json:"outputOrganizedBy,omitempty"`
-	Output              []ManifestFile  `json:"output"`
-	Deleted             []ManifestFile  `json:"deleted,omitempty"`
-	Outcome             []ManifestFile  `json:"outcome"`
-	Link                []ManifestLink  `json:"link,omitempty"`
-	Extension           json.RawMessage `json:"extension,omitempty"`
+	ManifestType        string                  `json:"manifestType"`
+	TransactionTime     string                  `json:"transactionTime"`
+	RequiresAccessToken bool                    `json:"requiresAccessToken"`
+	OutputFormat        string                  `json:"outputFormat"`
+	OutputOrganizedBy   string                  `json:"outputOrganizedBy,omitempty"`
+	Output              []fhirbulk.ManifestFile `json:"output"`
+	Deleted             []fhirbulk.ManifestFile `json:"deleted,omitempty"`
+	Outcome             []fhirbulk.ManifestFile `json:"outcome"`
+	Link                []fhirbulk.ManifestLink `json:"link,omitempty"`
+	Extension           json.RawMessage         `json:"extension,omitempty"`
 }
 
 // Manifest builds the whole (unpaged) manifest of a job, with absolute
 // file URLs, in the STU2/STU3 shape. The URLs are the handler's file URLs;
 // under DownloadSigned, ManifestContext lists the presigned ones.
-func (h *Handler) Manifest(job *Job) *Manifest {
+func (h *Handler) Manifest(job *Job) *fhirbulk.Manifest {
 	return h.stu3Manifest(job, job.Output, job.Deleted, job.Errors, nil)
 }
 
 // stu3Manifest builds an STU2/STU3 manifest (page) listing the given files.
-func (h *Handler) stu3Manifest(job *Job, output, deleted, errs []File, links []ManifestLink) *Manifest {
-	m := &Manifest{
-		TransactionTime:     FormatInstant(job.TransactionTime),
+func (h *Handler) stu3Manifest(job *Job, output, deleted, errs []File, links []fhirbulk.ManifestLink) *fhirbulk.Manifest {
+	m := &fhirbulk.Manifest{
+		TransactionTime:     fhirbulk.FormatInstant(job.TransactionTime),
 		Request:             job.Request.URL,
 		RequiresAccessToken: h.token,
 		OutputOrganizedBy:   job.Request.OrganizeOutputBy,
@@ -150,14 +94,14 @@ func (h *Handler) manifestPage(job *Job, k int) (body any, ok bool) {
 			return nil, false
 		}
 	}
-	var links []ManifestLink
+	var links []fhirbulk.ManifestLink
 	if next > 0 {
-		links = []ManifestLink{{Relation: "next", URL: h.pageURL(job.ID, next)}}
+		links = []fhirbulk.ManifestLink{{Relation: "next", URL: h.pageURL(job.ID, next)}}
 	}
 	if h.opts.ManifestVersion == ManifestSTU4 {
 		m := &manifestSTU4{
-			ManifestType:        ManifestTypeURL,
-			TransactionTime:     FormatInstant(job.TransactionTime),
+			ManifestType:        fhirbulk.ManifestTypeURL,
+			TransactionTime:     fhirbulk.FormatInstant(job.TransactionTime),
 			RequiresAccessToken: h.token,
 			OutputFormat:        job.Request.OutputFormat,
 			OutputOrganizedBy:   job.Request.OrganizeOutputBy,
@@ -182,11 +126,11 @@ func (h *Handler) manifestPage(job *Job, k int) (body any, ok bool) {
 	return h.stu3Manifest(job, output, deleted, errs, links), true
 }
 
-func (h *Handler) manifestFiles(job *Job, files []File, withSize bool) []ManifestFile {
-	out := make([]ManifestFile, len(files))
+func (h *Handler) manifestFiles(job *Job, files []File, withSize bool) []fhirbulk.ManifestFile {
+	out := make([]fhirbulk.ManifestFile, len(files))
 	for i, f := range files {
 		count := f.Count
-		out[i] = ManifestFile{Type: f.Type, URL: h.FileURL(job.ID, f.Name), Count: &count}
+		out[i] = fhirbulk.ManifestFile{Type: f.Type, URL: h.FileURL(job.ID, f.Name), Count: &count}
 		if f.ContinuesIn != "" {
 			out[i].ContinuesInFile = h.FileURL(job.ID, f.ContinuesIn)
 		}
@@ -214,10 +158,4 @@ func jsonKind(raw json.RawMessage) byte {
 		return 0
 	}
 	return raw[0]
-}
-
-// FormatInstant formats t as a FHIR instant in UTC with millisecond
-// precision, e.g. 2026-01-02T03:04:05.678Z.
-func FormatInstant(t time.Time) string {
-	return t.UTC().Format("2006-01-02T15:04:05.000Z07:00")
 }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
@@ -229,7 +230,7 @@ func (t *telemetry) initPolls(log *slog.Logger) {
 }
 
 // transition counts a job entering state.
-func (t *telemetry) transition(ctx context.Context, state JobState, level Level) {
+func (t *telemetry) transition(ctx context.Context, state JobState, level fhirbulk.Level) {
 	t.transitions.Add(ctx, 1, metric.WithAttributes(attrState.String(string(state)), attrLevel.String(string(level))))
 }
 
@@ -334,7 +335,7 @@ func (t *telemetry) endPoll(w http.ResponseWriter, r *http.Request) {
 // startKickoff starts the kick-off span, when traced. endKickoff ends it
 // with the answer's status code. The span carries the job id once the job
 // is stored (see jobQueued).
-func (t *telemetry) startKickoff(w http.ResponseWriter, r *http.Request, level Level) (http.ResponseWriter, *http.Request) {
+func (t *telemetry) startKickoff(w http.ResponseWriter, r *http.Request, level fhirbulk.Level) (http.ResponseWriter, *http.Request) {
 	if !t.traced {
 		return w, r
 	}
@@ -453,7 +454,7 @@ func (t *telemetry) endJob(ctx context.Context, span trace.Span, r *jobRun, star
 }
 
 // startType starts the span of one type's export.
-func (t *telemetry) startType(ctx context.Context, jobID string, level Level, typ string) (context.Context, trace.Span) {
+func (t *telemetry) startType(ctx context.Context, jobID string, level fhirbulk.Level, typ string) (context.Context, trace.Span) {
 	if !t.traced {
 		return ctx, trace.SpanFromContext(ctx)
 	}

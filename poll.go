@@ -2,6 +2,7 @@ package bulkexport
 
 import (
 	"errors"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -63,7 +64,7 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 	if id == "" {
 		id = qid
 	} else if qid != "" {
-		return "", 0, paramError("_jobId", IssueInvalid, "the job id is already in the path")
+		return "", 0, paramError("_jobId", fhirbulk.IssueInvalid, "the job id is already in the path")
 	}
 	if id == "" && r.Method == http.MethodPost {
 		body, err := readBody(r, h.opts.MaxBodyBytes)
@@ -80,25 +81,25 @@ func (h *Handler) jobIDOf(r *http.Request, pathID string) (string, int, error) {
 			}
 			switch {
 			case p.name != "_jobId":
-				return "", 0, paramError(p.name, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+				return "", 0, paramError(p.name, fhirbulk.IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
 			case id != "":
-				return "", 0, paramError("_jobId", IssueInvalid, "may appear only once")
+				return "", 0, paramError("_jobId", fhirbulk.IssueInvalid, "may appear only once")
 			}
 			id = p.value
 		}
 	}
 	if id == "" {
-		return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueRequired, Param: "_jobId", Message: "the job id is required"}
+		return "", 0, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueRequired, Param: "_jobId", Message: "the job id is required"}
 	}
 	if !validJobID(id) {
 		// A valid id is plain ASCII, so only an invalid one needs the
 		// byte check (bad bytes are bad input, 400).
 		if badBytes(id) {
-			return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Param: "_jobId",
+			return "", 0, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Param: "_jobId",
 				Message: "the job id must be valid UTF-8 without NUL characters"}
 		}
 		// No store could hold it: answer like an unknown job.
-		return "", 0, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_jobId", Message: "no such export job"}
+		return "", 0, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Param: "_jobId", Message: "no such export job"}
 	}
 	return id, page, nil
 }
@@ -119,12 +120,12 @@ func parseStatusQuery(raw string) (id string, page int, err error) {
 		k, v, _ := strings.Cut(kv, "=")
 		if strings.ContainsAny(k, "%+") {
 			if k, err = url.QueryUnescape(k); err != nil {
-				return "", 0, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+				return "", 0, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "malformed query string"}
 			}
 		}
 		if strings.ContainsAny(v, "%+") {
 			if v, err = url.QueryUnescape(v); err != nil {
-				return "", 0, paramError(k, IssueInvalid, "malformed value")
+				return "", 0, paramError(k, fhirbulk.IssueInvalid, "malformed value")
 			}
 		}
 		if err := checkBytes(k, v); err != nil {
@@ -133,19 +134,19 @@ func parseStatusQuery(raw string) (id string, page int, err error) {
 		switch k {
 		case "_jobId":
 			if seenID {
-				return "", 0, paramError("_jobId", IssueInvalid, "may appear only once")
+				return "", 0, paramError("_jobId", fhirbulk.IssueInvalid, "may appear only once")
 			}
 			seenID, id = true, v
 		case "_page":
 			n, perr := strconv.Atoi(v)
 			if seenPage || perr != nil || n < 1 || n > 1_000_000 {
-				return "", 0, paramError("_page", IssueInvalid, "must be a page number from 1, given once")
+				return "", 0, paramError("_page", fhirbulk.IssueInvalid, "must be a page number from 1, given once")
 			}
 			seenPage, page = true, n
 		case "_format":
 			// FHIR's general parameter; the answers are JSON either way.
 		default:
-			return "", 0, paramError(k, IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
+			return "", 0, paramError(k, fhirbulk.IssueNotSupported, "unknown parameter; $export-poll-status takes only _jobId")
 		}
 	}
 	return id, page, nil
@@ -158,12 +159,12 @@ func (h *Handler) lookup(r *http.Request, clientID, id string) (*Job, error) {
 	job, err := h.store.Get(r.Context(), id)
 	if err != nil || job.Owner != clientID {
 		if err == nil || errors.Is(err, ErrNotFound) {
-			return nil, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "no such export job"}
+			return nil, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "no such export job"}
 		}
 		return nil, storeError(err)
 	}
 	if job.State.Terminal() && !job.ExpiresAt.IsZero() && !h.now().Before(job.ExpiresAt) {
-		return nil, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Message: "the export job has expired and its files were removed"}
+		return nil, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "the export job has expired and its files were removed"}
 	}
 	return job, nil
 }
@@ -207,7 +208,7 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 			return
 		}
 		if !ok {
-			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound, Param: "_page", Message: "the manifest has no such page"})
+			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Param: "_page", Message: "the manifest has no such page"})
 			return
 		}
 		if !job.ExpiresAt.IsZero() {
@@ -217,7 +218,7 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 	case StateFailed:
 		// processing, not exception: exception is in the transient branch,
 		// which would tell the client to retry a job that is dead.
-		status, oo := http.StatusInternalServerError, NewOutcome(SeverityFatal, IssueProcessing, "the export failed")
+		status, oo := http.StatusInternalServerError, fhirbulk.NewOutcome(fhirbulk.SeverityFatal, fhirbulk.IssueProcessing, "the export failed")
 		if job.Failure != nil {
 			if job.Failure.Status >= 400 && job.Failure.Status <= 599 {
 				status = job.Failure.Status
@@ -228,7 +229,7 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 		}
 		writeJSON(w, answer(status), contentTypeFHIRJSON, oo)
 	case StateCancelled:
-		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueDeleted, Message: "the export job was cancelled"})
+		h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueDeleted, Message: "the export job was cancelled"})
 	default:
 		h.writeError(w, r, errors.New("bulkexport: job in unknown state "+string(job.State)))
 	}
@@ -285,11 +286,11 @@ func (h *Handler) cancel(w http.ResponseWriter, r *http.Request, job *Job) {
 			h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job cancelled", jobAttrs(job)...)
 			h.tel.transition(ctx, StateCancelled, job.Level)
 			writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
-				NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" cancelled"))
+				fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "export job "+job.ID+" cancelled"))
 			return
 		case StateCompleted, StateFailed:
 			if h.opts.DeletePolicy != DeleteFinishedRemoves {
-				h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueNotFound,
+				h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound,
 					Message: "the export job has already " + string(job.State) + " and cannot be cancelled"})
 				return
 			}
@@ -298,10 +299,10 @@ func (h *Handler) cancel(w http.ResponseWriter, r *http.Request, job *Job) {
 				return
 			}
 			writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
-				NewOutcome(SeverityInformation, IssueInformational, "export job "+job.ID+" and its files deleted"))
+				fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "export job "+job.ID+" and its files deleted"))
 			return
 		default: // cancelled
-			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: IssueDeleted, Message: "the export job was already cancelled"})
+			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueDeleted, Message: "the export job was already cancelled"})
 			return
 		}
 	}
@@ -312,7 +313,7 @@ func (h *Handler) remove(r *http.Request, job *Job) error {
 	ctx := r.Context()
 	if h.opts.Storage != nil {
 		if err := h.opts.Storage.Delete(ctx, job.ID); err != nil {
-			return &Error{Status: http.StatusServiceUnavailable, Code: IssueTransient, Message: "the files could not be removed; retry later", Err: err}
+			return &Error{Status: http.StatusServiceUnavailable, Code: fhirbulk.IssueTransient, Message: "the files could not be removed; retry later", Err: err}
 		}
 	}
 	if err := h.store.Delete(ctx, job.ID); err != nil && !errors.Is(err, ErrNotFound) {

@@ -1,6 +1,7 @@
 package bulkexport
 
 import (
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/url"
 	"slices"
 	"time"
@@ -42,7 +43,7 @@ type Request struct {
 	SeparateExportStatus bool `json:"separateExportStatus,omitempty"`
 	// Ignored holds one issue per parameter dropped under lenient
 	// handling; the engine writes them to the manifest's error[].
-	Ignored []Issue `json:"ignored,omitempty"`
+	Ignored []fhirbulk.Issue `json:"ignored,omitempty"`
 }
 
 // TypeFilter is one _typeFilter value: a search on one resource type.
@@ -114,7 +115,7 @@ func (r Request) clone() Request {
 	c.IncludeAssociatedData = slices.Clone(r.IncludeAssociatedData)
 	c.Patients = slices.Clone(r.Patients)
 	if r.Ignored != nil {
-		c.Ignored = make([]Issue, len(r.Ignored))
+		c.Ignored = make([]fhirbulk.Issue, len(r.Ignored))
 		for i, is := range r.Ignored {
 			is.Expression = slices.Clone(is.Expression)
 			if is.Details != nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // snapshot is the store's content, for "nothing changed" assertions.
@@ -149,7 +150,7 @@ func TestMaliciousRequests(t *testing.T) {
 		resp.Body.Close()
 		require.True(t, resp.StatusCode >= 400 && resp.StatusCode < 500, "%s: status %d: %s", c.name, resp.StatusCode, body)
 		if c.method != http.MethodHead {
-			var oo bulkexport.OperationOutcome
+			var oo fhirbulk.OperationOutcome
 			require.NoError(t, json.Unmarshal(body, &oo), "%s: %s", c.name, body)
 			require.Equal(t, "OperationOutcome", oo.ResourceType, c.name)
 			require.NotEmpty(t, oo.Issue, c.name)
@@ -325,7 +326,7 @@ func checkFuzzAnswer(t *testing.T, h http.Handler, req *http.Request) {
 		t.Fatalf("%s %s: %d %s", req.Method, req.URL, rec.Code, rec.Body)
 	}
 	if rec.Code >= 400 {
-		var oo bulkexport.OperationOutcome
+		var oo fhirbulk.OperationOutcome
 		if err := json.Unmarshal(rec.Body.Bytes(), &oo); err != nil || oo.ResourceType != "OperationOutcome" {
 			t.Fatalf("%s %s: %d is not an OperationOutcome: %s", req.Method, req.URL, rec.Code, rec.Body)
 		}

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -86,7 +87,7 @@ func (h *Handler) verifySignedFile(r *http.Request, jobID, name string) (bool, e
 	}
 	q, err := url.ParseQuery(r.URL.RawQuery)
 	if err != nil {
-		return false, &Error{Status: http.StatusBadRequest, Code: IssueInvalid, Message: "malformed query string"}
+		return false, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid, Message: "malformed query string"}
 	}
 	_, hasSig := q[sigParamSig]
 	_, hasExp := q[sigParamExpires]
@@ -97,7 +98,7 @@ func (h *Handler) verifySignedFile(r *http.Request, jobID, name string) (bool, e
 		return false, nil
 	}
 	sig, exp, kid := q.Get(sigParamSig), q.Get(sigParamExpires), q.Get(sigParamKey)
-	denied := &Error{Status: http.StatusForbidden, Code: IssueSecurity, Message: "the signed download URL is invalid or has expired; fetch the manifest again"}
+	denied := &Error{Status: http.StatusForbidden, Code: fhirbulk.IssueSecurity, Message: "the signed download URL is invalid or has expired; fetch the manifest again"}
 	if len(q) != 3 || len(q[sigParamSig]) != 1 || len(q[sigParamExpires]) != 1 || len(q[sigParamKey]) != 1 {
 		return false, denied
 	}

@@ -2,6 +2,7 @@ package bulkexport
 
 import (
 	"context"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"time"
 )
 
@@ -15,7 +16,7 @@ import (
 // searches get 400), Counter (percentages in X-Progress).
 type Source interface {
 	// ResourceTypes lists the types exported at a level, in export order.
-	ResourceTypes(ctx context.Context, level Level) ([]string, error)
+	ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error)
 
 	// Export streams every resource of type typ that q selects into w, and
 	// returns when done. It must honour ctx: when ctx is done it returns
@@ -37,7 +38,7 @@ type Query struct {
 	JobID string
 	Owner string
 	// Level and GroupID: for LevelGroup the Source resolves membership.
-	Level   Level
+	Level   fhirbulk.Level
 	GroupID string
 	// Patients restricts Patient/Group exports to these patient ids (the
 	// patient parameter); empty means no restriction.
@@ -83,7 +84,7 @@ type ResourceWriter interface {
 	// Issue records a problem with one resource, such as a resource that
 	// was withheld by policy, as an OperationOutcome in error[]. It does not
 	// fail the job.
-	Issue(issue Issue) error
+	Issue(issue fhirbulk.Issue) error
 
 	// Checkpoint declares that every resource up to cursor has been
 	// written: if the job is interrupted, Export is called again with
@@ -108,7 +109,7 @@ type Counter interface {
 type Organizer interface {
 	// OrganizeTypes lists the types output can be organized by at a level
 	// (typically "Patient").
-	OrganizeTypes(ctx context.Context, level Level) ([]string, error)
+	OrganizeTypes(ctx context.Context, level fhirbulk.Level) ([]string, error)
 
 	// ExportBlocks streams one block per instance of the organizing type
 	// by that q selects: w.StartBlock with the instance's reference

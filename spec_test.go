@@ -14,6 +14,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // kickoff sends a kick-off with the given method, Prefer header and body.
@@ -147,7 +148,7 @@ func TestPartialManifests(t *testing.T) {
 
 	// Five Patient files are final: pages 1 and 2 are full and served
 	// with the 202; page 3 is not.
-	var page1 bulkexport.Manifest
+	var page1 fhirbulk.Manifest
 	require.Eventually(t, func() bool {
 		resp, body := srv.Status(t, statusURL)
 		if resp.StatusCode != http.StatusAccepted || len(body) == 0 {
@@ -162,7 +163,7 @@ func TestPartialManifests(t *testing.T) {
 	require.Equal(t, "next", page1.Link[0].Relation)
 	resp, body := srv.Status(t, page1.Link[0].URL)
 	require.Equal(t, http.StatusAccepted, resp.StatusCode)
-	var page2 bulkexport.Manifest
+	var page2 fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &page2))
 	require.Len(t, page2.Output, 2)
 	require.Empty(t, page2.Link, "page 3 is not final yet")
@@ -176,12 +177,12 @@ func TestPartialManifests(t *testing.T) {
 
 	// Walk the pages: served pages are unchanged but for a next link, and
 	// the pages together list every file once.
-	var all []bulkexport.ManifestFile
+	var all []fhirbulk.ManifestFile
 	url := statusURL
 	for k := 1; url != ""; k++ {
 		resp, body := srv.Status(t, url)
 		require.Equal(t, http.StatusOK, resp.StatusCode, "page %d", k)
-		var m bulkexport.Manifest
+		var m fhirbulk.Manifest
 		require.NoError(t, json.Unmarshal(body, &m))
 		switch k {
 		case 1:
@@ -263,7 +264,7 @@ func TestSeparateExportStatus(t *testing.T) {
 	}, 20*time.Second, 5*time.Millisecond)
 	resp, body := srv.Status(t, statusURL)
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.Len(t, m.Output, 1)
 
@@ -309,7 +310,7 @@ func TestManifestSTU4(t *testing.T) {
 	require.Equal(t, http.StatusOK, code)
 	var m map[string]any
 	require.NoError(t, json.Unmarshal(body, &m))
-	require.Equal(t, bulkexport.ManifestTypeURL, m["manifestType"])
+	require.Equal(t, fhirbulk.ManifestTypeURL, m["manifestType"])
 	require.Equal(t, "application/fhir+ndjson", m["outputFormat"])
 	require.NotContains(t, m, "request")
 	require.NotContains(t, m, "error")

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"go.opentelemetry.io/otel/metric"
 )
 
@@ -108,7 +109,7 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 	if t.by != "" {
 		org, _ := t.r.w.src.(Organizer)
 		if org == nil {
-			return &Error{Status: 400, Code: IssueNotSupported, Param: "organizeOutputBy", Message: "the source cannot organize output"}
+			return &Error{Status: 400, Code: fhirbulk.IssueNotSupported, Param: "organizeOutputBy", Message: "the source cannot organize output"}
 		}
 		types := make([]string, 0, len(t.allowed))
 		for typ := range t.allowed {
@@ -175,7 +176,7 @@ func (t *typeRun) Write(resource []byte) error {
 	}
 	line, compacted, err := checkResourceIn(resource, want, t.allowed, t.scratch)
 	if err != nil {
-		return t.Issue(Issue{Severity: SeverityError, Code: IssueStructure,
+		return t.Issue(fhirbulk.Issue{Severity: fhirbulk.SeverityError, Code: fhirbulk.IssueStructure,
 			Diagnostics: fmt.Sprintf("a %s resource was left out: %v", t.typ, err)})
 	}
 	if compacted {
@@ -221,7 +222,7 @@ func (t *typeRun) StartBlock(ref string) error {
 // Deleted implements ResourceWriter.
 func (t *typeRun) Deleted(id string, at time.Time) error {
 	if !validID(id) {
-		return t.Issue(Issue{Severity: SeverityWarning, Code: IssueValue,
+		return t.Issue(fhirbulk.Issue{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueValue,
 			Diagnostics: fmt.Sprintf("a deleted %s with the invalid id %q was left out", t.typ, id)})
 	}
 	b := make([]byte, 0, 160)
@@ -230,7 +231,7 @@ func (t *typeRun) Deleted(id string, at time.Time) error {
 	b = append(b, `}`...)
 	if !at.IsZero() {
 		b = append(b, `,"response":{"status":"204","lastModified":`...)
-		b = strconv.AppendQuote(b, FormatInstant(at))
+		b = strconv.AppendQuote(b, fhirbulk.FormatInstant(at))
 		b = append(b, `}`...)
 	}
 	b = append(b, `}]}`...)
@@ -238,8 +239,8 @@ func (t *typeRun) Deleted(id string, at time.Time) error {
 }
 
 // Issue implements ResourceWriter.
-func (t *typeRun) Issue(issue Issue) error {
-	b, err := json.Marshal(OperationOutcome{ResourceType: "OperationOutcome", Issue: []Issue{issue}})
+func (t *typeRun) Issue(issue fhirbulk.Issue) error {
+	b, err := json.Marshal(fhirbulk.OperationOutcome{ResourceType: "OperationOutcome", Issue: []fhirbulk.Issue{issue}})
 	if err != nil {
 		return err
 	}
@@ -341,7 +342,7 @@ func (s *stream) write(t *typeRun, line []byte) error {
 	}
 	if s.fw == nil {
 		if n := t.r.files.Add(1); n > int64(opts.MaxFilesPerJob) {
-			return &Error{Status: http.StatusRequestEntityTooLarge, Code: IssueTooCostly,
+			return &Error{Status: http.StatusRequestEntityTooLarge, Code: fhirbulk.IssueTooCostly,
 				Message: fmt.Sprintf("the export would need more than %d files; narrow it with _type, _since or _typeFilter", opts.MaxFilesPerJob)}
 		}
 		s.seq++

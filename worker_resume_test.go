@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // reclaimSource exports Patients p1..p10, checkpointing after each. Its
@@ -38,7 +39,7 @@ func newReclaimSource() *reclaimSource {
 	return s
 }
 
-func (s *reclaimSource) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (s *reclaimSource) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 
@@ -92,7 +93,7 @@ func TestOwnReclaimStopsOlderRun(t *testing.T) {
 	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
 	created := now()
 	require.NoError(t, store.Create(ctx, &bulkexport.Job{
-		ID: "job-reclaim", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
+		ID: "job-reclaim", Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: created, UpdatedAt: created,
 	}, bulkexport.CreateParams{}))
 	src := newReclaimSource()
@@ -175,7 +176,7 @@ func TestOwnReclaimStopsOlderRun(t *testing.T) {
 // threePatients exports p1, p2 and p3.
 type threePatients struct{}
 
-func (threePatients) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (threePatients) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 
@@ -203,7 +204,7 @@ func TestResumeRemovesTempFiles(t *testing.T) {
 	t0 := time.Now().Add(-time.Hour)
 	// The job as the killed process left it: running, its lease expired.
 	require.NoError(t, store.Create(ctx, &bulkexport.Job{
-		ID: "job-killed", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
+		ID: "job-killed", Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: t0, UpdatedAt: t0,
 	}, bulkexport.CreateParams{}))
 	j, err := store.Claim(ctx, bulkexport.ClaimParams{Worker: "killed-worker", Now: t0, Lease: time.Minute})

@@ -17,6 +17,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 var epoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -28,7 +29,7 @@ func clinicalSource(t testing.TB, n int) *bulkexporttest.Source {
 	t.Helper()
 	src := bulkexporttest.NewSource()
 	at := func(i, k int) string {
-		return bulkexport.FormatInstant(epoch.Add(time.Duration(i)*time.Hour + time.Duration(k)*24*time.Hour))
+		return fhirbulk.FormatInstant(epoch.Add(time.Duration(i)*time.Hour + time.Duration(k)*24*time.Hour))
 	}
 	var even []string
 	for i := range n {
@@ -70,8 +71,8 @@ func TestExportLevels(t *testing.T) {
 		{"group", "/Group/even/$export", map[string]int{"Patient": 3, "Observation": 6, "Condition": 3}},
 		{"_type", "/$export?_type=Patient,Practitioner", map[string]int{"Patient": 6, "Practitioner": 1}},
 		{"_type repeated", "/Patient/$export?_type=Patient&_type=Condition", map[string]int{"Patient": 6, "Condition": 6}},
-		{"_since", "/$export?_type=Patient&_since=" + bulkexport.FormatInstant(epoch.Add(3*time.Hour)), map[string]int{"Patient": 2}},
-		{"_until", "/$export?_type=Patient&_until=" + bulkexport.FormatInstant(epoch.Add(2*time.Hour)), map[string]int{"Patient": 2}},
+		{"_since", "/$export?_type=Patient&_since=" + fhirbulk.FormatInstant(epoch.Add(3*time.Hour)), map[string]int{"Patient": 2}},
+		{"_until", "/$export?_type=Patient&_until=" + fhirbulk.FormatInstant(epoch.Add(2*time.Hour)), map[string]int{"Patient": 2}},
 		{"_typeFilter code", "/$export?_type=Observation&_typeFilter=" + urlEscape("Observation?code=http://loinc.org|8867-4"), map[string]int{"Observation": 6}},
 		{"_typeFilter OR", "/$export?_type=Observation&_typeFilter=" + urlEscape("Observation?code=8867-4") + "&_typeFilter=" + urlEscape("Observation?code=29463-7"), map[string]int{"Observation": 12}},
 		{"_typeFilter clinical-status", "/Group/even/$export?_type=Condition&_typeFilter=" + urlEscape("Condition?clinical-status=active"), map[string]int{"Condition": 3}},
@@ -199,7 +200,7 @@ func TestWriterRejectsBrokenLines(t *testing.T) {
 // writerSource writes fixed lines as Patients.
 type writerSource struct{ lines []string }
 
-func (s writerSource) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (s writerSource) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 
@@ -234,7 +235,7 @@ func TestSourceErrorFailsJob(t *testing.T) {
 	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: src})
 	code, body := srv.Wait(t, srv.Kickoff(t, "/$export"))
 	require.Equal(t, http.StatusInternalServerError, code)
-	var oo bulkexport.OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	require.NoError(t, json.Unmarshal(body, &oo))
 	require.Equal(t, "OperationOutcome", oo.ResourceType)
 	require.Contains(t, oo.Issue[0].Diagnostics, "Observation")
@@ -243,7 +244,7 @@ func TestSourceErrorFailsJob(t *testing.T) {
 	// A typed error keeps its status and message.
 	src2 := clinicalSource(t, 1)
 	src2.OnResource = func(context.Context, string, int) error {
-		return &bulkexport.Error{Status: http.StatusForbidden, Code: bulkexport.IssueForbidden, Message: "consent withdrawn"}
+		return &bulkexport.Error{Status: http.StatusForbidden, Code: fhirbulk.IssueForbidden, Message: "consent withdrawn"}
 	}
 	srv2 := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: src2})
 	code, body = srv2.Wait(t, srv2.Kickoff(t, "/$export"))

@@ -20,6 +20,7 @@ import (
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/blobstorage"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestS3EndToEnd runs exports through the real handler and Worker over
@@ -168,7 +169,7 @@ func kickoff(t *testing.T, u string) string {
 	return resp.Header.Get("Content-Location")
 }
 
-func waitManifest(t *testing.T, status string) *bulkexport.Manifest {
+func waitManifest(t *testing.T, status string) *fhirbulk.Manifest {
 	t.Helper()
 	for range 1000 { // a bounded wait: the export takes milliseconds
 		req, _ := http.NewRequest(http.MethodGet, status, nil)
@@ -184,7 +185,7 @@ func waitManifest(t *testing.T, status string) *bulkexport.Manifest {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		case http.StatusOK:
-			var m bulkexport.Manifest
+			var m fhirbulk.Manifest
 			if err := json.Unmarshal(body, &m); err != nil {
 				t.Fatal(err)
 			}
@@ -223,7 +224,7 @@ func get(t *testing.T, u, auth string) []byte {
 
 // checkNDJSON checks a file against its manifest entry and returns its
 // line count.
-func checkNDJSON(t *testing.T, f bulkexport.ManifestFile, body []byte) int64 {
+func checkNDJSON(t *testing.T, f fhirbulk.ManifestFile, body []byte) int64 {
 	t.Helper()
 	var n int64
 	sc := bufio.NewScanner(bytes.NewReader(body))

@@ -6,7 +6,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Dataset is the data SourceTest loads into the Source under test: 30 FHIR
@@ -95,7 +95,7 @@ func NewDataset() Dataset {
 		if i%5 == 3 {
 			at = at.Add(500 * time.Millisecond)
 		}
-		r["meta"] = map[string]any{"lastUpdated": bulkexport.FormatInstant(at)}
+		r["meta"] = map[string]any{"lastUpdated": fhirbulk.FormatInstant(at)}
 		b, err := json.Marshal(r)
 		if err != nil {
 			panic(err)

@@ -7,6 +7,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // A test starts the server with NewServer(t, opts), which shuts it down
@@ -57,7 +58,7 @@ func ExampleRecorder() {
 	).AddGroup("g", "p1", "p3")
 
 	var rec bulkexporttest.Recorder
-	q := &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "g"}
+	q := &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "g"}
 	if err := src.Export(context.Background(), q, "Patient", &rec); err != nil {
 		log.Fatal(err)
 	}
@@ -74,7 +75,7 @@ func ExampleSource_FailOn() {
 	src.FailOn("Patient", 1, fmt.Errorf("connection reset: %w", bulkexport.ErrUnavailable))
 
 	var rec bulkexporttest.Recorder
-	err := src.Export(context.Background(), &bulkexport.Query{Level: bulkexport.LevelSystem}, "Patient", &rec)
+	err := src.Export(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelSystem}, "Patient", &rec)
 	fmt.Println(rec.IDs(), err)
 	// Output: [p1] connection reset: bulkexport: temporarily unavailable
 }

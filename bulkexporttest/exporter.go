@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Exporter runs exports against any bulk export server over HTTP, the way
@@ -156,7 +156,7 @@ func (e *Exporter) wait(ctx context.Context, statusURL string) (int, []byte, err
 // Result is a finished export, downloaded.
 type Result struct {
 	StatusURL string
-	Manifest  bulkexport.Manifest
+	Manifest  fhirbulk.Manifest
 	// Output holds the resources of output[] by type, in file order.
 	// Organized output (organizeOutputBy), whose files hold several types,
 	// is under the key "".
@@ -268,7 +268,7 @@ func (e *Exporter) collect(ctx context.Context, statusURL string) (*Result, erro
 	return r, nil
 }
 
-func (e *Exporter) download(ctx context.Context, f bulkexport.ManifestFile) ([]json.RawMessage, error) {
+func (e *Exporter) download(ctx context.Context, f fhirbulk.ManifestFile) ([]json.RawMessage, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.URL, nil)
 	if err != nil {
 		return nil, err

@@ -16,6 +16,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func patients(n int) *bulkexporttest.Source {
@@ -33,7 +34,7 @@ func TestFailOn(t *testing.T) {
 	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: src})
 	require.Same(t, src, srv.Source)
 
-	src.FailOn("Observation", 2, &bulkexport.Error{Status: http.StatusForbidden, Code: bulkexport.IssueForbidden, Message: "consent withdrawn"})
+	src.FailOn("Observation", 2, &bulkexport.Error{Status: http.StatusForbidden, Code: fhirbulk.IssueForbidden, Message: "consent withdrawn"})
 	code, body := srv.Wait(t, srv.Kickoff(t, "/$export"))
 	require.Equal(t, http.StatusForbidden, code)
 	require.Contains(t, string(body), "consent withdrawn")
@@ -106,7 +107,7 @@ func TestGroupResourceMembership(t *testing.T) {
 // hostSource is a Source that is not the fake.
 type hostSource struct{}
 
-func (hostSource) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (hostSource) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 
@@ -221,7 +222,7 @@ func TestRecorder(t *testing.T) {
 	t.Parallel()
 	src := patients(3)
 	var rec bulkexporttest.Recorder
-	require.NoError(t, src.Export(context.Background(), &bulkexport.Query{Level: bulkexport.LevelSystem}, "Patient", &rec))
+	require.NoError(t, src.Export(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelSystem}, "Patient", &rec))
 	require.Equal(t, []string{"a", "b", "c"}, rec.IDs())
 	require.Equal(t, []bulkexporttest.Checkpoint{{"1", 1}, {"2", 2}, {"3", 3}}, rec.Checkpoints)
 
@@ -232,7 +233,7 @@ func TestRecorder(t *testing.T) {
 		}
 		return nil
 	}}
-	err := src.Export(context.Background(), &bulkexport.Query{Level: bulkexport.LevelSystem, Cursor: "1"}, "Patient", &rec)
+	err := src.Export(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelSystem, Cursor: "1"}, "Patient", &rec)
 	require.ErrorIs(t, err, stop)
 	require.Equal(t, []string{"b"}, rec.IDs())
 	require.Equal(t, 2, rec.Writes())

@@ -6,13 +6,14 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Recorder is a bulkexport.ResourceWriter that keeps everything a Source
 // gives it, for tests that call Source.Export directly, without a Worker:
 //
 //	var rec bulkexporttest.Recorder
-//	err := src.Export(ctx, &bulkexport.Query{Level: bulkexport.LevelSystem}, "Patient", &rec)
+//	err := src.Export(ctx, &bulkexport.Query{Level: fhirbulk.LevelSystem}, "Patient", &rec)
 //	// rec.IDs() are the Patients written, rec.Checkpoints the cursors
 //
 // Unlike the Worker's writer it checks nothing: it records what it is
@@ -23,7 +24,7 @@ type Recorder struct {
 	Resources []json.RawMessage
 	// Deletions, Issues and Checkpoints hold the other calls, in order.
 	Deletions   []Deletion
-	Issues      []bulkexport.Issue
+	Issues      []fhirbulk.Issue
 	Checkpoints []Checkpoint
 
 	// OnWrite, if set, is called at the start of every Write with the
@@ -69,7 +70,7 @@ func (r *Recorder) Deleted(id string, at time.Time) error {
 }
 
 // Issue implements bulkexport.ResourceWriter.
-func (r *Recorder) Issue(issue bulkexport.Issue) error {
+func (r *Recorder) Issue(issue fhirbulk.Issue) error {
 	r.Issues = append(r.Issues, issue)
 	return nil
 }

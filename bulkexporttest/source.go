@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Source is a bulkexport.Source that serves resources from memory. It
@@ -250,7 +251,7 @@ func (s *Source) parseEntry(raw []byte) (*entry, string, error) {
 		LastUpdated string `json:"lastUpdated"`
 	}
 	if json.Unmarshal(fields["meta"], &meta) == nil && meta.LastUpdated != "" {
-		t, err := bulkexport.ParseInstant(meta.LastUpdated)
+		t, err := fhirbulk.ParseInstant(meta.LastUpdated)
 		if err != nil {
 			return nil, "", fmt.Errorf("bulkexporttest: %s/%s: meta.lastUpdated: %w", typ, id, err)
 		}
@@ -361,12 +362,12 @@ func (s *Source) AddDeleted(typ, id string, at time.Time) *Source {
 // ResourceTypes implements bulkexport.Source: at system level every type
 // added, at Patient and Group level the types with Patient compartment
 // members; sorted by name.
-func (s *Source) ResourceTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (s *Source) ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []string
 	for typ, es := range s.resources {
-		if level == bulkexport.LevelSystem || typ == "Patient" || slices.ContainsFunc(es, func(e *entry) bool { return e.patient != "" }) {
+		if level == fhirbulk.LevelSystem || typ == "Patient" || slices.ContainsFunc(es, func(e *entry) bool { return e.patient != "" }) {
 			out = append(out, typ)
 		}
 	}
@@ -474,7 +475,7 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 // restriction.
 func (s *Source) members(q *bulkexport.Query) (map[string]bool, error) {
 	var set map[string]bool
-	if q.Level == bulkexport.LevelGroup {
+	if q.Level == fhirbulk.LevelGroup {
 		s.mu.Lock()
 		ids, ok := s.groups[q.GroupID]
 		s.mu.Unlock()
@@ -516,7 +517,7 @@ func (s *Source) selected(ctx context.Context, q *bulkexport.Query, typ string) 
 }
 
 func (s *Source) match(e *entry, q *bulkexport.Query, typ string, members map[string]bool) bool {
-	if q.Level != bulkexport.LevelSystem && e.patient == "" {
+	if q.Level != fhirbulk.LevelSystem && e.patient == "" {
 		return false
 	}
 	if members != nil && !members[e.patient] {
@@ -649,7 +650,7 @@ var (
 
 // OrganizeTypes implements bulkexport.Organizer: output can be organized
 // by Patient at every level.
-func (s *Source) OrganizeTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (s *Source) OrganizeTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 

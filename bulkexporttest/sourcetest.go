@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // SourceTest checks a host's bulkexport.Source against the contract the
@@ -137,13 +138,13 @@ var (
 
 func sourceChecks() []checkGroup {
 	sys := func() *bulkexport.Query {
-		return &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: afterAll}
+		return &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
 	}
 	pat := func() *bulkexport.Query {
-		return &bulkexport.Query{Level: bulkexport.LevelPatient, TransactionTime: afterAll}
+		return &bulkexport.Query{Level: fhirbulk.LevelPatient, TransactionTime: afterAll}
 	}
 	grp := func(id string) *bulkexport.Query {
-		return &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: id, TransactionTime: afterAll}
+		return &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: id, TransactionTime: afterAll}
 	}
 	with := func(q *bulkexport.Query, f func(q *bulkexport.Query)) *bulkexport.Query { f(q); return q }
 	expectAll := func(qs ...*bulkexport.Query) func(ctx context.Context, e *sourceEnv) error {
@@ -230,7 +231,7 @@ func newModel(d Dataset) (*model, error) {
 		if err := json.Unmarshal(raw, &v); err != nil {
 			return nil, err
 		}
-		at, err := bulkexport.ParseInstant(v.Meta.LastUpdated)
+		at, err := fhirbulk.ParseInstant(v.Meta.LastUpdated)
 		if err != nil {
 			return nil, err
 		}
@@ -258,10 +259,10 @@ func patientID(ref string) string {
 
 // checkable returns the Dataset's types that are checked at a level: all
 // of them at system level, those of the Patient compartment otherwise.
-func (m *model) checkable(level bulkexport.Level) []string {
+func (m *model) checkable(level fhirbulk.Level) []string {
 	var types []string
 	for _, r := range m.res {
-		if (level == bulkexport.LevelSystem || r.patient != "") && !slices.Contains(types, r.typ) {
+		if (level == fhirbulk.LevelSystem || r.patient != "") && !slices.Contains(types, r.typ) {
 			types = append(types, r.typ)
 		}
 	}
@@ -272,13 +273,13 @@ func (m *model) checkable(level bulkexport.Level) []string {
 // want returns the ids of the resources of typ that q selects, sorted.
 func (m *model) want(q *bulkexport.Query, typ string) []string {
 	var members map[string]bool
-	if q.Level == bulkexport.LevelGroup {
+	if q.Level == fhirbulk.LevelGroup {
 		members = map[string]bool{}
 		for _, p := range m.groups[q.GroupID] {
 			members[p] = true
 		}
 	}
-	if len(q.Patients) > 0 && q.Level != bulkexport.LevelSystem {
+	if len(q.Patients) > 0 && q.Level != fhirbulk.LevelSystem {
 		set := map[string]bool{}
 		for _, p := range q.Patients {
 			if members == nil || members[p] {
@@ -291,7 +292,7 @@ func (m *model) want(q *bulkexport.Query, typ string) []string {
 	for _, r := range m.res {
 		switch {
 		case r.typ != typ,
-			q.Level != bulkexport.LevelSystem && r.patient == "",
+			q.Level != fhirbulk.LevelSystem && r.patient == "",
 			members != nil && !members[r.patient],
 			!q.Since.IsZero() && !r.updated.After(q.Since),
 			!q.Until.IsZero() && !r.updated.Before(q.Until),
@@ -309,7 +310,7 @@ func (m *model) want(q *bulkexport.Query, typ string) []string {
 
 // types returns the types to check at a level: those the Source lists
 // that the Dataset has (in the Patient compartment, below system level).
-func (e *sourceEnv) types(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (e *sourceEnv) types(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	listed, err := e.src.ResourceTypes(ctx, level)
 	if err != nil {
 		return nil, fmt.Errorf("ResourceTypes(%s): %w", level, err)
@@ -447,13 +448,13 @@ func describe(q *bulkexport.Query, typ string) string {
 		fmt.Fprintf(&b, ", patient=%v", q.Patients)
 	}
 	if !q.Since.IsZero() {
-		fmt.Fprintf(&b, ", _since=%s", bulkexport.FormatInstant(q.Since))
+		fmt.Fprintf(&b, ", _since=%s", fhirbulk.FormatInstant(q.Since))
 	}
 	if !q.Until.IsZero() {
-		fmt.Fprintf(&b, ", _until=%s", bulkexport.FormatInstant(q.Until))
+		fmt.Fprintf(&b, ", _until=%s", fhirbulk.FormatInstant(q.Until))
 	}
 	if !q.TransactionTime.IsZero() && !q.TransactionTime.Equal(afterAll) {
-		fmt.Fprintf(&b, ", transaction time %s", bulkexport.FormatInstant(q.TransactionTime))
+		fmt.Fprintf(&b, ", transaction time %s", fhirbulk.FormatInstant(q.TransactionTime))
 	}
 	if q.Cursor != "" {
 		fmt.Fprintf(&b, ", resumed from cursor %q", q.Cursor)
@@ -466,7 +467,7 @@ func describe(q *bulkexport.Query, typ string) string {
 
 func checkResourceTypes(ctx context.Context, e *sourceEnv) error {
 	var errs []error
-	for _, level := range []bulkexport.Level{bulkexport.LevelSystem, bulkexport.LevelPatient, bulkexport.LevelGroup} {
+	for _, level := range []fhirbulk.Level{fhirbulk.LevelSystem, fhirbulk.LevelPatient, fhirbulk.LevelGroup} {
 		listed, err := e.src.ResourceTypes(ctx, level)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("ResourceTypes(%s): %w", level, err))
@@ -498,7 +499,7 @@ func checkResourceTypes(ctx context.Context, e *sourceEnv) error {
 // checkBounds puts _since and _until exactly on resources' lastUpdated:
 // both bounds are exclusive.
 func checkBounds(ctx context.Context, e *sourceEnv) error {
-	types, err := e.types(ctx, bulkexport.LevelSystem)
+	types, err := e.types(ctx, fhirbulk.LevelSystem)
 	if err != nil {
 		return err
 	}
@@ -518,8 +519,8 @@ func checkBounds(ctx context.Context, e *sourceEnv) error {
 	}
 	var errs []error
 	for _, q := range []*bulkexport.Query{
-		{Level: bulkexport.LevelSystem, TransactionTime: afterAll, Since: at},
-		{Level: bulkexport.LevelSystem, TransactionTime: afterAll, Until: at},
+		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll, Since: at},
+		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll, Until: at},
 	} {
 		for _, typ := range types {
 			if err := e.expect(ctx, q, typ); err != nil {
@@ -534,8 +535,8 @@ func checkBounds(ctx context.Context, e *sourceEnv) error {
 // and last cursor.
 func checkResume(ctx context.Context, e *sourceEnv) error {
 	queries := []*bulkexport.Query{
-		{Level: bulkexport.LevelSystem, TransactionTime: afterAll},
-		{Level: bulkexport.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll},
+		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll},
+		{Level: fhirbulk.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll},
 	}
 	var errs []error
 	checkpoints := 0
@@ -597,7 +598,7 @@ var errStorage = errors.New("bulkexporttest: simulated storage failure")
 // checkWriteFails fails the second Write: Export must not write again,
 // and must return an error, or the Worker would take the type as complete.
 func checkWriteFails(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -631,7 +632,7 @@ func checkWriteFails(ctx context.Context, e *sourceEnv) error {
 // checkCancelMidExport cancels the context in the first Write; later
 // Writes fail with the context's error, as the Worker's do.
 func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -666,7 +667,7 @@ func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
 // writer that accepts everything (the Worker's checks the context only now
 // and then): Export must return without writing every resource.
 func checkCancelBefore(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -715,8 +716,8 @@ func checkCounter(ctx context.Context, e *sourceEnv) error {
 	}
 	var errs []error
 	for _, q := range []*bulkexport.Query{
-		{Level: bulkexport.LevelSystem, TransactionTime: afterAll},
-		{Level: bulkexport.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll, Since: sinceTime},
+		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll},
+		{Level: fhirbulk.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll, Since: sinceTime},
 	} {
 		types, err := e.types(ctx, q.Level)
 		if err != nil {
@@ -767,7 +768,7 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 		}
 	}()
 
-	typeParam := func(level bulkexport.Level) (string, []string, error) {
+	typeParam := func(level fhirbulk.Level) (string, []string, error) {
 		types, err := e.types(ctx, level)
 		return strings.Join(types, ","), types, err
 	}
@@ -792,8 +793,8 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 			// The Worker reports the lines it rejects (not a JSON object,
 			// wrong type) as structure issues; the Source's own Issues
 			// are its business.
-			var oo bulkexport.OperationOutcome
-			if json.Unmarshal(raw, &oo) == nil && len(oo.Issue) > 0 && oo.Issue[0].Code != bulkexport.IssueStructure {
+			var oo fhirbulk.OperationOutcome
+			if json.Unmarshal(raw, &oo) == nil && len(oo.Issue) > 0 && oo.Issue[0].Code != fhirbulk.IssueStructure {
 				e.note("Worker: %s: the Source reported %s", path, raw)
 				continue
 			}
@@ -811,22 +812,22 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 		}
 	}
 
-	if tp, types, err := typeParam(bulkexport.LevelSystem); err != nil {
+	if tp, types, err := typeParam(fhirbulk.LevelSystem); err != nil {
 		errs = append(errs, err)
 	} else {
-		run("/$export?_type="+tp, &bulkexport.Query{Level: bulkexport.LevelSystem}, types, nil)
+		run("/$export?_type="+tp, &bulkexport.Query{Level: fhirbulk.LevelSystem}, types, nil)
 	}
-	if tp, types, err := typeParam(bulkexport.LevelGroup); err != nil {
+	if tp, types, err := typeParam(fhirbulk.LevelGroup); err != nil {
 		errs = append(errs, err)
 	} else {
-		run("/Group/grp-odd/$export?_type="+tp, &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "grp-odd"}, types, nil)
+		run("/Group/grp-odd/$export?_type="+tp, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "grp-odd"}, types, nil)
 	}
-	if tp, types, err := typeParam(bulkexport.LevelPatient); err != nil {
+	if tp, types, err := typeParam(fhirbulk.LevelPatient); err != nil {
 		errs = append(errs, err)
 	} else {
-		run("/Patient/$export?_type="+tp+"&_since="+url.QueryEscape(bulkexport.FormatInstant(sinceTime)),
-			&bulkexport.Query{Level: bulkexport.LevelPatient, Since: sinceTime}, types, nil)
-		run("/Patient/$export", &bulkexport.Query{Level: bulkexport.LevelPatient, Patients: []string{"pt-2", "pt-5"}}, types,
+		run("/Patient/$export?_type="+tp+"&_since="+url.QueryEscape(fhirbulk.FormatInstant(sinceTime)),
+			&bulkexport.Query{Level: fhirbulk.LevelPatient, Since: sinceTime}, types, nil)
+		run("/Patient/$export", &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: []string{"pt-2", "pt-5"}}, types,
 			map[string]any{"resourceType": "Parameters", "parameter": []any{
 				map[string]any{"name": "_type", "valueString": tp},
 				map[string]any{"name": "patient", "valueReference": map[string]any{"reference": "Patient/pt-2"}},

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // loadFake is the newSource of the in-memory Source: the Group resources
@@ -135,8 +136,8 @@ func TestSourceTestCatchesBrokenSources(t *testing.T) {
 		{
 			name: "ignores Group membership",
 			src: querySource{fake(), func(q *bulkexport.Query) {
-				if q.Level == bulkexport.LevelGroup {
-					q.Level, q.GroupID = bulkexport.LevelPatient, ""
+				if q.Level == fhirbulk.LevelGroup {
+					q.Level, q.GroupID = fhirbulk.LevelPatient, ""
 				}
 			}},
 			wantFailed: []string{"Level/Group", "Patients/GroupMembersOnly", "Time/Since", "Worker/Exports"},
@@ -145,8 +146,8 @@ func TestSourceTestCatchesBrokenSources(t *testing.T) {
 		{
 			name: "leaves the Patient compartment",
 			src: querySource{fake(), func(q *bulkexport.Query) {
-				if q.Level == bulkexport.LevelPatient {
-					q.Level = bulkexport.LevelSystem
+				if q.Level == fhirbulk.LevelPatient {
+					q.Level = fhirbulk.LevelSystem
 				}
 			}},
 			wantFailed: []string{"Level/Patient", "Time/SinceAndUntil", "Time/Until"},

@@ -12,7 +12,8 @@
 //
 // Every failure the server reports is an *Error carrying the HTTP status and
 // the OperationOutcome; Error.Transient says whether trying again later may
-// help. The package uses the standard library and golang.org/x/sync only.
+// help. The package uses the standard library, golang.org/x/sync and the
+// wire types of package fhirbulk only: it does not import the server.
 //
 // Credentials: Options.Token is sent as a bearer token with kick-off, status
 // and cancel requests, and with downloads only when the manifest's
@@ -38,7 +39,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Options configures a Client. The zero value is usable; each field's
@@ -309,7 +310,7 @@ func (c *Client) httpError(r *request, resp *http.Response, body []byte) *Error 
 		e.Err = ErrUnexpectedStatus
 	}
 	e.RetryAfter, _ = parseRetryAfter(resp.Header.Get("Retry-After"), c.opts.Now())
-	var oo bulkexport.OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	if json.Unmarshal(body, &oo) == nil && oo.ResourceType == "OperationOutcome" {
 		e.Outcome = &oo
 	} else {

@@ -20,6 +20,7 @@ import (
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
 	"github.com/bulkfhir/bulkexport/client"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // fastOptions keeps every wait in the millisecond range.
@@ -128,12 +129,12 @@ func TestExportLevels(t *testing.T) {
 	})
 	t.Run("patient", func(t *testing.T) {
 		t.Parallel()
-		_, _, ids := export(t, c, &client.KickoffRequest{Level: bulkexport.LevelPatient, Types: []string{"Patient"}})
+		_, _, ids := export(t, c, &client.KickoffRequest{Level: fhirbulk.LevelPatient, Types: []string{"Patient"}})
 		require.Equal(t, map[string][]string{"Patient": {"p1", "p2", "p3", "p4", "p5", "p6"}}, ids)
 	})
 	t.Run("group", func(t *testing.T) {
 		t.Parallel()
-		_, _, ids := export(t, c, &client.KickoffRequest{Level: bulkexport.LevelGroup, GroupID: "even"})
+		_, _, ids := export(t, c, &client.KickoffRequest{Level: fhirbulk.LevelGroup, GroupID: "even"})
 		require.Equal(t, []string{"p2", "p4", "p6"}, ids["Patient"])
 		require.Equal(t, []string{"o2-1", "o4-1", "o6-1"}, ids["Observation"])
 		require.NotContains(t, ids, "Practitioner")
@@ -141,7 +142,7 @@ func TestExportLevels(t *testing.T) {
 	t.Run("group POST with patient", func(t *testing.T) {
 		t.Parallel()
 		st, _, ids := export(t, c, &client.KickoffRequest{
-			Level: bulkexport.LevelGroup, GroupID: "odd",
+			Level: fhirbulk.LevelGroup, GroupID: "odd",
 			Patients: []string{"p3", "Patient/p5"},
 			Types:    []string{"Patient,Observation"},
 		})
@@ -208,23 +209,23 @@ func TestKickoffErrors(t *testing.T) {
 	require.Equal(t, http.StatusBadRequest, e.StatusCode)
 	require.Equal(t, "kick-off", e.Op)
 	require.NotNil(t, e.Outcome)
-	require.Equal(t, bulkexport.IssueNotSupported, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueNotSupported, e.Issue().Code)
 	require.Equal(t, []string{"_type"}, e.Issue().Expression)
 	require.False(t, e.Transient())
 	require.Contains(t, err.Error(), "400 Bad Request")
 
-	_, err = c.Kickoff(ctx, &client.KickoffRequest{Level: bulkexport.LevelGroup, GroupID: "missing"})
+	_, err = c.Kickoff(ctx, &client.KickoffRequest{Level: fhirbulk.LevelGroup, GroupID: "missing"})
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusNotFound, e.StatusCode)
-	require.Equal(t, bulkexport.IssueNotFound, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueNotFound, e.Issue().Code)
 
 	// Refused before sending.
 	for _, req := range []*client.KickoffRequest{
-		{Level: bulkexport.LevelGroup},
+		{Level: fhirbulk.LevelGroup},
 		{GroupID: "g"},
 		{Level: "world"},
 		{Patients: []string{"p1"}},
-		{Level: bulkexport.LevelPatient, Method: http.MethodGet, Patients: []string{"p1"}},
+		{Level: fhirbulk.LevelPatient, Method: http.MethodGet, Patients: []string{"p1"}},
 		{Method: "PUT"},
 		{TypeFilters: []string{"Patient"}},
 		{Since: time.Unix(10, 0), Until: time.Unix(5, 0)},
@@ -239,7 +240,7 @@ func TestKickoffErrors(t *testing.T) {
 	_, err = client.New("ftp://x/fhir", nil)
 	require.Error(t, err)
 
-	u, err := c.KickoffURL(&client.KickoffRequest{Level: bulkexport.LevelGroup, GroupID: "a b", Types: []string{"Patient", "Observation"}})
+	u, err := c.KickoffURL(&client.KickoffRequest{Level: fhirbulk.LevelGroup, GroupID: "a b", Types: []string{"Patient", "Observation"}})
 	require.NoError(t, err)
 	require.Equal(t, srv.BaseURL+"/Group/a%20b/$export?_type=Patient%2CObservation", u)
 }
@@ -287,7 +288,7 @@ func TestStatusAndCancel(t *testing.T) {
 	var e *client.Error
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusNotFound, e.StatusCode)
-	require.Equal(t, bulkexport.IssueDeleted, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueDeleted, e.Issue().Code)
 	require.False(t, e.Transient())
 	_, err = c.Wait(ctx, job.StatusURL, nil)
 	require.ErrorAs(t, err, &e)
@@ -303,11 +304,11 @@ func TestStatusAndCancel(t *testing.T) {
 	_, err = c.Status(ctx, srv.BaseURL+"/$export-poll-status?_jobId=0123456789abcdef")
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusNotFound, e.StatusCode)
-	require.Equal(t, bulkexport.IssueNotFound, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueNotFound, e.Issue().Code)
 	_, err = c.Status(ctx, srv.BaseURL+"/$export-poll-status")
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusBadRequest, e.StatusCode)
-	require.Equal(t, bulkexport.IssueRequired, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueRequired, e.Issue().Code)
 }
 
 func TestFailedJob(t *testing.T) {
@@ -443,7 +444,7 @@ func TestResumeAgainstServer(t *testing.T) {
 	}
 
 	m := *st.Manifest
-	m.Output = append([]bulkexport.ManifestFile(nil), m.Output...)
+	m.Output = append([]fhirbulk.ManifestFile(nil), m.Output...)
 	for i := range m.Output {
 		m.Output[i].Count = nil
 	}

@@ -19,7 +19,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // errRemoteShorter: the server's file is shorter than the part already
@@ -37,7 +37,7 @@ var errClosed = errors.New("client: read from a closed file reader")
 // number of non-empty lines against the entry's count, when there is one:
 // a difference is an *Error wrapping ErrCountMismatch instead of io.EOF.
 // Open makes the first request; an answer it cannot use is an *Error.
-func (c *Client) Open(ctx context.Context, f bulkexport.ManifestFile, requiresAccessToken bool) (io.ReadCloser, error) {
+func (c *Client) Open(ctx context.Context, f fhirbulk.ManifestFile, requiresAccessToken bool) (io.ReadCloser, error) {
 	r := c.newFileReader(ctx, f, requiresAccessToken, 0, lineCounter{})
 	if err := r.ensure(); err != nil {
 		r.Close()
@@ -51,7 +51,7 @@ type File struct {
 	// Kind is the manifest list the file is from: "output", "deleted" or
 	// "error".
 	Kind string
-	bulkexport.ManifestFile
+	fhirbulk.ManifestFile
 	// Path is where the file is: in the download directory, named after
 	// the last segment of its URL.
 	Path string
@@ -81,12 +81,12 @@ type Progress struct {
 // made safe, with ".ndjson" added when missing and "-2", "-3"... when two
 // files would share a name. The names depend on m alone, so that a second
 // run finds the files of the first.
-func Files(m *bulkexport.Manifest, dir string) []File {
+func Files(m *fhirbulk.Manifest, dir string) []File {
 	var out []File
 	used := map[string]bool{"manifest.json": true}
 	lists := []struct {
 		kind  string
-		files []bulkexport.ManifestFile
+		files []fhirbulk.ManifestFile
 	}{{"output", m.Output}, {"deleted", m.Deleted}, {"error", m.Error}}
 	for _, l := range lists {
 		for i, mf := range l.files {
@@ -153,7 +153,7 @@ func safeName(s string) string {
 // other downloads (their parts stay for the next run); the files completed
 // so far are returned with the error. progress, if not nil, is called as
 // data arrives; calls are serialised.
-func (c *Client) Download(ctx context.Context, m *bulkexport.Manifest, dir string, progress func(Progress)) ([]File, error) {
+func (c *Client) Download(ctx context.Context, m *fhirbulk.Manifest, dir string, progress func(Progress)) ([]File, error) {
 	if m == nil {
 		return nil, errors.New("client: Download: nil manifest")
 	}
@@ -305,7 +305,7 @@ func (c *Client) verifyComplete(ctx context.Context, f *File, token bool, size i
 type fileReader struct {
 	c     *Client
 	ctx   context.Context
-	mf    bulkexport.ManifestFile
+	mf    fhirbulk.ManifestFile
 	token bool
 	hc    *http.Client
 
@@ -324,7 +324,7 @@ type fileReader struct {
 	progress func(n int64)
 }
 
-func (c *Client) newFileReader(ctx context.Context, mf bulkexport.ManifestFile, token bool, off int64, lines lineCounter) *fileReader {
+func (c *Client) newFileReader(ctx context.Context, mf fhirbulk.ManifestFile, token bool, off int64, lines lineCounter) *fileReader {
 	hc := c.fileHC
 	if token {
 		hc = c.hc

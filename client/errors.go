@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Sentinel errors, wrapped in an *Error (match them with errors.Is).
@@ -41,7 +41,7 @@ type Error struct {
 	// StatusCode is the HTTP status, or 0 when no answer came.
 	StatusCode int
 	// Outcome is the answer's OperationOutcome, when it had one.
-	Outcome *bulkexport.OperationOutcome
+	Outcome *fhirbulk.OperationOutcome
 	// Body is the start of an answer body that is not an OperationOutcome.
 	Body string
 	// RetryAfter is the answer's Retry-After, 0 when there was none.
@@ -127,12 +127,12 @@ func (e *Error) Network() bool { return e.network }
 
 // Issue returns the OperationOutcome's first error or fatal issue (or its
 // first issue), or nil without an OperationOutcome.
-func (e *Error) Issue() *bulkexport.Issue {
+func (e *Error) Issue() *fhirbulk.Issue {
 	if e.Outcome == nil || len(e.Outcome.Issue) == 0 {
 		return nil
 	}
 	for i := range e.Outcome.Issue {
-		if s := e.Outcome.Issue[i].Severity; s == bulkexport.SeverityError || s == bulkexport.SeverityFatal {
+		if s := e.Outcome.Issue[i].Severity; s == fhirbulk.SeverityError || s == fhirbulk.SeverityFatal {
 			return &e.Outcome.Issue[i]
 		}
 	}
@@ -141,10 +141,10 @@ func (e *Error) Issue() *bulkexport.Issue {
 
 // outcomeTransient: the error and fatal issues (all issues when there are
 // none) are all in the transient branch.
-func outcomeTransient(oo *bulkexport.OperationOutcome) bool {
+func outcomeTransient(oo *fhirbulk.OperationOutcome) bool {
 	n, transient := 0, 0
 	for _, is := range oo.Issue {
-		if is.Severity == bulkexport.SeverityError || is.Severity == bulkexport.SeverityFatal {
+		if is.Severity == fhirbulk.SeverityError || is.Severity == fhirbulk.SeverityFatal {
 			n++
 			if is.Code.Transient() {
 				transient++

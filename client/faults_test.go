@@ -22,8 +22,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/client"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // ndjson returns n Patient lines that compress poorly (random ids), so
@@ -39,12 +39,12 @@ func ndjson(seed uint64, n int) []byte {
 
 func count(n int) *int64 { c := int64(n); return &c }
 
-func oo(code bulkexport.IssueType, msg string) []byte {
-	b, _ := json.Marshal(bulkexport.NewOutcome(bulkexport.SeverityError, code, msg))
+func oo(code fhirbulk.IssueType, msg string) []byte {
+	b, _ := json.Marshal(fhirbulk.NewOutcome(fhirbulk.SeverityError, code, msg))
 	return b
 }
 
-func writeOO(w http.ResponseWriter, status int, code bulkexport.IssueType, msg string) {
+func writeOO(w http.ResponseWriter, status int, code fhirbulk.IssueType, msg string) {
 	w.Header().Set("Content-Type", "application/fhir+json")
 	w.WriteHeader(status)
 	_, _ = w.Write(oo(code, msg))
@@ -85,13 +85,13 @@ func TestWait429Flood(t *testing.T) {
 		switch {
 		case n <= 20:
 			w.Header().Set("Retry-After", "120")
-			writeOO(w, http.StatusTooManyRequests, bulkexport.IssueThrottled, "slow down")
+			writeOO(w, http.StatusTooManyRequests, fhirbulk.IssueThrottled, "slow down")
 		case n <= 22:
 			w.Header().Set("Retry-After", "2")
 			w.Header().Set("X-Progress", "50% complete")
 			w.WriteHeader(http.StatusAccepted)
 		default:
-			writeManifest(w, bulkexport.Manifest{TransactionTime: "2026-01-01T00:00:00Z", Output: []bulkexport.ManifestFile{}, Error: []bulkexport.ManifestFile{}})
+			writeManifest(w, fhirbulk.Manifest{TransactionTime: "2026-01-01T00:00:00Z", Output: []fhirbulk.ManifestFile{}, Error: []fhirbulk.ManifestFile{}})
 		}
 	}))
 	defer srv.Close()
@@ -116,7 +116,7 @@ func TestWait429Flood(t *testing.T) {
 	require.Equal(t, http.StatusTooManyRequests, e.StatusCode)
 	require.Equal(t, 120*time.Second, e.RetryAfter)
 	require.True(t, e.Transient())
-	require.Equal(t, bulkexport.IssueThrottled, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueThrottled, e.Issue().Code)
 }
 
 func TestWaitTransient(t *testing.T) {
@@ -125,10 +125,10 @@ func TestWaitTransient(t *testing.T) {
 	failFor := int32(3)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if n := polls.Add(1); n <= failFor {
-			writeOO(w, http.StatusServiceUnavailable, bulkexport.IssueTransient, "the job store is unavailable; retry later")
+			writeOO(w, http.StatusServiceUnavailable, fhirbulk.IssueTransient, "the job store is unavailable; retry later")
 			return
 		}
-		writeManifest(w, bulkexport.Manifest{Output: []bulkexport.ManifestFile{}, Error: []bulkexport.ManifestFile{}})
+		writeManifest(w, fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{}, Error: []fhirbulk.ManifestFile{}})
 	}))
 	defer srv.Close()
 
@@ -146,7 +146,7 @@ func TestWaitTransient(t *testing.T) {
 	require.ErrorAs(t, err, &e)
 	require.True(t, e.Transient())
 	require.Equal(t, http.StatusServiceUnavailable, e.StatusCode)
-	require.Equal(t, bulkexport.IssueTransient, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueTransient, e.Issue().Code)
 	require.EqualValues(t, 3, polls.Load())
 	require.Contains(t, err.Error(), "503 Service Unavailable: error transient: the job store is unavailable")
 
@@ -166,10 +166,10 @@ func TestWaitFinalErrors(t *testing.T) {
 		body      []byte
 		transient bool
 	}{
-		{"failed job", 500, oo(bulkexport.IssueProcessing, "the export failed"), false},
-		{"503 with a non-transient outcome", 503, oo(bulkexport.IssueProcessing, "dead"), false},
+		{"failed job", 500, oo(fhirbulk.IssueProcessing, "the export failed"), false},
+		{"503 with a non-transient outcome", 503, oo(fhirbulk.IssueProcessing, "dead"), false},
 		{"500 without outcome", 500, []byte("boom"), false},
-		{"cancelled", 404, oo(bulkexport.IssueDeleted, "cancelled"), false},
+		{"cancelled", 404, oo(fhirbulk.IssueDeleted, "cancelled"), false},
 		{"gateway", 502, []byte("<html>bad gateway</html>"), true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -208,9 +208,9 @@ func TestRetryAfterHTTPDate(t *testing.T) {
 			w.WriteHeader(http.StatusAccepted)
 		case 2:
 			w.Header().Set("Retry-After", now.Add(time.Hour).Format(http.TimeFormat))
-			writeOO(w, http.StatusTooManyRequests, bulkexport.IssueThrottled, "later")
+			writeOO(w, http.StatusTooManyRequests, fhirbulk.IssueThrottled, "later")
 		default:
-			writeManifest(w, bulkexport.Manifest{})
+			writeManifest(w, fhirbulk.Manifest{})
 		}
 	}))
 	defer srv.Close()
@@ -237,11 +237,11 @@ func TestRetryAfterHTTPDate(t *testing.T) {
 func TestManifestPaging(t *testing.T) {
 	t.Parallel()
 	var srvURL string
-	file := func(typ string, n int) bulkexport.ManifestFile {
-		return bulkexport.ManifestFile{Type: typ, URL: fmt.Sprintf("%s/files/%s.%d.ndjson", srvURL, typ, n), Count: count(n)}
+	file := func(typ string, n int) fhirbulk.ManifestFile {
+		return fhirbulk.ManifestFile{Type: typ, URL: fmt.Sprintf("%s/files/%s.%d.ndjson", srvURL, typ, n), Count: count(n)}
 	}
-	errFile := func() bulkexport.ManifestFile {
-		return bulkexport.ManifestFile{Type: "OperationOutcome", URL: srvURL + "/files/errors.ndjson"}
+	errFile := func() fhirbulk.ManifestFile {
+		return fhirbulk.ManifestFile{Type: "OperationOutcome", URL: srvURL + "/files/errors.ndjson"}
 	}
 	var pageHits atomic.Int32
 	mux := http.NewServeMux()
@@ -249,28 +249,28 @@ func TestManifestPaging(t *testing.T) {
 		assert.Equal(t, "Bearer tok", r.Header.Get("Authorization"))
 		writeManifest(w, map[string]any{
 			"transactionTime": "2026-01-01T00:00:00Z", "request": srvURL + "/$export", "requiresAccessToken": true,
-			"output": []bulkexport.ManifestFile{file("Patient", 1)}, "error": []bulkexport.ManifestFile{errFile()},
+			"output": []fhirbulk.ManifestFile{file("Patient", 1)}, "error": []fhirbulk.ManifestFile{errFile()},
 			"link": []client.ManifestLink{{Relation: "next", URL: srvURL + "/pages/2"}},
 		})
 	})
 	mux.HandleFunc("/pages/2", func(w http.ResponseWriter, r *http.Request) {
 		assert.Equal(t, "Bearer tok", r.Header.Get("Authorization"))
 		if pageHits.Add(1) == 1 { // one transient failure on the way
-			writeOO(w, http.StatusServiceUnavailable, bulkexport.IssueTransient, "busy")
+			writeOO(w, http.StatusServiceUnavailable, fhirbulk.IssueTransient, "busy")
 			return
 		}
 		writeManifest(w, map[string]any{
 			"transactionTime": "2026-01-01T00:00:00Z", "request": srvURL + "/$export", "requiresAccessToken": true,
-			"output":  []bulkexport.ManifestFile{file("Patient", 2), file("Observation", 1)},
-			"deleted": []bulkexport.ManifestFile{file("Bundle", 1)},
-			"error":   []bulkexport.ManifestFile{errFile()},                                                         // STU3 repeats it
+			"output":  []fhirbulk.ManifestFile{file("Patient", 2), file("Observation", 1)},
+			"deleted": []fhirbulk.ManifestFile{file("Bundle", 1)},
+			"error":   []fhirbulk.ManifestFile{errFile()},                                                           // STU3 repeats it
 			"link":    []client.ManifestLink{{Relation: "previous", URL: "/nowhere"}, {Relation: "next", URL: "3"}}, // relative
 		})
 	})
 	mux.HandleFunc("/pages/3", func(w http.ResponseWriter, r *http.Request) {
 		writeManifest(w, map[string]any{
 			"transactionTime": "2026-01-01T00:00:00Z", "requiresAccessToken": true,
-			"output": []bulkexport.ManifestFile{file("Observation", 2)}, "error": []bulkexport.ManifestFile{},
+			"output": []fhirbulk.ManifestFile{file("Observation", 2)}, "error": []fhirbulk.ManifestFile{},
 		})
 	})
 	mux.HandleFunc("/loop", func(w http.ResponseWriter, r *http.Request) {
@@ -333,7 +333,7 @@ func (fs *fileServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	body, ok := fs.files[r.URL.Path]
 	if !ok {
-		writeOO(w, http.StatusNotFound, bulkexport.IssueNotFound, "no such file")
+		writeOO(w, http.StatusNotFound, fhirbulk.IssueNotFound, "no such file")
 		return
 	}
 	w.Header().Set("Content-Type", "application/fhir+ndjson")
@@ -351,8 +351,8 @@ func (fs *fileServer) headers() []http.Header {
 	return append([]http.Header(nil), fs.requests...)
 }
 
-func manifestOf(base string, requiresToken bool, files map[string][]byte, counts map[string]*int64) *bulkexport.Manifest {
-	m := &bulkexport.Manifest{RequiresAccessToken: requiresToken, Output: []bulkexport.ManifestFile{}, Error: []bulkexport.ManifestFile{}}
+func manifestOf(base string, requiresToken bool, files map[string][]byte, counts map[string]*int64) *fhirbulk.Manifest {
+	m := &fhirbulk.Manifest{RequiresAccessToken: requiresToken, Output: []fhirbulk.ManifestFile{}, Error: []fhirbulk.ManifestFile{}}
 	var names []string
 	for p := range files {
 		names = append(names, p)
@@ -370,7 +370,7 @@ func manifestOf(base string, requiresToken bool, files map[string][]byte, counts
 		if !ok {
 			c = count(bytes.Count(files[p], []byte("\n")))
 		}
-		m.Output = append(m.Output, bulkexport.ManifestFile{Type: "Patient", URL: base + p, Count: c})
+		m.Output = append(m.Output, fhirbulk.ManifestFile{Type: "Patient", URL: base + p, Count: c})
 	}
 	return m
 }
@@ -453,7 +453,7 @@ func TestDownloadRangeIgnored(t *testing.T) {
 	srv := httptest.NewServer(fs)
 	defer srv.Close()
 	c := newClient(t, "", nil)
-	rc, err := c.Open(context.Background(), bulkexport.ManifestFile{Type: "Patient", URL: srv.URL + "/Patient.ndjson", Count: count(500)}, false)
+	rc, err := c.Open(context.Background(), fhirbulk.ManifestFile{Type: "Patient", URL: srv.URL + "/Patient.ndjson", Count: count(500)}, false)
 	require.NoError(t, err)
 	got, err := io.ReadAll(rc)
 	require.NoError(t, err)
@@ -470,7 +470,7 @@ func TestDownloadRetries(t *testing.T) {
 			switch n % 2 {
 			case 0:
 				w.Header().Set("Retry-After", "1")
-				writeOO(w, http.StatusTooManyRequests, bulkexport.IssueThrottled, "later")
+				writeOO(w, http.StatusTooManyRequests, fhirbulk.IssueThrottled, "later")
 			default:
 				w.WriteHeader(http.StatusBadGateway)
 			}
@@ -498,12 +498,12 @@ func TestDownloadRetries(t *testing.T) {
 	srv2 := httptest.NewServer(fs2)
 	defer srv2.Close()
 	c = newClient(t, "", func(o *client.Options) { o.MaxRetries = 2 })
-	_, err = c.Open(context.Background(), bulkexport.ManifestFile{URL: srv2.URL + "/missing"}, false)
+	_, err = c.Open(context.Background(), fhirbulk.ManifestFile{URL: srv2.URL + "/missing"}, false)
 	var e *client.Error
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusNotFound, e.StatusCode)
 	require.Len(t, fs2.headers(), 1)
-	_, err = c.Open(context.Background(), bulkexport.ManifestFile{URL: srv2.URL + "/down"}, false)
+	_, err = c.Open(context.Background(), fhirbulk.ManifestFile{URL: srv2.URL + "/down"}, false)
 	require.ErrorAs(t, err, &e)
 	require.Equal(t, http.StatusInternalServerError, e.StatusCode)
 	require.Len(t, fs2.headers(), 4)
@@ -561,7 +561,7 @@ func TestDownloadGzip(t *testing.T) {
 	}}
 	srv2 := httptest.NewServer(bad)
 	defer srv2.Close()
-	rc, err := c.Open(context.Background(), bulkexport.ManifestFile{URL: srv2.URL + "/f"}, false)
+	rc, err := c.Open(context.Background(), fhirbulk.ManifestFile{URL: srv2.URL + "/f"}, false)
 	require.NoError(t, err)
 	_, err = io.ReadAll(rc)
 	require.ErrorIs(t, err, gzip.ErrChecksum)
@@ -587,7 +587,7 @@ func TestDownloadTokenAndRedirects(t *testing.T) {
 
 	c := newClient(t, "", func(o *client.Options) { o.Token = "secret" })
 	for _, requires := range []bool{true, false} {
-		m := &bulkexport.Manifest{RequiresAccessToken: requires, Output: []bulkexport.ManifestFile{
+		m := &fhirbulk.Manifest{RequiresAccessToken: requires, Output: []fhirbulk.ManifestFile{
 			{Type: "Patient", URL: fhirSrv.URL + "/local/Patient.ndjson", Count: count(3)},
 			{Type: "Patient", URL: fhirSrv.URL + "/redirect/Patient.ndjson", Count: count(3)},
 		}}
@@ -617,7 +617,7 @@ func TestDownloadTokenAndRedirects(t *testing.T) {
 			return http.DefaultTransport.RoundTrip(r)
 		})}
 	})
-	_, err := c.Download(context.Background(), &bulkexport.Manifest{Output: []bulkexport.ManifestFile{{Type: "Patient", URL: fhirSrv.URL + "/local/Patient.ndjson"}}}, t.TempDir(), nil)
+	_, err := c.Download(context.Background(), &fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{{Type: "Patient", URL: fhirSrv.URL + "/local/Patient.ndjson"}}}, t.TempDir(), nil)
 	require.NoError(t, err)
 	require.EqualValues(t, 1, used.Load())
 }
@@ -731,9 +731,9 @@ func TestKickoffWire(t *testing.T) {
 		switch n.Add(1) {
 		case 1:
 			w.Header().Set("Retry-After", "1")
-			writeOO(w, http.StatusTooManyRequests, bulkexport.IssueThrottled, "one export at a time")
+			writeOO(w, http.StatusTooManyRequests, fhirbulk.IssueThrottled, "one export at a time")
 		case 2:
-			writeOO(w, http.StatusServiceUnavailable, bulkexport.IssueTransient, "busy")
+			writeOO(w, http.StatusServiceUnavailable, fhirbulk.IssueTransient, "busy")
 		default:
 			w.Header().Set("Content-Location", "/fhir/status/42") // relative: resolved
 			w.WriteHeader(http.StatusAccepted)
@@ -743,7 +743,7 @@ func TestKickoffWire(t *testing.T) {
 	c := newClient(t, srv.URL+"/fhir/", func(o *client.Options) { o.Token = "t0k" })
 	since := time.Date(2026, 1, 2, 3, 4, 5, 6000000, time.FixedZone("", 3600))
 	job, err := c.Kickoff(context.Background(), &client.KickoffRequest{
-		Level: bulkexport.LevelPatient, Method: "post", Since: since, Until: since.Add(time.Hour),
+		Level: fhirbulk.LevelPatient, Method: "post", Since: since, Until: since.Add(time.Hour),
 		OutputFormat: "ndjson", Types: []string{"Patient, Observation"}, Elements: []string{"Patient.id"},
 		IncludeAssociatedData: []string{"LatestProvenanceResources"}, TypeFilters: []string{"Observation?code=1,2"},
 		OrganizeOutputBy: "Patient", AllowPartialManifests: true, Patients: []string{"1", "Patient/2"}, Lenient: true,
@@ -777,7 +777,7 @@ func TestKickoffWire(t *testing.T) {
 	// GET: the same parameters in the query string.
 	n.Store(2)
 	job, err = c.Kickoff(context.Background(), &client.KickoffRequest{
-		Level: bulkexport.LevelGroup, GroupID: "g1", Since: since,
+		Level: fhirbulk.LevelGroup, GroupID: "g1", Since: since,
 		Types: []string{"Patient", "Observation"}, TypeFilters: []string{"Observation?code=1,2", "Patient?gender=male"},
 		AllowPartialManifests: true,
 	})
@@ -823,7 +823,7 @@ func TestNetworkErrors(t *testing.T) {
 	require.Equal(t, "status", e.Op)
 	err = c.Cancel(ctx, url+"/status")
 	require.True(t, client.IsTransient(err))
-	_, err = c.Open(ctx, bulkexport.ManifestFile{URL: url + "/f"}, false)
+	_, err = c.Open(ctx, fhirbulk.ManifestFile{URL: url + "/f"}, false)
 	require.True(t, client.IsTransient(err))
 
 	cctx, cancel := context.WithCancel(ctx)
@@ -840,13 +840,13 @@ func TestCancelRetries(t *testing.T) {
 		assert.Equal(t, http.MethodDelete, r.Method)
 		switch n.Add(1) {
 		case 1:
-			writeOO(w, http.StatusServiceUnavailable, bulkexport.IssueLockError, "locked")
+			writeOO(w, http.StatusServiceUnavailable, fhirbulk.IssueLockError, "locked")
 		case 2:
 			// The cancel went through, but the answer is lost.
 			conn, _, _ := w.(http.Hijacker).Hijack()
 			conn.Close()
 		default:
-			writeOO(w, http.StatusNotFound, bulkexport.IssueDeleted, "the export job was already cancelled")
+			writeOO(w, http.StatusNotFound, fhirbulk.IssueDeleted, "the export job was already cancelled")
 		}
 	}))
 	defer srv.Close()

@@ -10,7 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func TestParseRetryAfter(t *testing.T) {
@@ -112,8 +112,8 @@ func TestContentRange(t *testing.T) {
 
 func TestFiles(t *testing.T) {
 	t.Parallel()
-	m := &bulkexport.Manifest{
-		Output: []bulkexport.ManifestFile{
+	m := &fhirbulk.Manifest{
+		Output: []fhirbulk.ManifestFile{
 			{Type: "Patient", URL: "https://x/files/Patient.000001.ndjson"},
 			{Type: "Patient", URL: "https://y/other/Patient.000001.ndjson?sig=1"},
 			{Type: "Observation", URL: "https://s3/bucket/abc%20def"},
@@ -121,8 +121,8 @@ func TestFiles(t *testing.T) {
 			{Type: "Binary", URL: "https://x/manifest.json"},
 			{Type: "Patient", URL: "https://x/..%2F..%2Fetc%2Fpasswd"},
 		},
-		Deleted: []bulkexport.ManifestFile{{Type: "Bundle", URL: "https://x/files/patient.000001.ndjson"}},
-		Error:   []bulkexport.ManifestFile{{Type: "OperationOutcome", URL: "https://x/files/OperationOutcome.000001.ndjson"}},
+		Deleted: []fhirbulk.ManifestFile{{Type: "Bundle", URL: "https://x/files/patient.000001.ndjson"}},
+		Error:   []fhirbulk.ManifestFile{{Type: "OperationOutcome", URL: "https://x/files/OperationOutcome.000001.ndjson"}},
 	}
 	var names, kinds []string
 	for _, f := range Files(m, "/out") {
@@ -182,24 +182,24 @@ func TestRedirectsStripAuthorization(t *testing.T) {
 func TestErrorText(t *testing.T) {
 	t.Parallel()
 	e := &Error{Op: "status", URL: "http://x/s", StatusCode: 404,
-		Outcome: bulkexport.NewOutcome(bulkexport.SeverityError, bulkexport.IssueDeleted, "the export job was cancelled")}
+		Outcome: fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueDeleted, "the export job was cancelled")}
 	require.Equal(t, "status http://x/s: 404 Not Found: error deleted: the export job was cancelled", e.Error())
-	require.Equal(t, bulkexport.IssueDeleted, e.Issue().Code)
+	require.Equal(t, fhirbulk.IssueDeleted, e.Issue().Code)
 	e = &Error{Op: "download", URL: "http://x/f", StatusCode: 502, Body: "bad gateway"}
 	require.Equal(t, "download http://x/f: 502 Bad Gateway: bad gateway", e.Error())
 	require.Nil(t, e.Issue())
 	require.True(t, e.Transient())
 
-	multi := &bulkexport.OperationOutcome{ResourceType: "OperationOutcome", Issue: []bulkexport.Issue{
-		{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueInvalid},
-		{Severity: bulkexport.SeverityError, Code: bulkexport.IssueTimeout},
+	multi := &fhirbulk.OperationOutcome{ResourceType: "OperationOutcome", Issue: []fhirbulk.Issue{
+		{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueInvalid},
+		{Severity: fhirbulk.SeverityError, Code: fhirbulk.IssueTimeout},
 	}}
 	e = &Error{StatusCode: 500, Outcome: multi}
 	require.True(t, e.Transient(), "only the error issues decide")
-	require.Equal(t, bulkexport.IssueTimeout, e.Issue().Code)
-	multi.Issue = append(multi.Issue, bulkexport.Issue{Severity: bulkexport.SeverityFatal, Code: bulkexport.IssueProcessing})
+	require.Equal(t, fhirbulk.IssueTimeout, e.Issue().Code)
+	multi.Issue = append(multi.Issue, fhirbulk.Issue{Severity: fhirbulk.SeverityFatal, Code: fhirbulk.IssueProcessing})
 	require.False(t, e.Transient())
-	e = &Error{StatusCode: 503, Outcome: &bulkexport.OperationOutcome{Issue: []bulkexport.Issue{{Severity: bulkexport.SeverityInformation, Code: bulkexport.IssueThrottled}}}}
+	e = &Error{StatusCode: 503, Outcome: &fhirbulk.OperationOutcome{Issue: []fhirbulk.Issue{{Severity: fhirbulk.SeverityInformation, Code: fhirbulk.IssueThrottled}}}}
 	require.True(t, e.Transient())
 	require.False(t, (&Error{StatusCode: 400, Outcome: e.Outcome}).Transient())
 	require.True(t, (&Error{StatusCode: 429}).Transient())

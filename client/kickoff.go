@@ -9,14 +9,14 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // KickoffRequest describes an export. The zero value asks for a system-level
 // export of everything, by GET.
 type KickoffRequest struct {
 	// Level is system (default), patient or group.
-	Level bulkexport.Level
+	Level fhirbulk.Level
 	// GroupID is the Group's id; required at group level.
 	GroupID string
 	// Method is "GET" or "POST" (a FHIR Parameters body). Default: POST
@@ -66,7 +66,7 @@ type Job struct {
 	// Outcome is the OperationOutcome of the 202 answer, if it had one.
 	// Under lenient handling it may list the parameters the server
 	// ignored.
-	Outcome *bulkexport.OperationOutcome
+	Outcome *fhirbulk.OperationOutcome
 }
 
 // KickoffURL returns the kick-off URL the request is sent to: with the
@@ -116,7 +116,7 @@ func (c *Client) Kickoff(ctx context.Context, req *KickoffRequest) (*Job, error)
 		return nil, &Error{Op: r.op, Method: method, URL: u, StatusCode: resp.StatusCode, Err: fmt.Errorf("bad Content-Location %q: %w", loc, err)}
 	}
 	job := &Job{StatusURL: status}
-	var oo bulkexport.OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	if json.Unmarshal(respBody, &oo) == nil && oo.ResourceType == "OperationOutcome" {
 		job.Outcome = &oo
 	}
@@ -136,7 +136,7 @@ func (c *Client) prepareKickoff(req *KickoffRequest) (u, method string, body []b
 	}
 	u = c.base
 	switch req.Level {
-	case "", bulkexport.LevelSystem:
+	case "", fhirbulk.LevelSystem:
 		if req.GroupID != "" {
 			return "", "", nil, invalid("a Group id needs the group level")
 		}
@@ -144,12 +144,12 @@ func (c *Client) prepareKickoff(req *KickoffRequest) (u, method string, body []b
 			return "", "", nil, invalid("the patient parameter is not allowed at system level")
 		}
 		u += "/$export"
-	case bulkexport.LevelPatient:
+	case fhirbulk.LevelPatient:
 		if req.GroupID != "" {
 			return "", "", nil, invalid("a Group id needs the group level")
 		}
 		u += "/Patient/$export"
-	case bulkexport.LevelGroup:
+	case fhirbulk.LevelGroup:
 		if req.GroupID == "" {
 			return "", "", nil, invalid("the group level needs a Group id")
 		}

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Status is the answer to one poll of a status URL.
@@ -27,18 +27,18 @@ type Status struct {
 	// Manifest is the complete export's manifest, with every page reached
 	// through link "next" merged into one (Output, Deleted and Error
 	// appended, duplicates by URL dropped).
-	Manifest *bulkexport.Manifest
+	Manifest *fhirbulk.Manifest
 	// Expires is the Expires header of a complete export: when the files
 	// stop being available. Zero when absent.
 	Expires time.Time
 }
 
 // ManifestLink is one entry of a manifest's link[] (STU3 paging).
-type ManifestLink = bulkexport.ManifestLink
+type ManifestLink = fhirbulk.ManifestLink
 
 // manifestPage is a manifest page as served.
 type manifestPage struct {
-	bulkexport.Manifest
+	fhirbulk.Manifest
 }
 
 func (p *manifestPage) next() string {
@@ -101,7 +101,7 @@ func (c *Client) Status(ctx context.Context, statusURL string) (*Status, error) 
 }
 
 // readManifest decodes the first page and follows link "next".
-func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*bulkexport.Manifest, error) {
+func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*fhirbulk.Manifest, error) {
 	var page manifestPage
 	if err := json.Unmarshal(body, &page); err != nil {
 		return nil, &Error{Op: r.op, Method: r.method, URL: r.url, StatusCode: http.StatusOK, Err: fmt.Errorf("the manifest is not valid JSON: %w", err)}
@@ -110,7 +110,7 @@ func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*bu
 	m := page.Manifest
 	m.Link = nil
 	seenFiles := map[string]bool{}
-	for _, list := range [][]bulkexport.ManifestFile{m.Output, m.Deleted, m.Error} {
+	for _, list := range [][]fhirbulk.ManifestFile{m.Output, m.Deleted, m.Error} {
 		for _, f := range list {
 			seenFiles[f.URL] = true
 		}
@@ -149,15 +149,15 @@ func (c *Client) readManifest(ctx context.Context, r *request, body []byte) (*bu
 		cur = next
 	}
 	if m.Output == nil {
-		m.Output = []bulkexport.ManifestFile{}
+		m.Output = []fhirbulk.ManifestFile{}
 	}
 	if m.Error == nil {
-		m.Error = []bulkexport.ManifestFile{}
+		m.Error = []fhirbulk.ManifestFile{}
 	}
 	return &m, nil
 }
 
-func appendNew(dst, src []bulkexport.ManifestFile, seen map[string]bool) []bulkexport.ManifestFile {
+func appendNew(dst, src []fhirbulk.ManifestFile, seen map[string]bool) []fhirbulk.ManifestFile {
 	for _, f := range src {
 		if !seen[f.URL] {
 			seen[f.URL] = true
@@ -232,7 +232,7 @@ func (c *Client) Cancel(ctx context.Context, statusURL string) error {
 	_, _, err := c.exchange(ctx, r, func(s int) bool { return s >= 200 && s < 300 }, retryNetwork)
 	var e *Error
 	if lost && errors.As(err, &e) && e.StatusCode == http.StatusNotFound {
-		if is := e.Issue(); is != nil && is.Code == bulkexport.IssueDeleted {
+		if is := e.Issue(); is != nil && is.Code == fhirbulk.IssueDeleted {
 			return nil
 		}
 	}

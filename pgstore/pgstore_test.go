@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/storetest"
 )
 
@@ -127,7 +128,7 @@ func testJob(id, owner string, created time.Time) *bulkexport.Job {
 	return &bulkexport.Job{
 		ID:    id,
 		Owner: owner,
-		Level: bulkexport.LevelSystem,
+		Level: fhirbulk.LevelSystem,
 		Request: bulkexport.Request{
 			URL:          "https://fhir.example.org/$export?_type=Patient,Observation",
 			Method:       "GET",

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 const benchJobs = 10000
@@ -35,7 +36,7 @@ func benchJob(id string, created time.Time) *bulkexport.Job {
 	return &bulkexport.Job{
 		ID:    id,
 		Owner: "client-" + id[len(id)-1:],
-		Level: bulkexport.LevelSystem,
+		Level: fhirbulk.LevelSystem,
 		Request: bulkexport.Request{
 			URL:          "https://fhir.example.org/$export?_type=Patient,Observation,Condition,Encounter",
 			Method:       "GET",

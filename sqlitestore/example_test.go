@@ -13,6 +13,7 @@ import (
 	_ "modernc.org/sqlite" // the driver is the host's choice
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/sqlitestore"
 )
 
@@ -49,7 +50,7 @@ func ExampleNew() {
 	job := &bulkexport.Job{
 		ID:        "job-1",
 		Owner:     "client-1",
-		Level:     bulkexport.LevelSystem,
+		Level:     fhirbulk.LevelSystem,
 		State:     bulkexport.StateQueued,
 		CreatedAt: now,
 		UpdatedAt: now,

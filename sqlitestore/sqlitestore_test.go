@@ -21,6 +21,7 @@ import (
 	_ "modernc.org/sqlite"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/storetest"
 )
 
@@ -311,7 +312,7 @@ func TestReopen(t *testing.T) {
 	s, err := New(db, nil)
 	require.NoError(t, err)
 	require.NoError(t, s.Migrate(ctx))
-	job := &bulkexport.Job{ID: "job-keep", Owner: "alice", Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
+	job := &bulkexport.Job{ID: "job-keep", Owner: "alice", Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: 12.5, Message: "Patient"}, CreatedAt: base, UpdatedAt: base}
 	require.NoError(t, s.Create(ctx, job, bulkexport.CreateParams{}))
 	claimed, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "worker-1", Now: base, Lease: time.Hour})

@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Run runs the conformance suite against the stores that newStore makes.
@@ -118,7 +119,7 @@ func newJob(id, owner string, created time.Time) *job {
 	return &job{
 		ID:    id,
 		Owner: owner,
-		Level: bulkexport.LevelSystem,
+		Level: fhirbulk.LevelSystem,
 		Request: bulkexport.Request{
 			URL:          "https://fhir.example.org/$export",
 			Method:       "GET",
@@ -136,7 +137,7 @@ func fullJob(id string, base time.Time) *job {
 	return &job{
 		ID:      id,
 		Owner:   "client-1",
-		Level:   bulkexport.LevelGroup,
+		Level:   fhirbulk.LevelGroup,
 		GroupID: "group-7",
 		Request: bulkexport.Request{
 			URL:                   "https://fhir.example.org/Group/group-7/$export?_type=Patient,Observation",
@@ -153,10 +154,10 @@ func fullJob(id string, base time.Time) *job {
 			Patients:              []string{"p-1", "p-2"},
 			Lenient:               true,
 			SeparateExportStatus:  true,
-			Ignored: []bulkexport.Issue{{
-				Severity:    bulkexport.SeverityWarning,
-				Code:        bulkexport.IssueNotSupported,
-				Details:     &bulkexport.CodeableConcept{Text: "ignored parameter"},
+			Ignored: []fhirbulk.Issue{{
+				Severity:    fhirbulk.SeverityWarning,
+				Code:        fhirbulk.IssueNotSupported,
+				Details:     &fhirbulk.CodeableConcept{Text: "ignored parameter"},
 				Diagnostics: "_foo is not supported",
 				Expression:  []string{"_foo"},
 			}},
@@ -173,13 +174,13 @@ func fullJob(id string, base time.Time) *job {
 		Extension: json.RawMessage(`{"https://example.org/fhir/ext": {"n": 1, "s": "x", "list": [1, 2.5, "three"]}, "flag": true}`),
 		Failure: &bulkexport.Failure{
 			Status: 503,
-			Outcome: &bulkexport.OperationOutcome{
+			Outcome: &fhirbulk.OperationOutcome{
 				ResourceType: "OperationOutcome",
 				ID:           "oo-1",
-				Issue: []bulkexport.Issue{{
-					Severity:    bulkexport.SeverityFatal,
-					Code:        bulkexport.IssueException,
-					Details:     &bulkexport.CodeableConcept{Text: "source went away"},
+				Issue: []fhirbulk.Issue{{
+					Severity:    fhirbulk.SeverityFatal,
+					Code:        fhirbulk.IssueException,
+					Details:     &fhirbulk.CodeableConcept{Text: "source went away"},
 					Diagnostics: "connection reset",
 					Expression:  []string{"Observation", "Patient"},
 				}},
@@ -250,7 +251,7 @@ func scribbleStrings(s []string) {
 	}
 }
 
-func scribbleIssues(is []bulkexport.Issue) {
+func scribbleIssues(is []fhirbulk.Issue) {
 	for i := range is {
 		is[i].Diagnostics += "-mutated"
 		scribbleStrings(is[i].Expression)
@@ -468,7 +469,7 @@ func createIn(t *testing.T, ctx context.Context, s bulkexport.JobStore, j *job, 
 		cur := mustGet(t, ctx, s, j.ID)
 		cur.State = st
 		if st == failed && cur.Failure == nil {
-			cur.Failure = &bulkexport.Failure{Status: 500, Outcome: bulkexport.NewOutcome(bulkexport.SeverityFatal, bulkexport.IssueException, "storetest failure")}
+			cur.Failure = &bulkexport.Failure{Status: 500, Outcome: fhirbulk.NewOutcome(fhirbulk.SeverityFatal, fhirbulk.IssueException, "storetest failure")}
 		}
 		mustUpdate(t, ctx, s, cur)
 	}
@@ -588,14 +589,14 @@ func createCases() []testCase {
 				j.Request.Types = []string{str}
 				j.Request.TypeFilters = []bulkexport.TypeFilter{{Type: "Patient", Query: str}}
 				j.Request.Patients = []string{str}
-				j.Request.Ignored = []bulkexport.Issue{{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotSupported, Diagnostics: str}}
+				j.Request.Ignored = []fhirbulk.Issue{{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueNotSupported, Diagnostics: str}}
 				j.Progress.Message = str
 				mustCreate(t, ctx, s, j)
 				want := newJob(j.ID, "alice", base)
 				want.Request.Types = []string{str}
 				want.Request.TypeFilters = []bulkexport.TypeFilter{{Type: "Patient", Query: str}}
 				want.Request.Patients = []string{str}
-				want.Request.Ignored = []bulkexport.Issue{{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotSupported, Diagnostics: str}}
+				want.Request.Ignored = []fhirbulk.Issue{{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueNotSupported, Diagnostics: str}}
 				want.Progress.Message = str
 				want.Version = 1
 				assertJob(t, fmt.Sprintf("job with string %q", str), want, mustGet(t, ctx, s, j.ID))

@@ -371,11 +371,12 @@ import (
 	"net/http"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 type source struct{}
 
-func (source) ResourceTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (source) ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 
@@ -412,12 +413,13 @@ import (
 	_ "modernc.org/sqlite"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/sqlitestore"
 )
 
 type source struct{}
 
-func (source) ResourceTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (source) ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	return []string{"Patient"}, nil
 }
 

@@ -22,8 +22,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/client"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // Exit codes.
@@ -317,21 +317,21 @@ func cmdExport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	} else {
 		switch *level {
 		case "":
-			req.Level = bulkexport.LevelSystem
+			req.Level = fhirbulk.LevelSystem
 			if *group != "" {
-				req.Level = bulkexport.LevelGroup
+				req.Level = fhirbulk.LevelGroup
 			}
 		case "system", "patient", "group":
-			req.Level = bulkexport.Level(*level)
+			req.Level = fhirbulk.Level(*level)
 		default:
 			return usageError(fs, stderr, "-level %q is not one of system, patient, group", *level)
 		}
 		switch {
-		case req.Level == bulkexport.LevelGroup && *group == "":
+		case req.Level == fhirbulk.LevelGroup && *group == "":
 			return usageError(fs, stderr, "-level group needs -group ID")
-		case req.Level != bulkexport.LevelGroup && *group != "":
+		case req.Level != fhirbulk.LevelGroup && *group != "":
 			return usageError(fs, stderr, "-group needs -level group")
-		case len(patients) > 0 && req.Level == bulkexport.LevelSystem:
+		case len(patients) > 0 && req.Level == fhirbulk.LevelSystem:
 			return usageError(fs, stderr, "-patient needs -level patient or group")
 		}
 		req.GroupID = *group
@@ -352,7 +352,7 @@ func cmdExport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			if t.value == "" {
 				continue
 			}
-			v, err := bulkexport.ParseInstant(t.value)
+			v, err := fhirbulk.ParseInstant(t.value)
 			if err != nil {
 				return usageError(fs, stderr, "-%s: %v", t.name, err)
 			}
@@ -397,7 +397,7 @@ func cmdExport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		ui.printf("kick-off: accepted, status URL %s\n", statusURL)
 		if job.Outcome != nil {
 			for _, is := range job.Outcome.Issue {
-				if is.Severity == bulkexport.SeverityWarning || is.Severity == bulkexport.SeverityError {
+				if is.Severity == fhirbulk.SeverityWarning || is.Severity == fhirbulk.SeverityError {
 					fmt.Fprintf(stderr, "bulkexport: warning: %s: %s\n", is.Code, is.Diagnostics)
 				}
 			}
@@ -476,7 +476,7 @@ func kickoff(ctx context.Context, c *client.Client, req *client.KickoffRequest) 
 }
 
 // writeManifest writes dir/manifest.json atomically.
-func writeManifest(dir string, m *bulkexport.Manifest) error {
+func writeManifest(dir string, m *fhirbulk.Manifest) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}

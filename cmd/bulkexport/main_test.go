@@ -22,6 +22,7 @@ import (
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
 	"github.com/bulkfhir/bulkexport/client"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // fast keeps every wait in the millisecond range.
@@ -69,11 +70,11 @@ func withFast(args ...string) []string { return append(args, fast...) }
 
 // readDir returns the ids per type of the NDJSON files in dir, and the
 // manifest.
-func readDir(t *testing.T, dir string) (map[string][]string, *bulkexport.Manifest) {
+func readDir(t *testing.T, dir string) (map[string][]string, *fhirbulk.Manifest) {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
 	require.NoError(t, err)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(b, &m))
 	ids := map[string][]string{}
 	entries, err := os.ReadDir(dir)
@@ -224,7 +225,7 @@ func TestExportFailures(t *testing.T) {
 	busy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/fhir+json")
 		w.WriteHeader(http.StatusServiceUnavailable)
-		_ = json.NewEncoder(w).Encode(bulkexport.NewOutcome(bulkexport.SeverityError, bulkexport.IssueTransient, "down for maintenance"))
+		_ = json.NewEncoder(w).Encode(fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueTransient, "down for maintenance"))
 	}))
 	defer busy.Close()
 	r = cli(withFast("export", busy.URL, "--retries", "2", "--out", t.TempDir())...)
@@ -245,7 +246,7 @@ func TestExportFailures(t *testing.T) {
 			w.WriteHeader(http.StatusAccepted)
 		case r.URL.Path == "/status":
 			n := int64(3)
-			_ = json.NewEncoder(w).Encode(bulkexport.Manifest{Output: []bulkexport.ManifestFile{{Type: "Patient", URL: "http://" + r.Host + "/Patient.ndjson", Count: &n}}})
+			_ = json.NewEncoder(w).Encode(fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{{Type: "Patient", URL: "http://" + r.Host + "/Patient.ndjson", Count: &n}}})
 		default:
 			_, _ = io.WriteString(w, `{"resourceType":"Patient","id":"1"}`+"\n")
 		}
@@ -348,7 +349,7 @@ func TestStatus(t *testing.T) {
 			busy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				w.Header().Set("Content-Type", "application/fhir+json")
 				w.WriteHeader(http.StatusServiceUnavailable)
-				_ = json.NewEncoder(w).Encode(bulkexport.NewOutcome(bulkexport.SeverityError, bulkexport.IssueTransient, "down for maintenance"))
+				_ = json.NewEncoder(w).Encode(fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueTransient, "down for maintenance"))
 			}))
 			t.Cleanup(busy.Close)
 			return busy.URL + "/status"
@@ -372,7 +373,7 @@ func TestStatus(t *testing.T) {
 				return
 			}
 			require.True(t, strings.HasPrefix(r.stdout, "{\n  \"transactionTime\""), r.stdout)
-			var m bulkexport.Manifest
+			var m fhirbulk.Manifest
 			require.NoError(t, json.Unmarshal([]byte(r.stdout), &m))
 			require.Len(t, m.Output, 3)
 		})
@@ -382,18 +383,18 @@ func TestStatus(t *testing.T) {
 func TestStateLines(t *testing.T) {
 	t.Parallel()
 	n := func(v int64) *int64 { return &v }
-	file := func(count *int64) bulkexport.ManifestFile { return bulkexport.ManifestFile{URL: "u", Count: count} }
+	file := func(count *int64) fhirbulk.ManifestFile { return fhirbulk.ManifestFile{URL: "u", Count: count} }
 	for _, tc := range []struct {
 		st   client.Status
 		want string
 	}{
-		{client.Status{Manifest: &bulkexport.Manifest{}}, "completed: 0 files"},
-		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(nil), file(nil)}}}, "completed: 2 files"},
-		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(1))}}}, "completed: 1 file, 1 resource"},
-		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(4)), file(nil)}}},
+		{client.Status{Manifest: &fhirbulk.Manifest{}}, "completed: 0 files"},
+		{client.Status{Manifest: &fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{file(nil), file(nil)}}}, "completed: 2 files"},
+		{client.Status{Manifest: &fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{file(n(1))}}}, "completed: 1 file, 1 resource"},
+		{client.Status{Manifest: &fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{file(n(4)), file(nil)}}},
 			"completed: 2 files, at least 4 resources (1 of 2 output files give a count)"},
-		{client.Status{Manifest: &bulkexport.Manifest{Output: []bulkexport.ManifestFile{file(n(4)), file(n(3))},
-			Deleted: []bulkexport.ManifestFile{file(n(9))}, Error: []bulkexport.ManifestFile{file(n(1))}},
+		{client.Status{Manifest: &fhirbulk.Manifest{Output: []fhirbulk.ManifestFile{file(n(4)), file(n(3))},
+			Deleted: []fhirbulk.ManifestFile{file(n(9))}, Error: []fhirbulk.ManifestFile{file(n(1))}},
 			Expires: time.Date(2026, 3, 4, 5, 6, 7, 0, time.FixedZone("x", 3600))},
 			"completed: 4 files (2 output, 1 of deleted resources, 1 of errors), 7 resources; the files expire at 2026-03-04T04:06:07Z"},
 	} {
@@ -403,11 +404,11 @@ func TestStateLines(t *testing.T) {
 	require.Equal(t, "in progress: the server gives no progress (poll again in 2s)", runningLine(&client.Status{RetryAfter: 2 * time.Second}))
 
 	// Issue codes without diagnostics are put in words.
-	oo := &bulkexport.OperationOutcome{Issue: []bulkexport.Issue{
-		{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueInformational, Diagnostics: "ignored"},
-		{Severity: bulkexport.SeverityFatal, Code: bulkexport.IssueTooCostly},
-		{Severity: bulkexport.SeverityError, Code: bulkexport.IssueProcessing, Details: &bulkexport.CodeableConcept{Text: "disk full"}},
-		{Severity: bulkexport.SeverityError, Code: "made-up-code"},
+	oo := &fhirbulk.OperationOutcome{Issue: []fhirbulk.Issue{
+		{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueInformational, Diagnostics: "ignored"},
+		{Severity: fhirbulk.SeverityFatal, Code: fhirbulk.IssueTooCostly},
+		{Severity: fhirbulk.SeverityError, Code: fhirbulk.IssueProcessing, Details: &fhirbulk.CodeableConcept{Text: "disk full"}},
+		{Severity: fhirbulk.SeverityError, Code: "made-up-code"},
 	}}
 	require.Equal(t, "the export is too costly for the server; disk full; made up code", outcomeText(oo))
 	require.Equal(t, "the server answered 502 Bad Gateway", answerText(&client.Error{StatusCode: http.StatusBadGateway}))
@@ -449,7 +450,7 @@ func TestStatusWait(t *testing.T) {
 	var stdout bytes.Buffer
 	code := run(withFast("status", "--wait", statusURL), &stdout, stderr)
 	require.Equal(t, exitOK, code, stderr.String())
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(stdout.Bytes(), &m))
 	require.Len(t, m.Output, 1)
 	lines := strings.Split(strings.TrimSuffix(stderr.String(), "\n"), "\n")

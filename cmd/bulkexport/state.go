@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/client"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // This file holds what the status and cancel commands say: one line per
@@ -19,33 +19,33 @@ import (
 
 // issueWords says what an OperationOutcome issue code means, for an issue
 // without diagnostics.
-var issueWords = map[bulkexport.IssueType]string{
-	bulkexport.IssueInvalid:       "the request is invalid",
-	bulkexport.IssueStructure:     "the content is malformed",
-	bulkexport.IssueRequired:      "something required is missing",
-	bulkexport.IssueValue:         "a value is not valid",
-	bulkexport.IssueSecurity:      "a security check failed",
-	bulkexport.IssueLogin:         "the server wants a login",
-	bulkexport.IssueForbidden:     "the request is not allowed",
-	bulkexport.IssueProcessing:    "the server could not process the export",
-	bulkexport.IssueNotSupported:  "the server does not support the request",
-	bulkexport.IssueNotFound:      "the server does not know it",
-	bulkexport.IssueDeleted:       "it was cancelled or deleted",
-	bulkexport.IssueTooCostly:     "the export is too costly for the server",
-	bulkexport.IssueConflict:      "it conflicts with the state on the server",
-	bulkexport.IssueInformational: "the server has a message",
-	bulkexport.IssueException:     "the server hit an unexpected error",
-	bulkexport.IssueTransient:     "the server had a temporary failure",
-	bulkexport.IssueLockError:     "the server could not get a lock",
-	bulkexport.IssueNoStore:       "the server's storage is unavailable",
-	bulkexport.IssueTimeout:       "the server timed out",
-	bulkexport.IssueIncomplete:    "the server's answer is incomplete",
-	bulkexport.IssueThrottled:     "the server is throttling requests",
+var issueWords = map[fhirbulk.IssueType]string{
+	fhirbulk.IssueInvalid:       "the request is invalid",
+	fhirbulk.IssueStructure:     "the content is malformed",
+	fhirbulk.IssueRequired:      "something required is missing",
+	fhirbulk.IssueValue:         "a value is not valid",
+	fhirbulk.IssueSecurity:      "a security check failed",
+	fhirbulk.IssueLogin:         "the server wants a login",
+	fhirbulk.IssueForbidden:     "the request is not allowed",
+	fhirbulk.IssueProcessing:    "the server could not process the export",
+	fhirbulk.IssueNotSupported:  "the server does not support the request",
+	fhirbulk.IssueNotFound:      "the server does not know it",
+	fhirbulk.IssueDeleted:       "it was cancelled or deleted",
+	fhirbulk.IssueTooCostly:     "the export is too costly for the server",
+	fhirbulk.IssueConflict:      "it conflicts with the state on the server",
+	fhirbulk.IssueInformational: "the server has a message",
+	fhirbulk.IssueException:     "the server hit an unexpected error",
+	fhirbulk.IssueTransient:     "the server had a temporary failure",
+	fhirbulk.IssueLockError:     "the server could not get a lock",
+	fhirbulk.IssueNoStore:       "the server's storage is unavailable",
+	fhirbulk.IssueTimeout:       "the server timed out",
+	fhirbulk.IssueIncomplete:    "the server's answer is incomplete",
+	fhirbulk.IssueThrottled:     "the server is throttling requests",
 }
 
 // issueText is an issue in words: its diagnostics, else its details' text,
 // else what its code means.
-func issueText(is bulkexport.Issue) string {
+func issueText(is fhirbulk.Issue) string {
 	switch {
 	case strings.TrimSpace(is.Diagnostics) != "":
 		return strings.TrimSpace(is.Diagnostics)
@@ -63,13 +63,13 @@ func issueText(is bulkexport.Issue) string {
 
 // outcomeText is an OperationOutcome in words: its error and fatal issues
 // (all its issues when it has none), joined by "; ".
-func outcomeText(oo *bulkexport.OperationOutcome) string {
+func outcomeText(oo *fhirbulk.OperationOutcome) string {
 	if oo == nil {
 		return ""
 	}
-	var serious []bulkexport.Issue
+	var serious []fhirbulk.Issue
 	for _, is := range oo.Issue {
-		if is.Severity == bulkexport.SeverityError || is.Severity == bulkexport.SeverityFatal {
+		if is.Severity == fhirbulk.SeverityError || is.Severity == fhirbulk.SeverityFatal {
 			serious = append(serious, is)
 		}
 	}
@@ -103,7 +103,7 @@ func answerText(e *client.Error) string {
 
 // issueCode is the code of the answer's first error issue, "" without an
 // OperationOutcome.
-func issueCode(e *client.Error) bulkexport.IssueType {
+func issueCode(e *client.Error) fhirbulk.IssueType {
 	if is := e.Issue(); is != nil {
 		return is.Code
 	}
@@ -177,7 +177,7 @@ func runningLine(st *client.Status) string {
 func completedLine(st *client.Status) string {
 	m := st.Manifest
 	if m == nil {
-		m = &bulkexport.Manifest{}
+		m = &fhirbulk.Manifest{}
 	}
 	n := len(m.Output) + len(m.Deleted) + len(m.Error)
 	var b strings.Builder
@@ -232,15 +232,15 @@ func reportStatusError(ctx context.Context, stderr io.Writer, err error) int {
 	var ce *client.Error
 	errors.As(err, &ce) // commonFailure has handled every other error
 	switch code := issueCode(ce); {
-	case ce.StatusCode == http.StatusNotFound && code == bulkexport.IssueDeleted:
+	case ce.StatusCode == http.StatusNotFound && code == fhirbulk.IssueDeleted:
 		text := outcomeText(ce.Outcome)
-		if text == "" || text == issueWords[bulkexport.IssueDeleted] {
+		if text == "" || text == issueWords[fhirbulk.IssueDeleted] {
 			text = "the export was cancelled"
 		}
 		fmt.Fprintf(stderr, "cancelled: %s\n", text)
 		return exitCancelled
 	case ce.StatusCode == http.StatusGone,
-		ce.StatusCode == http.StatusNotFound && (code == bulkexport.IssueNotFound || code == ""):
+		ce.StatusCode == http.StatusNotFound && (code == fhirbulk.IssueNotFound || code == ""):
 		fmt.Fprintf(stderr, "expired or unknown: %s\n", answerText(ce))
 		return exitGone
 	case ce.StatusCode == http.StatusUnauthorized:
@@ -264,7 +264,7 @@ func reportCancel(ctx context.Context, stdout, stderr io.Writer, err error) int 
 	var ce *client.Error
 	errors.As(err, &ce)
 	switch code := issueCode(ce); {
-	case ce.StatusCode == http.StatusNotFound && code == bulkexport.IssueDeleted:
+	case ce.StatusCode == http.StatusNotFound && code == fhirbulk.IssueDeleted:
 		fmt.Fprintln(stdout, "already cancelled")
 		return exitOK
 	case ce.StatusCode == http.StatusNotFound, ce.StatusCode == http.StatusGone:

@@ -36,6 +36,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func main() {
@@ -142,7 +143,7 @@ func apiKeyAuth(keys map[string]string) func(http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			client, ok := keys[r.Header.Get("X-API-Key")]
 			if !ok {
-				writeOutcome(w, http.StatusUnauthorized, bulkexport.IssueLogin, "a valid X-API-Key header is required")
+				writeOutcome(w, http.StatusUnauthorized, fhirbulk.IssueLogin, "a valid X-API-Key header is required")
 				return
 			}
 			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), clientKey{}, client)))
@@ -165,7 +166,7 @@ func readPatient(ds *dataset.Dataset) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		b, err := ds.Resource("Patient", chi.URLParam(r, "id"))
 		if err != nil {
-			writeOutcome(w, http.StatusNotFound, bulkexport.IssueNotFound, "no such Patient")
+			writeOutcome(w, http.StatusNotFound, fhirbulk.IssueNotFound, "no such Patient")
 			return
 		}
 		w.Header().Set("Content-Type", "application/fhir+json")
@@ -192,8 +193,8 @@ func capabilityStatement(bulk *bulkexport.Handler, base string) ([]byte, error) 
 	return json.Marshal(cs)
 }
 
-func writeOutcome(w http.ResponseWriter, status int, code bulkexport.IssueType, msg string) {
-	b, _ := json.Marshal(bulkexport.NewOutcome(bulkexport.SeverityError, code, msg))
+func writeOutcome(w http.ResponseWriter, status int, code fhirbulk.IssueType, msg string) {
+	b, _ := json.Marshal(fhirbulk.NewOutcome(fhirbulk.SeverityError, code, msg))
 	w.Header().Set("Content-Type", "application/fhir+json")
 	w.WriteHeader(status)
 	_, _ = w.Write(b)

@@ -17,6 +17,7 @@ import (
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // start runs the chi application on httptest, with its Worker.
@@ -64,7 +65,7 @@ func TestSmokeExportThroughChi(t *testing.T) {
 	require.True(t, res.Manifest.RequiresAccessToken)
 	require.Empty(t, res.Errors)
 	for _, typ := range []string{"Patient", "Observation"} {
-		want, err := ds.Expected(&bulkexport.Query{Level: bulkexport.LevelPatient}, typ)
+		want, err := ds.Expected(&bulkexport.Query{Level: fhirbulk.LevelPatient}, typ)
 		require.NoError(t, err)
 		require.ElementsMatch(t, want, res.IDs(typ), typ)
 	}

@@ -33,6 +33,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 const (
@@ -80,14 +81,14 @@ func exports() []*export {
 		{
 			name:  "system",
 			path:  "/$export",
-			query: bulkexport.Query{Level: bulkexport.LevelSystem},
+			query: bulkexport.Query{Level: fhirbulk.LevelSystem},
 			types: append(slices.Clone(compartment), "Practitioner", "Organization"),
 		},
 		{
 			name: "group",
 			path: "/Group/even/$export?_type=" + strings.Join(compartment, ",") +
 				"&_typeFilter=" + url.QueryEscape("Observation?category=vital-signs"),
-			query: bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "even",
+			query: bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "even",
 				TypeFilters: []bulkexport.TypeFilter{{Type: "Observation", Query: "category=vital-signs"}}},
 			types: compartment,
 		},
@@ -704,11 +705,11 @@ func (h *harness) verify(p *proc, e *export) {
 	t.Helper()
 	resp, body := h.get(p.base + "/$export-poll-status?_jobId=" + e.id)
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s: %s", e.name, body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.Empty(t, m.Error, "%s: error files", e.name)
 	require.Empty(t, m.Deleted, "%s: deleted files", e.name)
-	tx, err := bulkexport.ParseInstant(m.TransactionTime)
+	tx, err := fhirbulk.ParseInstant(m.TransactionTime)
 	require.NoError(t, err)
 
 	got := map[string][]string{} // type -> ids in file order

@@ -17,6 +17,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/storetest"
 )
 
@@ -39,7 +40,7 @@ func TestFileStoreSurvivesReopen(t *testing.T) {
 	require.NoError(t, err)
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	for _, id := range []string{"a", "b"} {
-		require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: id, Owner: "alice", Level: bulkexport.LevelSystem,
+		require.NoError(t, s.Create(ctx, &bulkexport.Job{ID: id, Owner: "alice", Level: fhirbulk.LevelSystem,
 			State: bulkexport.StateQueued, CreatedAt: now, UpdatedAt: now}, bulkexport.CreateParams{}))
 	}
 	claimed, err := s.Claim(ctx, bulkexport.ClaimParams{Worker: "w1", Now: now, Lease: time.Minute})

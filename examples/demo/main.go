@@ -33,9 +33,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/client"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func main() {
@@ -57,7 +57,7 @@ var errUsage = errors.New("usage")
 // config is the parsed command line.
 type config struct {
 	patients int
-	level    bulkexport.Level
+	level    fhirbulk.Level
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -71,7 +71,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		return config{}, errUsage
 	}
-	cfg := config{patients: *patients, level: bulkexport.Level(*level)}
+	cfg := config{patients: *patients, level: fhirbulk.Level(*level)}
 	var msg string
 	switch {
 	case fs.NArg() > 0:
@@ -109,7 +109,7 @@ type file struct {
 
 // result is what demo did, for tests.
 type result struct {
-	manifest *bulkexport.Manifest
+	manifest *fhirbulk.Manifest
 	files    []file
 }
 
@@ -167,7 +167,7 @@ func demo(ctx context.Context, cfg config, stdout, stderr io.Writer) (res *resul
 	// wait for.
 	defer c.CloseIdleConnections()
 	req := &client.KickoffRequest{Level: cfg.level}
-	if cfg.level == bulkexport.LevelGroup {
+	if cfg.level == fhirbulk.LevelGroup {
 		req.GroupID = "all"
 	}
 	kickoffURL, err := c.KickoffURL(req)

@@ -11,21 +11,22 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func TestDemo(t *testing.T) {
 	t.Parallel()
-	for _, level := range []bulkexport.Level{bulkexport.LevelSystem, bulkexport.LevelPatient, bulkexport.LevelGroup} {
+	for _, level := range []fhirbulk.Level{fhirbulk.LevelSystem, fhirbulk.LevelPatient, fhirbulk.LevelGroup} {
 		t.Run(string(level), func(t *testing.T) {
 			t.Parallel()
 			var stdout, stderr bytes.Buffer
 			res, err := demo(context.Background(), config{patients: 20, level: level}, &stdout, &stderr)
 			require.NoError(t, err, stderr.String())
 
-			tx, err := bulkexport.ParseInstant(res.manifest.TransactionTime)
+			tx, err := fhirbulk.ParseInstant(res.manifest.TransactionTime)
 			require.NoError(t, err)
 			q := &bulkexport.Query{Level: level, TransactionTime: tx}
-			if level == bulkexport.LevelGroup {
+			if level == fhirbulk.LevelGroup {
 				q.GroupID = "all"
 				require.True(t, strings.HasSuffix(res.manifest.Request, "/Group/all/$export"), res.manifest.Request)
 			}
@@ -76,6 +77,6 @@ func TestCancelledDemo(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := demo(ctx, config{patients: 5, level: bulkexport.LevelSystem}, io.Discard, io.Discard)
+	_, err := demo(ctx, config{patients: 5, level: fhirbulk.LevelSystem}, io.Discard, io.Discard)
 	require.ErrorIs(t, err, context.Canceled)
 }

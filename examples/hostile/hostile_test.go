@@ -22,6 +22,7 @@ import (
 	_ "modernc.org/sqlite"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"github.com/bulkfhir/bulkexport/pgstore"
 	"github.com/bulkfhir/bulkexport/sqlitestore"
 )
@@ -45,7 +46,7 @@ type hostileCase struct {
 	name   string
 	req    request
 	status int
-	code   bulkexport.IssueType
+	code   fhirbulk.IssueType
 	// clean is the same request without the hostile bytes: it must be
 	// answered 202, which shows that the bytes alone were refused. Nil
 	// when no such request is valid (an unknown parameter under strict
@@ -106,11 +107,11 @@ func kickoffPost(body, prefer string) *request {
 // hostileCases builds the table.
 func hostileCases() []hostileCase {
 	var cases []hostileCase
-	add := func(name string, req *request, status int, code bulkexport.IssueType, clean *request) {
+	add := func(name string, req *request, status int, code fhirbulk.IssueType, clean *request) {
 		cases = append(cases, hostileCase{name: name, req: *req, status: status, code: code, clean: clean})
 	}
 	invalid := func(name string, req, clean *request) {
-		add(name, req, http.StatusBadRequest, bulkexport.IssueInvalid, clean)
+		add(name, req, http.StatusBadRequest, fhirbulk.IssueInvalid, clean)
 	}
 
 	// Every parameter, the bytes in its name and in its value, GET and
@@ -175,7 +176,7 @@ func hostileCases() []hostileCase {
 	// Parameters bodies the parser refuses before any parameter is read.
 	cleanType := kickoffPost(parametersBody("_type", `"valueString":"Patient"`), preferStrict)
 	add("body/raw-nul-in-json-string", kickoffPost(parametersBody("_type", "\"valueString\":\"Patient\x00\""), preferStrict),
-		http.StatusBadRequest, bulkexport.IssueStructure, cleanType)
+		http.StatusBadRequest, fhirbulk.IssueStructure, cleanType)
 	invalid("body/invalid-utf8-outside-strings", kickoffPost(parametersBody("_type", `"valueString":"Patient"`)+"\xff", preferStrict), cleanType)
 	invalid("body/invalid-utf8-resource-type",
 		kickoffPost("{\"resourceType\":\"Parameters\xc0\xaf\",\"parameter\":[{\"name\":\"_type\",\"valueString\":\"Patient\"}]}", preferStrict), cleanType)
@@ -186,7 +187,7 @@ func hostileCases() []hostileCase {
 	// A NUL name on an entry that carries parts: the entry's shape is
 	// refused first (not-supported, naming the parameter).
 	add("body/nul-name-with-part", kickoffPost(`{"resourceType":"Parameters","parameter":[{"name":"_type\u0000","part":[]}]}`, preferStrict),
-		http.StatusBadRequest, bulkexport.IssueNotSupported, cleanType)
+		http.StatusBadRequest, fhirbulk.IssueNotSupported, cleanType)
 	// A POST kick-off takes no query parameters but _format.
 	for _, b := range badBytes {
 		r := kickoffPost(parametersBody("_type", `"valueString":"Patient"`), preferStrict)
@@ -236,7 +237,7 @@ type fixture struct {
 // lister is the host's resource types, the same at every level.
 type lister struct{}
 
-func (lister) ResourceTypes(context.Context, bulkexport.Level) ([]string, error) {
+func (lister) ResourceTypes(context.Context, fhirbulk.Level) ([]string, error) {
 	return []string{"Patient", "Observation", "Condition"}, nil
 }
 
@@ -331,11 +332,11 @@ func runCases(t *testing.T, store bulkexport.JobStore) {
 			require.Equal(t, c.status, status, "body: %s", body)
 			require.Equal(t, "application/fhir+json", hdr.Get("Content-Type"))
 			require.Empty(t, hdr.Get("Content-Location"))
-			var oo bulkexport.OperationOutcome
+			var oo fhirbulk.OperationOutcome
 			require.NoError(t, json.Unmarshal(body, &oo), "body: %q", body)
 			require.Equal(t, "OperationOutcome", oo.ResourceType)
 			require.Len(t, oo.Issue, 1, "body: %s", body)
-			require.Equal(t, bulkexport.SeverityError, oo.Issue[0].Severity)
+			require.Equal(t, fhirbulk.SeverityError, oo.Issue[0].Severity)
 			require.Equal(t, c.code, oo.Issue[0].Code, "body: %s", body)
 			f.onlySeed(t)
 

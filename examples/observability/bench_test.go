@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // The poll benchmarks here follow the root module's BenchmarkPollStatusRatio
@@ -41,7 +42,7 @@ func newPollHandler(tb testing.TB, base string, mp metric.MeterProvider) (*bulke
 	}
 	job := &bulkexport.Job{
 		ID:    bulkexport.NewJobID(),
-		Level: bulkexport.LevelSystem,
+		Level: fhirbulk.LevelSystem,
 		Request: bulkexport.Request{
 			URL:          base + "/$export?_type=Patient,Observation,Condition&_since=2024-01-01T00:00:00Z",
 			Method:       http.MethodGet,

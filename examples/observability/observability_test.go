@@ -24,6 +24,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 const token = "tok-5c1e0b7d93a4-SeCrEt"
@@ -229,7 +230,7 @@ func TestMetricsAndSpans(t *testing.T) {
 	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
 
 	pause.Release()
-	var manifest bulkexport.Manifest
+	var manifest fhirbulk.Manifest
 	for i := 0; ; i++ {
 		require.Less(t, i, 2000, "the export did not finish")
 		resp, body := poll(statusURL, true)

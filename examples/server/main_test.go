@@ -19,6 +19,7 @@ import (
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/backends"
 	"github.com/bulkfhir/bulkexport/examples/internal/exampleserver"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestSmokeSystemExport wires the server as main does, on httptest, and
@@ -72,11 +73,11 @@ func TestSmokeSystemExport(t *testing.T) {
 		time.Sleep(25 * time.Millisecond)
 	}
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.Equal(t, srv.BaseURL+"/$export", m.Request)
 	require.Empty(t, m.Error)
-	tx, err := bulkexport.ParseInstant(m.TransactionTime)
+	tx, err := fhirbulk.ParseInstant(m.TransactionTime)
 	require.NoError(t, err)
 
 	counts := map[string]int64{}
@@ -103,10 +104,10 @@ func TestSmokeSystemExport(t *testing.T) {
 		counts[f.Type] += lines
 	}
 
-	types, err := srv.Dataset.ResourceTypes(ctx, bulkexport.LevelSystem)
+	types, err := srv.Dataset.ResourceTypes(ctx, fhirbulk.LevelSystem)
 	require.NoError(t, err)
 	for _, typ := range types {
-		want, err := srv.Dataset.Count(ctx, &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: tx}, typ)
+		want, err := srv.Dataset.Count(ctx, &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: tx}, typ)
 		require.NoError(t, err)
 		require.Equal(t, want, counts[typ], typ)
 	}
@@ -264,7 +265,7 @@ func TestRunSQLiteRestart(t *testing.T) {
 	base, stop = startRun(t, args...)
 	code, body2 := poll(base)
 	require.Equal(t, http.StatusOK, code, "%s", body2)
-	var m1, m2 bulkexport.Manifest
+	var m1, m2 fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m1))
 	require.NoError(t, json.Unmarshal(body2, &m2))
 	require.Equal(t, m1.TransactionTime, m2.TransactionTime)

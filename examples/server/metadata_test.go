@@ -54,7 +54,7 @@ func TestSmokeMetadata(t *testing.T) {
 	require.Contains(t, cs.Instantiates, bulkexport.CapabilityBulkData)
 	require.Len(t, cs.Rest, 1)
 	require.Contains(t, cs.Rest[0].Operation, op{"export", bulkexport.OperationExport})
-	require.Contains(t, cs.Rest[0].Operation, op{"export-poll-status", bulkexport.OperationExportPollState})
+	require.Contains(t, cs.Rest[0].Operation, op{"export-poll-status", bulkexport.OperationExportPollStatus})
 	byType := map[string][]op{}
 	for _, r := range cs.Rest[0].Resource {
 		byType[r.Type] = append(byType[r.Type], r.Operation...)

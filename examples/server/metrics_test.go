@@ -10,7 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestMetricsEndpoint runs the server as main does, with a client token,
@@ -44,7 +44,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.Len(t, m.Output, 1)
 	resp, _ = get(http.MethodGet, m.Output[0].URL)

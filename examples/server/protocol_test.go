@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // defaultProtocol is what parseFlags gives without protocol flags: the
@@ -211,12 +212,12 @@ func (c *fhirClient) wait(status string) (*http.Response, []byte) {
 
 // export kicks off an export with the query q, waits for it and returns
 // its status URL and manifest.
-func (c *fhirClient) export(q string) (string, *http.Response, bulkexport.Manifest) {
+func (c *fhirClient) export(q string) (string, *http.Response, fhirbulk.Manifest) {
 	c.t.Helper()
 	status := c.kickoff(q)
 	resp, body := c.wait(status)
 	require.Equal(c.t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(c.t, json.Unmarshal(body, &m))
 	return status, resp, m
 }
@@ -281,7 +282,7 @@ func TestProtocolFlags(t *testing.T) {
 			var m map[string]any
 			require.NoError(t, json.Unmarshal(body, &m))
 			if flagged {
-				require.Equal(t, bulkexport.ManifestTypeURL, m["manifestType"])
+				require.Equal(t, fhirbulk.ManifestTypeURL, m["manifestType"])
 				require.NotContains(t, m, "request")
 			} else {
 				require.NotContains(t, m, "manifestType")
@@ -527,7 +528,7 @@ func TestProfileIGConformance(t *testing.T) {
 	status := resp.Header.Get("Content-Location")
 	resp, body = c.wait(status)
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.NotEmpty(t, m.Output)
 	for _, f := range m.Output { // the files are there before the DELETE

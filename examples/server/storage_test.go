@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestRunBlobMem is the object storage smoke test: with -storage
@@ -45,7 +46,7 @@ func TestRunBlobMem(t *testing.T) {
 		time.Sleep(25 * time.Millisecond)
 	}
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	require.True(t, m.RequiresAccessToken)
 	require.Len(t, m.Output, 2)

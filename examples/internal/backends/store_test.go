@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 func TestParseStoreSpec(t *testing.T) {
@@ -46,7 +47,7 @@ func roundTrip(t *testing.T, store bulkexport.JobStore) func(bulkexport.JobStore
 	t.Helper()
 	ctx := context.Background()
 	now := time.Now().UTC().Truncate(time.Millisecond)
-	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: bulkexport.LevelSystem, State: bulkexport.StateQueued,
+	job := &bulkexport.Job{ID: bulkexport.NewJobID(), Level: fhirbulk.LevelSystem, State: bulkexport.StateQueued,
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: now, UpdatedAt: now}
 	require.NoError(t, store.Create(ctx, job, bulkexport.CreateParams{}))
 	return func(s bulkexport.JobStore) {

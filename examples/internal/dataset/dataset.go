@@ -65,6 +65,7 @@ import (
 	"strings"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // DefaultSeed is the seed New uses.
@@ -119,11 +120,11 @@ var (
 // ResourceTypes implements bulkexport.Source: the compartment types at
 // patient and group level, those plus Practitioner and Organization at
 // system level.
-func (d *Dataset) ResourceTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (d *Dataset) ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	switch level {
-	case bulkexport.LevelSystem:
+	case fhirbulk.LevelSystem:
 		return append([]string(nil), systemTypes...), nil
-	case bulkexport.LevelPatient, bulkexport.LevelGroup:
+	case fhirbulk.LevelPatient, fhirbulk.LevelGroup:
 		return append([]string(nil), compartmentTypes...), nil
 	}
 	return nil, fmt.Errorf("dataset: unknown export level %q", level)
@@ -259,10 +260,10 @@ func (d *Dataset) Export(ctx context.Context, q *bulkexport.Query, typ string, w
 func (p *plan) reportMissing(q *bulkexport.Query, w bulkexport.ResourceWriter) error {
 	for _, id := range p.missing {
 		msg := "Patient/" + id + " is not known; it was left out"
-		if q.Level == bulkexport.LevelGroup {
+		if q.Level == fhirbulk.LevelGroup {
 			msg = "Patient/" + id + " is not a member of Group/" + q.GroupID + "; it was left out"
 		}
-		if err := w.Issue(bulkexport.Issue{Severity: bulkexport.SeverityWarning, Code: bulkexport.IssueNotFound,
+		if err := w.Issue(fhirbulk.Issue{Severity: fhirbulk.SeverityWarning, Code: fhirbulk.IssueNotFound,
 			Diagnostics: msg, Expression: []string{"patient"}}); err != nil {
 			return err
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // memWriter is a ResourceWriter that keeps what it is given. Like the
@@ -25,7 +26,7 @@ import (
 type memWriter struct {
 	lines   [][]byte // recorded at a checkpoint (or at the end, see finish)
 	pending [][]byte
-	issues  []bulkexport.Issue
+	issues  []fhirbulk.Issue
 	cursors []string
 
 	crashAfter  int // 0: never crash
@@ -44,7 +45,7 @@ func (w *memWriter) Write(b []byte) error {
 
 func (w *memWriter) Deleted(string, time.Time) error { return errors.New("unexpected Deleted") }
 
-func (w *memWriter) Issue(is bulkexport.Issue) error {
+func (w *memWriter) Issue(is fhirbulk.Issue) error {
 	w.issues = append(w.issues, is)
 	return nil
 }
@@ -101,7 +102,7 @@ type resource struct {
 
 func (r *resource) lastUpdated(t *testing.T) time.Time {
 	t.Helper()
-	ts, err := bulkexport.ParseInstant(r.Meta.LastUpdated)
+	ts, err := fhirbulk.ParseInstant(r.Meta.LastUpdated)
 	require.NoError(t, err)
 	return ts
 }
@@ -152,7 +153,7 @@ func ids(rs []resource) []string {
 	return out
 }
 
-func system() *bulkexport.Query { return &bulkexport.Query{Level: bulkexport.LevelSystem} }
+func system() *bulkexport.Query { return &bulkexport.Query{Level: fhirbulk.LevelSystem} }
 
 func patientIdx(t *testing.T, ref string) int {
 	t.Helper()
@@ -167,10 +168,10 @@ func TestResourceTypes(t *testing.T) {
 	t.Parallel()
 	d := New(5)
 	ctx := context.Background()
-	sys, err := d.ResourceTypes(ctx, bulkexport.LevelSystem)
+	sys, err := d.ResourceTypes(ctx, fhirbulk.LevelSystem)
 	require.NoError(t, err)
 	require.Equal(t, []string{"Patient", "Encounter", "Condition", "Observation", "MedicationRequest", "Practitioner", "Organization"}, sys)
-	for _, l := range []bulkexport.Level{bulkexport.LevelPatient, bulkexport.LevelGroup} {
+	for _, l := range []fhirbulk.Level{fhirbulk.LevelPatient, fhirbulk.LevelGroup} {
 		got, err := d.ResourceTypes(ctx, l)
 		require.NoError(t, err)
 		require.Equal(t, []string{"Patient", "Encounter", "Condition", "Observation", "MedicationRequest"}, got)
@@ -180,7 +181,7 @@ func TestResourceTypes(t *testing.T) {
 
 	// Changing the returned slice does not change the dataset.
 	sys[0] = "X"
-	again, _ := d.ResourceTypes(ctx, bulkexport.LevelSystem)
+	again, _ := d.ResourceTypes(ctx, fhirbulk.LevelSystem)
 	require.Equal(t, "Patient", again[0])
 }
 
@@ -264,7 +265,7 @@ func TestCountsPerLevel(t *testing.T) {
 	d := New(n)
 	ctx := context.Background()
 	group := func(id string) *bulkexport.Query {
-		return &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: id}
+		return &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: id}
 	}
 	tests := []struct {
 		name     string
@@ -272,14 +273,14 @@ func TestCountsPerLevel(t *testing.T) {
 		patients []int
 	}{
 		{"system", system(), seq(1, n, 1)},
-		{"patient", &bulkexport.Query{Level: bulkexport.LevelPatient}, seq(1, n, 1)},
+		{"patient", &bulkexport.Query{Level: fhirbulk.LevelPatient}, seq(1, n, 1)},
 		{"group all", group("all"), seq(1, n, 1)},
 		{"group even", group("even"), seq(2, n, 2)},
 		{"group odd", group("odd"), seq(1, n, 2)},
 		{"group cohort-0", group("cohort-0"), seq(10, n, 10)},
 		{"group cohort-3", group("cohort-3"), seq(3, n, 10)},
-		{"patient list", &bulkexport.Query{Level: bulkexport.LevelPatient, Patients: []string{"p-7", "p-3", "p-7"}}, []int{3, 7}},
-		{"group with patient list", &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "even", Patients: []string{"p-4", "p-5", "p-8"}}, []int{4, 8}},
+		{"patient list", &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: []string{"p-7", "p-3", "p-7"}}, []int{3, 7}},
+		{"group with patient list", &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "even", Patients: []string{"p-4", "p-5", "p-8"}}, []int{4, 8}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -342,9 +343,9 @@ func TestGroups(t *testing.T) {
 		err := d.CheckGroup(ctx, id)
 		require.ErrorIs(t, err, bulkexport.ErrNotFound, id)
 	}
-	err := d.Export(ctx, &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "nope"}, "Patient", &memWriter{})
+	err := d.Export(ctx, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "nope"}, "Patient", &memWriter{})
 	require.ErrorIs(t, err, bulkexport.ErrNotFound)
-	_, err = d.Count(ctx, &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "nope"}, "Patient")
+	_, err = d.Count(ctx, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "nope"}, "Patient")
 	require.ErrorIs(t, err, bulkexport.ErrNotFound)
 
 	require.True(t, d.IsMember("all", 1))
@@ -365,11 +366,11 @@ func TestExportErrors(t *testing.T) {
 		typ  string
 	}{
 		{"unknown type", system(), "Medication"},
-		{"practitioner at patient level", &bulkexport.Query{Level: bulkexport.LevelPatient}, "Practitioner"},
-		{"organization at group level", &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "all"}, "Organization"},
+		{"practitioner at patient level", &bulkexport.Query{Level: fhirbulk.LevelPatient}, "Practitioner"},
+		{"organization at group level", &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "all"}, "Organization"},
 		{"bad level", &bulkexport.Query{Level: "galaxy"}, "Patient"},
-		{"bad cursor", &bulkexport.Query{Level: bulkexport.LevelSystem, Cursor: "x"}, "Patient"},
-		{"bad filter", &bulkexport.Query{Level: bulkexport.LevelSystem, TypeFilters: []bulkexport.TypeFilter{{Type: "Patient", Query: "name=x"}}}, "Patient"},
+		{"bad cursor", &bulkexport.Query{Level: fhirbulk.LevelSystem, Cursor: "x"}, "Patient"},
+		{"bad filter", &bulkexport.Query{Level: fhirbulk.LevelSystem, TypeFilters: []bulkexport.TypeFilter{{Type: "Patient", Query: "name=x"}}}, "Patient"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -386,13 +387,13 @@ func TestExportErrors(t *testing.T) {
 func TestPatientParameter(t *testing.T) {
 	t.Parallel()
 	d := New(20)
-	q := &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "odd", Patients: []string{"p-3", "p-4", "p-21", "x", "p-03", "p-19"}}
+	q := &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "odd", Patients: []string{"p-3", "p-4", "p-21", "x", "p-03", "p-19"}}
 	rs, w := export(t, d, q, "Patient")
 	require.Equal(t, []string{"p-3", "p-19"}, ids(rs))
 	require.Len(t, w.issues, 4)
 	for _, is := range w.issues {
-		require.Equal(t, bulkexport.SeverityWarning, is.Severity)
-		require.Equal(t, bulkexport.IssueNotFound, is.Code)
+		require.Equal(t, fhirbulk.SeverityWarning, is.Severity)
+		require.Equal(t, fhirbulk.IssueNotFound, is.Code)
 	}
 	require.Contains(t, w.issues[0].Diagnostics, "Patient/p-4 is not a member of Group/odd")
 
@@ -421,8 +422,8 @@ func TestSinceUntil(t *testing.T) {
 		t.Run(typ, func(t *testing.T) {
 			t.Parallel()
 			all, _ := export(t, d, system(), typ)
-			since, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Since: ts}, typ)
-			until, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Until: ts}, typ)
+			since, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Since: ts}, typ)
+			until, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Until: ts}, typ)
 			for _, r := range since {
 				require.True(t, r.lastUpdated(t).After(ts))
 			}
@@ -439,21 +440,21 @@ func TestSinceUntil(t *testing.T) {
 			// bound is left out.
 			r := all[0]
 			lu := r.lastUpdated(t)
-			got, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Since: lu}, typ)
+			got, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Since: lu}, typ)
 			require.NotContains(t, ids(got), r.ID)
-			got, _ = export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Until: lu}, typ)
+			got, _ = export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Until: lu}, typ)
 			require.NotContains(t, ids(got), r.ID)
-			got, _ = export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Since: lu.Add(-time.Second), Until: lu.Add(time.Second)}, typ)
+			got, _ = export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Since: lu.Add(-time.Second), Until: lu.Add(time.Second)}, typ)
 			require.Contains(t, ids(got), r.ID)
 
 			// The transaction time is inclusive: resources updated after
 			// it are left out.
-			got, _ = export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: lu}, typ)
+			got, _ = export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: lu}, typ)
 			require.Contains(t, ids(got), r.ID)
 			for _, g := range got {
 				require.False(t, g.lastUpdated(t).After(lu))
 			}
-			got, _ = export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, TransactionTime: ts}, typ)
+			got, _ = export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: ts}, typ)
 			require.Equal(t, ids(until), ids(got))
 		})
 	}
@@ -516,7 +517,7 @@ func TestTypeFilters(t *testing.T) {
 
 	// The dataset is varied enough for the filters to select subsets.
 	obs, _ := export(t, d, system(), "Observation")
-	hr, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, TypeFilters: []bulkexport.TypeFilter{{Type: "Observation", Query: "code=8867-4"}}}, "Observation")
+	hr, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, TypeFilters: []bulkexport.TypeFilter{{Type: "Observation", Query: "code=8867-4"}}}, "Observation")
 	require.NotEmpty(t, hr)
 	require.Less(t, len(hr), len(obs))
 }
@@ -577,7 +578,7 @@ func TestElements(t *testing.T) {
 		t.Run(tt.typ+"."+strings.Join(tt.elements, ","), func(t *testing.T) {
 			t.Parallel()
 			full, _ := export(t, d, system(), tt.typ)
-			got, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelSystem, Elements: tt.elements}, tt.typ)
+			got, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelSystem, Elements: tt.elements}, tt.typ)
 			require.Equal(t, ids(full), ids(got))
 			for i, r := range got {
 				require.Len(t, r.Meta.Tag, 1)
@@ -614,14 +615,14 @@ func TestResume(t *testing.T) {
 	d := New(12)
 	queries := map[string]*bulkexport.Query{
 		"system":   system(),
-		"group":    {Level: bulkexport.LevelGroup, GroupID: "odd"},
-		"patients": {Level: bulkexport.LevelPatient, Patients: []string{"p-2", "p-9", "p-10", "p-12", "p-99"}},
-		"filtered": {Level: bulkexport.LevelSystem, Since: Reference.Add(-365 * 24 * time.Hour),
+		"group":    {Level: fhirbulk.LevelGroup, GroupID: "odd"},
+		"patients": {Level: fhirbulk.LevelPatient, Patients: []string{"p-2", "p-9", "p-10", "p-12", "p-99"}},
+		"filtered": {Level: fhirbulk.LevelSystem, Since: Reference.Add(-365 * 24 * time.Hour),
 			TypeFilters: []bulkexport.TypeFilter{{Type: "Observation", Query: "code=8867-4,8480-6"}}},
 	}
 	for name, q := range queries {
 		for _, typ := range []string{"Patient", "Observation", "MedicationRequest", "Practitioner"} {
-			if typ == "Practitioner" && q.Level != bulkexport.LevelSystem {
+			if typ == "Practitioner" && q.Level != fhirbulk.LevelSystem {
 				continue
 			}
 			t.Run(name+"/"+typ, func(t *testing.T) {
@@ -663,7 +664,7 @@ func TestResume(t *testing.T) {
 func TestCheckpointsEveryOwner(t *testing.T) {
 	t.Parallel()
 	d := New(12)
-	_, w := export(t, d, &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "cohort-1"}, "Condition")
+	_, w := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "cohort-1"}, "Condition")
 	require.Equal(t, []string{"1", "11"}, w.cursors)
 	_, w = export(t, d, system(), "Practitioner")
 	require.Equal(t, []string{"1"}, w.cursors)
@@ -703,13 +704,13 @@ func TestLargeDataset(t *testing.T) {
 	require.ErrorIs(t, err, context.Canceled)
 	require.Equal(t, 1000, w.n)
 
-	rs, _ := export(t, d, &bulkexport.Query{Level: bulkexport.LevelPatient, Patients: []string{"p-1000000", "p-1000001"}}, "Patient")
+	rs, _ := export(t, d, &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: []string{"p-1000000", "p-1000001"}}, "Patient")
 	require.Equal(t, []string{"p-1000000"}, ids(rs))
-	rs, _ = export(t, d, &bulkexport.Query{Level: bulkexport.LevelPatient, Patients: []string{"p-999999"}}, "Encounter")
+	rs, _ = export(t, d, &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: []string{"p-999999"}}, "Encounter")
 	require.NotEmpty(t, rs)
 	require.Equal(t, "Patient/p-999999", rs[0].Subject.Reference)
 
-	n, err := d.Count(context.Background(), &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "cohort-7"}, "Patient")
+	n, err := d.Count(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "cohort-7"}, "Patient")
 	require.NoError(t, err)
 	require.Equal(t, int64(100_000), n)
 }

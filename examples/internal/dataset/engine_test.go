@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // interrupting is a Source that stops its worker (cancels the context the
@@ -75,7 +76,7 @@ func testResumeWithWorker(t *testing.T, typeConcurrency int) {
 	now := time.Now()
 	job := &bulkexport.Job{
 		ID:    bulkexport.NewJobID(),
-		Level: bulkexport.LevelGroup, GroupID: "odd",
+		Level: fhirbulk.LevelGroup, GroupID: "odd",
 		Request: bulkexport.Request{
 			Types:       []string{"Patient", "Observation", "Condition", "MedicationRequest"},
 			TypeFilters: []bulkexport.TypeFilter{{Type: "Condition", Query: "clinical-status=active"}},

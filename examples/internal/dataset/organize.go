@@ -7,15 +7,16 @@ import (
 	"strconv"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 var _ bulkexport.Organizer = (*Dataset)(nil)
 
 // OrganizeTypes implements bulkexport.Organizer: output can be organized
 // by Patient at every level.
-func (d *Dataset) OrganizeTypes(ctx context.Context, level bulkexport.Level) ([]string, error) {
+func (d *Dataset) OrganizeTypes(ctx context.Context, level fhirbulk.Level) ([]string, error) {
 	switch level {
-	case bulkexport.LevelSystem, bulkexport.LevelPatient, bulkexport.LevelGroup:
+	case fhirbulk.LevelSystem, fhirbulk.LevelPatient, fhirbulk.LevelGroup:
 		return []string{"Patient"}, nil
 	}
 	return nil, fmt.Errorf("dataset: unknown export level %q", level)

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // blockWriter is a memWriter that records block starts as lines
@@ -23,7 +24,7 @@ func TestExportBlocksResume(t *testing.T) {
 	t.Parallel()
 	d := New(40)
 	types := []string{"Condition", "Patient"}
-	q := &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "odd"}
+	q := &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "odd"}
 
 	full := &blockWriter{}
 	require.NoError(t, d.ExportBlocks(context.Background(), q, "Patient", types, full))
@@ -59,11 +60,11 @@ func TestExportBlocksResume(t *testing.T) {
 func TestExportBlocksRejects(t *testing.T) {
 	t.Parallel()
 	d := New(3)
-	err := d.ExportBlocks(context.Background(), &bulkexport.Query{Level: bulkexport.LevelSystem}, "Encounter", []string{"Encounter"}, &blockWriter{})
+	err := d.ExportBlocks(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelSystem}, "Encounter", []string{"Encounter"}, &blockWriter{})
 	require.Error(t, err)
-	err = d.ExportBlocks(context.Background(), &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "nope"}, "Patient", []string{"Patient"}, &blockWriter{})
+	err = d.ExportBlocks(context.Background(), &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "nope"}, "Patient", []string{"Patient"}, &blockWriter{})
 	require.True(t, errors.Is(err, bulkexport.ErrNotFound), "%v", err)
-	types, err := d.OrganizeTypes(context.Background(), bulkexport.LevelPatient)
+	types, err := d.OrganizeTypes(context.Background(), fhirbulk.LevelPatient)
 	require.NoError(t, err)
 	require.Equal(t, []string{"Patient"}, types)
 }

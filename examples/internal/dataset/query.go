@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // tokenFn returns the (system, code) a token search parameter sees on a
@@ -168,8 +169,8 @@ func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, 
 	p := &plan{d: d, kind: k, since: q.Since, until: q.Until, tx: q.TransactionTime}
 	compartment := k != kindPractitioner && k != kindOrganization
 	switch q.Level {
-	case bulkexport.LevelSystem, bulkexport.LevelPatient:
-	case bulkexport.LevelGroup:
+	case fhirbulk.LevelSystem, fhirbulk.LevelPatient:
+	case fhirbulk.LevelGroup:
 		m, err := membership(q.GroupID)
 		if err != nil {
 			return nil, err
@@ -178,7 +179,7 @@ func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, 
 	default:
 		return nil, fmt.Errorf("dataset: unknown export level %q", q.Level)
 	}
-	if !compartment && q.Level != bulkexport.LevelSystem {
+	if !compartment && q.Level != fhirbulk.LevelSystem {
 		return nil, fmt.Errorf("dataset: %s is exported at system level only", typ)
 	}
 	for _, tf := range q.TypeFilters {
@@ -187,7 +188,7 @@ func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, 
 		}
 		f, err := parseFilter(k, tf.Values())
 		if err != nil {
-			return nil, &bulkexport.Error{Status: http.StatusBadRequest, Code: bulkexport.IssueNotSupported, Param: "_typeFilter",
+			return nil, &bulkexport.Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueNotSupported, Param: "_typeFilter",
 				Message: fmt.Sprintf("%s: %v", tf, err)}
 		}
 		p.filters = append(p.filters, f)

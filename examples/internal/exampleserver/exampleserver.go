@@ -22,6 +22,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // StoreMemory names the MemoryStore: jobs live in memory and are lost on
@@ -221,7 +222,7 @@ func New(cfg Config) (*Server, error) {
 		mux.Handle("/metrics", cfg.Metrics)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeOutcome(w, http.StatusNotFound, bulkexport.IssueNotFound, "nothing here; the FHIR base URL is "+base)
+		writeOutcome(w, http.StatusNotFound, fhirbulk.IssueNotFound, "nothing here; the FHIR base URL is "+base)
 	})
 	return &Server{Handler: mux, Worker: worker, BaseURL: base, Bulk: bulk, Dataset: ds, Store: store, Storage: dir, Files: storage}, nil
 }
@@ -282,7 +283,7 @@ func BearerAuth(clients map[string]string) (func(*http.Request) (string, error),
 // parameters, with the library's bulk data fragment merged in.
 func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, base string, auth bool) ([]byte, error) {
 	var resources []any
-	types, err := ds.ResourceTypes(context.Background(), bulkexport.LevelSystem)
+	types, err := ds.ResourceTypes(context.Background(), fhirbulk.LevelSystem)
 	if err != nil {
 		return nil, err
 	}
@@ -332,7 +333,7 @@ func metadataHandler(body []byte) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", "GET, HEAD")
-			writeOutcome(w, http.StatusMethodNotAllowed, bulkexport.IssueNotSupported, "method not allowed; use GET")
+			writeOutcome(w, http.StatusMethodNotAllowed, fhirbulk.IssueNotSupported, "method not allowed; use GET")
 			return
 		}
 		w.Header().Set("Content-Type", "application/fhir+json")
@@ -344,8 +345,8 @@ func metadataHandler(body []byte) http.Handler {
 	})
 }
 
-func writeOutcome(w http.ResponseWriter, status int, code bulkexport.IssueType, msg string) {
-	b, _ := json.Marshal(bulkexport.NewOutcome(bulkexport.SeverityError, code, msg))
+func writeOutcome(w http.ResponseWriter, status int, code fhirbulk.IssueType, msg string) {
+	b, _ := json.Marshal(fhirbulk.NewOutcome(fhirbulk.SeverityError, code, msg))
 	w.Header().Set("Content-Type", "application/fhir+json")
 	w.WriteHeader(status)
 	_, _ = w.Write(b)

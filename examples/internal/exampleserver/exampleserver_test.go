@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // start serves a new server on httptest and runs its worker until the test
@@ -60,9 +61,9 @@ func do(t *testing.T, method, url, token string) (*http.Response, []byte) {
 	return resp, body
 }
 
-func requireOutcome(t *testing.T, body []byte, code bulkexport.IssueType) {
+func requireOutcome(t *testing.T, body []byte, code fhirbulk.IssueType) {
 	t.Helper()
-	var oo bulkexport.OperationOutcome
+	var oo fhirbulk.OperationOutcome
 	require.NoError(t, json.Unmarshal(body, &oo), "%s", body)
 	require.Equal(t, "OperationOutcome", oo.ResourceType)
 	require.NotEmpty(t, oo.Issue)
@@ -71,7 +72,7 @@ func requireOutcome(t *testing.T, body []byte, code bulkexport.IssueType) {
 
 // exportAll kicks off an export, polls it to completion and returns the
 // manifest and the status URL.
-func exportAll(t *testing.T, kickoff, token string) (*bulkexport.Manifest, string) {
+func exportAll(t *testing.T, kickoff, token string) (*fhirbulk.Manifest, string) {
 	t.Helper()
 	resp, body := do(t, http.MethodGet, kickoff, token)
 	require.Equal(t, http.StatusAccepted, resp.StatusCode, "%s", body)
@@ -87,7 +88,7 @@ func exportAll(t *testing.T, kickoff, token string) (*bulkexport.Manifest, strin
 		time.Sleep(25 * time.Millisecond)
 	}
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var m bulkexport.Manifest
+	var m fhirbulk.Manifest
 	require.NoError(t, json.Unmarshal(body, &m))
 	return &m, status
 }
@@ -219,11 +220,11 @@ func TestMetadata(t *testing.T) {
 
 	resp, body = do(t, http.MethodPost, srv.BaseURL+"/metadata", "")
 	require.Equal(t, http.StatusMethodNotAllowed, resp.StatusCode)
-	requireOutcome(t, body, bulkexport.IssueNotSupported)
+	requireOutcome(t, body, fhirbulk.IssueNotSupported)
 
 	resp, body = do(t, http.MethodGet, ts.URL+"/elsewhere", "")
 	require.Equal(t, http.StatusNotFound, resp.StatusCode)
-	requireOutcome(t, body, bulkexport.IssueNotFound)
+	requireOutcome(t, body, fhirbulk.IssueNotFound)
 }
 
 // TestAuth checks that every bulk data endpoint answers 401 with an
@@ -252,14 +253,14 @@ func TestAuth(t *testing.T) {
 			resp, body := do(t, ep.method, ep.url, token)
 			require.Equal(t, http.StatusUnauthorized, resp.StatusCode, "%s %s token %q", ep.method, ep.url, token)
 			require.Equal(t, "Bearer", resp.Header.Get("WWW-Authenticate"))
-			requireOutcome(t, body, bulkexport.IssueLogin)
+			requireOutcome(t, body, fhirbulk.IssueLogin)
 		}
 	}
 	// Another client sees neither the job nor its files.
 	for _, u := range []string{status, file} {
 		resp, body := do(t, http.MethodGet, u, "b-secret")
 		require.Equal(t, http.StatusNotFound, resp.StatusCode)
-		requireOutcome(t, body, bulkexport.IssueNotFound)
+		requireOutcome(t, body, fhirbulk.IssueNotFound)
 	}
 	resp, _ := do(t, http.MethodGet, file, "a-secret")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
@@ -271,11 +272,11 @@ func TestGroupExport(t *testing.T) {
 
 	resp, body := do(t, http.MethodGet, srv.BaseURL+"/Group/nope/$export", "")
 	require.Equal(t, http.StatusNotFound, resp.StatusCode)
-	requireOutcome(t, body, bulkexport.IssueNotFound)
+	requireOutcome(t, body, fhirbulk.IssueNotFound)
 
 	resp, body = do(t, http.MethodGet, srv.BaseURL+"/$export?_typeFilter=Observation%3Fvalue-quantity%3D5", "")
 	require.Equal(t, http.StatusBadRequest, resp.StatusCode)
-	requireOutcome(t, body, bulkexport.IssueNotSupported)
+	requireOutcome(t, body, fhirbulk.IssueNotSupported)
 	require.Contains(t, string(body), "value-quantity")
 
 	m, _ := exportAll(t, srv.BaseURL+"/Group/cohort-3/$export?_type=Patient,Condition&_typeFilter=Condition%3Fclinical-status%3Dactive", "")
@@ -301,7 +302,7 @@ func TestGroupExport(t *testing.T) {
 		resp.Body.Close()
 		require.Equal(t, *f.Count, n)
 	}
-	q := &bulkexport.Query{Level: bulkexport.LevelGroup, GroupID: "cohort-3"}
+	q := &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "cohort-3"}
 	want, err := srv.Dataset.Expected(q, "Patient")
 	require.NoError(t, err)
 	require.Equal(t, []string{"p-3", "p-13", "p-23"}, want)
@@ -321,9 +322,9 @@ func TestSubsetExport(t *testing.T) {
 	since := "2025-06-01T00:00:00Z"
 	m, _ := exportAll(t, srv.BaseURL+"/$export?_type=Observation,Patient&_since="+since+
 		"&_elements=Observation.valueQuantity,gender&_typeFilter=Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C8867-4", "")
-	sinceT, err := bulkexport.ParseInstant(since)
+	sinceT, err := fhirbulk.ParseInstant(since)
 	require.NoError(t, err)
-	tx, err := bulkexport.ParseInstant(m.TransactionTime)
+	tx, err := fhirbulk.ParseInstant(m.TransactionTime)
 	require.NoError(t, err)
 	got := map[string][]string{}
 	for _, f := range m.Output {
@@ -352,7 +353,7 @@ func TestSubsetExport(t *testing.T) {
 		resp.Body.Close()
 	}
 	for _, typ := range []string{"Observation", "Patient"} {
-		q := &bulkexport.Query{Level: bulkexport.LevelSystem, Since: sinceT, TransactionTime: tx}
+		q := &bulkexport.Query{Level: fhirbulk.LevelSystem, Since: sinceT, TransactionTime: tx}
 		if typ == "Observation" {
 			q.TypeFilters = []bulkexport.TypeFilter{{Type: typ, Query: "code=http%3A%2F%2Floinc.org%7C8867-4"}}
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // maxGroupMembers is the most members a Group resource lists; a larger
@@ -67,7 +68,7 @@ func (g *groupReads) authorized(w http.ResponseWriter, r *http.Request) bool {
 	}
 	if _, err := g.auth(r); err != nil {
 		w.Header().Set("WWW-Authenticate", "Bearer")
-		writeOutcome(w, http.StatusUnauthorized, bulkexport.IssueLogin, "authentication required: send Authorization: Bearer TOKEN")
+		writeOutcome(w, http.StatusUnauthorized, fhirbulk.IssueLogin, "authentication required: send Authorization: Bearer TOKEN")
 		return false
 	}
 	return true
@@ -81,7 +82,7 @@ func (g *groupReads) read(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	res, err := g.group(id)
 	if errors.Is(err, bulkexport.ErrNotFound) {
-		writeOutcome(w, http.StatusNotFound, bulkexport.IssueNotFound, fmt.Sprintf("Group/%s is not known", id))
+		writeOutcome(w, http.StatusNotFound, fhirbulk.IssueNotFound, fmt.Sprintf("Group/%s is not known", id))
 		return
 	}
 	writeFHIR(w, res)
@@ -95,12 +96,12 @@ func (g *groupReads) search(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	count, err := nonNegative(q, "_count", 50)
 	if err != nil {
-		writeOutcome(w, http.StatusBadRequest, bulkexport.IssueInvalid, err.Error())
+		writeOutcome(w, http.StatusBadRequest, fhirbulk.IssueInvalid, err.Error())
 		return
 	}
 	offset, err := nonNegative(q, "_offset", 0)
 	if err != nil {
-		writeOutcome(w, http.StatusBadRequest, bulkexport.IssueInvalid, err.Error())
+		writeOutcome(w, http.StatusBadRequest, fhirbulk.IssueInvalid, err.Error())
 		return
 	}
 	// name: FHIR string search, a case-insensitive match at the start of
@@ -158,7 +159,7 @@ func (g *groupReads) search(w http.ResponseWriter, r *http.Request) {
 	for i := offset; i < end; i++ {
 		res, err := g.group(match[i])
 		if err != nil {
-			writeOutcome(w, http.StatusInternalServerError, bulkexport.IssueException, err.Error())
+			writeOutcome(w, http.StatusInternalServerError, fhirbulk.IssueException, err.Error())
 			return
 		}
 		e := entry{FullURL: g.base + "/Group/" + match[i], Resource: res}
@@ -184,7 +185,7 @@ func nonNegative(q url.Values, name string, def int) (int, error) {
 func writeFHIR(w http.ResponseWriter, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
-		writeOutcome(w, http.StatusInternalServerError, bulkexport.IssueException, err.Error())
+		writeOutcome(w, http.StatusInternalServerError, fhirbulk.IssueException, err.Error())
 		return
 	}
 	w.Header().Set("Content-Type", "application/fhir+json")

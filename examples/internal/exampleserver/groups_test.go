@@ -7,8 +7,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/bulkfhir/bulkexport"
 	"github.com/bulkfhir/bulkexport/examples/internal/dataset"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 type testBundle struct {
@@ -34,7 +34,7 @@ func TestGroupReads(t *testing.T) {
 
 	resp, body := do(t, http.MethodGet, srv.BaseURL+"/Group", "")
 	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
-	requireOutcome(t, body, bulkexport.IssueLogin)
+	requireOutcome(t, body, fhirbulk.IssueLogin)
 
 	resp, body = do(t, http.MethodGet, srv.BaseURL+"/Group", "secret")
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
@@ -94,12 +94,12 @@ func TestGroupReads(t *testing.T) {
 	for name, tc := range map[string]struct {
 		url    string
 		status int
-		code   bulkexport.IssueType
+		code   fhirbulk.IssueType
 	}{
-		"unknown id":     {"/Group/nope", http.StatusNotFound, bulkexport.IssueNotFound},
-		"bad _count":     {"/Group?_count=x", http.StatusBadRequest, bulkexport.IssueInvalid},
-		"negative count": {"/Group?_count=-1", http.StatusBadRequest, bulkexport.IssueInvalid},
-		"bad _offset":    {"/Group?_offset=1.5", http.StatusBadRequest, bulkexport.IssueInvalid},
+		"unknown id":     {"/Group/nope", http.StatusNotFound, fhirbulk.IssueNotFound},
+		"bad _count":     {"/Group?_count=x", http.StatusBadRequest, fhirbulk.IssueInvalid},
+		"negative count": {"/Group?_count=-1", http.StatusBadRequest, fhirbulk.IssueInvalid},
+		"bad _offset":    {"/Group?_offset=1.5", http.StatusBadRequest, fhirbulk.IssueInvalid},
 	} {
 		t.Run(name, func(t *testing.T) {
 			resp, body := do(t, http.MethodGet, srv.BaseURL+tc.url, "secret")

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // TestOrganizeOutputByPatient exports with organizeOutputBy=Patient at the
@@ -27,12 +28,12 @@ func TestOrganizeOutputByPatient(t *testing.T) {
 		PollInterval: 10 * time.Millisecond, Heartbeat: 20 * time.Millisecond, MaxFileResources: 5}})
 	for _, tc := range []struct {
 		name, path string
-		level      bulkexport.Level
+		level      fhirbulk.Level
 		group      string
 	}{
-		{"system", "/$export", bulkexport.LevelSystem, ""},
-		{"patient", "/Patient/$export", bulkexport.LevelPatient, ""},
-		{"group", "/Group/cohort-3/$export", bulkexport.LevelGroup, "cohort-3"},
+		{"system", "/$export", fhirbulk.LevelSystem, ""},
+		{"patient", "/Patient/$export", fhirbulk.LevelPatient, ""},
+		{"group", "/Group/cohort-3/$export", fhirbulk.LevelGroup, "cohort-3"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m, _ := exportAll(t, srv.BaseURL+tc.path+"?organizeOutputBy=Patient&_type=Patient,Observation,Condition", "")
