@@ -2,7 +2,6 @@ package bulkexport
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/http"
@@ -61,51 +60,21 @@ func (m DownloadMode) String() string {
 	return fmt.Sprintf("DownloadMode(%d)", int(m))
 }
 
-// initDownloads checks and completes the download options of a new
-// Handler.
-func (h *Handler) initDownloads() error {
-	o := &h.opts
-	if err := checkSigningKeys(o.SigningKeys); err != nil {
-		return err
-	}
-	if o.SignedURLExpiry < 0 {
-		return fmt.Errorf("bulkexport: Options.SignedURLExpiry is negative (%v)", o.SignedURLExpiry)
-	}
-	if o.SignedURLExpiry == 0 {
-		o.SignedURLExpiry = DefaultSignedURLExpiry
-	}
-	switch o.Downloads {
-	case DownloadProxy:
-		if len(o.SigningKeys) == 0 {
-			return nil
-		}
+// initDownloads picks the signer of a new Handler's download URLs;
+// Options.validate has checked the combination.
+func (h *Handler) initDownloads() {
+	switch {
+	case h.opts.Downloads == DownloadProxy && len(h.opts.SigningKeys) > 0:
 		// The handler signs its own file URLs: capability URLs that need
 		// no token.
-		if o.RequiresAccessToken != nil && *o.RequiresAccessToken {
-			return errors.New("bulkexport: Options.SigningKeys lists capability URLs: RequiresAccessToken cannot be true")
-		}
 		h.signer = hmacSigner{h}
 		h.token = false
-		return nil
-	case DownloadSigned, DownloadRedirect:
-	default:
-		return fmt.Errorf("bulkexport: Options.Downloads: unknown mode %d", int(o.Downloads))
-	}
-	if o.Storage == nil {
-		return fmt.Errorf("bulkexport: Options.Downloads %v needs a Storage", o.Downloads)
-	}
-	signer, ok := o.Storage.(URLSigner)
-	if !ok {
-		return fmt.Errorf("bulkexport: Options.Downloads %v needs a Storage that implements URLSigner; %T does not", o.Downloads, o.Storage)
-	}
-	h.signer = signer
-	if o.Downloads == DownloadSigned {
-		if o.RequiresAccessToken != nil && *o.RequiresAccessToken {
-			return errors.New("bulkexport: Options.Downloads signed lists capability URLs: RequiresAccessToken cannot be true")
+	case h.opts.Downloads != DownloadProxy:
+		h.signer = h.opts.Storage.(URLSigner)
+		if h.opts.Downloads == DownloadSigned {
+			h.token = false
 		}
-		h.token = false
 	}
-	return nil
 }
 
 // errCannotSign answers a request that needed a presigned URL the Storage

@@ -3,7 +3,6 @@ package bulkexport
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -246,14 +245,16 @@ type Handler struct {
 	opts     Options
 	base     string // BaseURL without a trailing slash
 	basePath string // the path of BaseURL, without a trailing slash
-	mapErr   ErrorMapper
-	now      func() time.Time
-	log      *slog.Logger
-	token    bool
-	polls    *pollLimiter // nil when polls are not limited
-	signer   URLSigner    // signs download URLs; nil under plain DownloadProxy
-	tel      *telemetry
-	closed   sync.Once
+	// basePattern is basePath unescaped, as ServeMux patterns are written.
+	basePattern string
+	mapErr      ErrorMapper
+	now         func() time.Time
+	log         *slog.Logger
+	token       bool
+	polls       *pollLimiter // nil when polls are not limited
+	signer      URLSigner    // signs download URLs; nil under plain DownloadProxy
+	tel         *telemetry
+	closed      sync.Once
 }
 
 // Close releases what the Handler registered with Options.MeterProvider
@@ -276,73 +277,39 @@ func (h *Handler) Close() error {
 // that opts.Storage is not.
 func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	if store == nil {
-		return nil, errors.New("bulkexport: NewHandler: nil JobStore")
+		return nil, errNilStore
 	}
 	var o Options
 	if opts != nil {
 		o = *opts
 	}
-	u, err := url.Parse(o.BaseURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("bulkexport: Options.BaseURL must be an absolute http(s) URL without query, got %q", o.BaseURL)
+	o.fill()
+	if err := o.validate(); err != nil {
+		return nil, err
 	}
+	u, _ := url.Parse(o.BaseURL) // validate parsed it
 	h := &Handler{
-		store:    store,
-		opts:     o,
-		base:     strings.TrimSuffix(o.BaseURL, "/"),
-		basePath: strings.TrimSuffix(u.EscapedPath(), "/"),
-		mapErr:   o.ErrorMapper,
-		now:      o.Now,
-		log:      o.Logger,
-		token:    o.Authenticate != nil,
+		store:       store,
+		opts:        o,
+		base:        strings.TrimSuffix(o.BaseURL, "/"),
+		basePath:    strings.TrimSuffix(u.EscapedPath(), "/"),
+		basePattern: patternPath(u),
+		mapErr:      o.ErrorMapper,
+		now:         o.Now,
+		log:         o.Logger,
+		token:       o.Authenticate != nil,
 	}
-	if h.mapErr == nil {
-		h.mapErr = DefaultErrorMapper
-	}
-	if h.now == nil {
-		h.now = time.Now
-	}
-	if h.log == nil {
-		h.log = slog.Default()
-	}
-	h.tel = newTelemetry(o.MeterProvider, o.TracerProvider, h.log)
-	h.tel.initPolls(h.log)
 	if o.RequiresAccessToken != nil {
 		h.token = *o.RequiresAccessToken
 	}
-	if h.opts.RetryAfter == nil {
-		h.opts.RetryAfter = DefaultRetryAfter
+	if o.PollLimit != nil {
+		h.polls = newPollLimiter(*o.PollLimit)
 	}
-	if h.opts.MaxBodyBytes <= 0 {
-		h.opts.MaxBodyBytes = 1 << 20
-	}
-	if h.opts.MaxActiveJobsPerClient == 0 {
-		h.opts.MaxActiveJobsPerClient = 10
-	}
-	if h.opts.MaxFinishedJobsPerClient == 0 {
-		h.opts.MaxFinishedJobsPerClient = DefaultMaxFinishedJobsPerClient
-	}
-	if h.opts.MaxParamLength <= 0 {
-		h.opts.MaxParamLength = 8 << 10
-	}
-	if h.opts.PollLimit != nil {
-		h.polls = newPollLimiter(*h.opts.PollLimit)
-	}
-	if h.opts.ManifestPageSize <= 0 {
-		h.opts.ManifestPageSize = 1000
-	}
-	if h.opts.CancelledRetention <= 0 {
-		h.opts.CancelledRetention = 24 * time.Hour
-	}
-	if err := h.initDownloads(); err != nil {
-		return nil, err
-	}
+	h.initDownloads()
+	h.tel = newTelemetry(o.MeterProvider, o.TracerProvider, h.log)
+	h.tel.initPolls(h.log)
 	return h, nil
 }
-
-// DefaultMaxFinishedJobsPerClient is Options.MaxFinishedJobsPerClient's
-// default.
-const DefaultMaxFinishedJobsPerClient = 100
 
 // Paths the handler serves, relative to the base URL.
 const (

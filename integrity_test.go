@@ -226,7 +226,7 @@ func startOutageRun(t *testing.T, lease, heartbeat time.Duration) (srv *bulkexpo
 	srv = bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
 	statusURL = srv.Kickoff(t, "/$export?_type=Observation")
 	gaveUp = newLogWatch("unreachable for the whole lease")
-	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
+	w, err := bulkexport.NewStalledWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
 		Lease: lease, PollInterval: 10 * time.Millisecond, Heartbeat: heartbeat,
 		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Logger: slog.New(gaveUp),
 	})
@@ -376,7 +376,7 @@ func TestStaleRunCannotTouchCommittedFiles(t *testing.T) {
 		Now: clock.Now, Lease: time.Minute, Heartbeat: time.Hour, PollInterval: 10 * time.Millisecond,
 		MaxFileResources: 7, CheckpointInterval: time.Nanosecond,
 	}
-	a, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	a, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &opts)
 	require.NoError(t, err)
 	ctxA, cancelA := context.WithCancel(context.Background())
 	doneA := make(chan error, 1)
@@ -385,7 +385,7 @@ func TestStaleRunCannotTouchCommittedFiles(t *testing.T) {
 	fenceA := lastJob(t, srv).Fence
 
 	clock.Advance(2 * time.Minute)
-	b, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	b, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &opts)
 	require.NoError(t, err)
 	runWorker(t, b)
 	first := srv.Collect(t, statusURL)

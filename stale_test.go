@@ -45,7 +45,7 @@ func TestStaleRunFailureLogsLeaseLost(t *testing.T) {
 	optsA := opts
 	lost := newLogWatch("lease lost")
 	optsA.Logger = slog.New(lost)
-	a, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &optsA)
+	a, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &optsA)
 	require.NoError(t, err)
 	ctxA, cancelA := context.WithCancel(context.Background())
 	doneA := make(chan error, 1)
@@ -57,7 +57,7 @@ func TestStaleRunFailureLogsLeaseLost(t *testing.T) {
 	<-reached
 
 	clock.Advance(2 * time.Minute)
-	b, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	b, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &opts)
 	require.NoError(t, err)
 	runWorker(t, b)
 	first := srv.Collect(t, statusURL)
@@ -142,7 +142,7 @@ func TestStoppedUpdateIsNotStoreLoss(t *testing.T) {
 		<-watch.seen
 		storeLost.Store(true)
 	}()
-	w, err := bulkexport.NewWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
+	w, err := bulkexport.NewStalledWorker(store, src, srv.Storage, &bulkexport.WorkerOptions{
 		Now: clock.Now, Lease: time.Minute, Heartbeat: time.Hour, PollInterval: 10 * time.Millisecond,
 		MaxFileResources: 7, CheckpointInterval: time.Nanosecond, Concurrency: 1, TypeConcurrency: 2,
 		Logger: slog.New(watch),

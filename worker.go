@@ -2,12 +2,9 @@ package bulkexport
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -76,39 +73,6 @@ type WorkerOptions struct {
 	TracerProvider trace.TracerProvider
 }
 
-func (o *WorkerOptions) fill() {
-	if o.ID == "" {
-		host, _ := os.Hostname()
-		var b [4]byte
-		_, _ = rand.Read(b[:])
-		o.ID = host + "-" + hex.EncodeToString(b[:])
-	}
-	setDefault(&o.Concurrency, 2)
-	setDefault(&o.TypeConcurrency, 2)
-	setDefault(&o.Lease, 30*time.Second)
-	setDefault(&o.Heartbeat, 500*time.Millisecond)
-	setDefault(&o.PollInterval, time.Second)
-	setDefault(&o.MaxFileResources, 100_000)
-	setDefault(&o.MaxFileBytes, 256<<20)
-	setDefault(&o.MaxFilesPerJob, 10_000)
-	setDefault(&o.CheckpointInterval, 5*time.Second)
-	setDefault(&o.Retention, 24*time.Hour)
-	setDefault(&o.PurgeInterval, time.Minute)
-	setDefault(&o.MaxAttempts, 5)
-	if o.Now == nil {
-		o.Now = time.Now
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
-	}
-}
-
-func setDefault[T int | int64 | time.Duration](p *T, def T) {
-	if *p <= 0 {
-		*p = def
-	}
-}
-
 // Worker runs export jobs: it claims queued jobs from a JobStore, asks the
 // Source for their resources type by type, writes NDJSON files to Storage,
 // and completes, fails or abandons the jobs. It also purges expired jobs.
@@ -125,6 +89,12 @@ type Worker struct {
 
 // NewWorker returns a Worker. It starts nothing: call Run.
 func NewWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions) (*Worker, error) {
+	return newWorker(store, src, storage, opts, false)
+}
+
+// newWorker is NewWorker; stalled lets the package's tests simulate a
+// worker whose heartbeats stall past its lease (export_test.go).
+func newWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions, stalled bool) (*Worker, error) {
 	if store == nil || src == nil || storage == nil {
 		return nil, errors.New("bulkexport: NewWorker needs a JobStore, a Source and a Storage")
 	}
@@ -133,6 +103,9 @@ func NewWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions)
 		o = *opts
 	}
 	o.fill()
+	if err := o.validate(); err != nil && !(stalled && errors.As(err, new(*heartbeatError))) {
+		return nil, err
+	}
 	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger,
 		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1)}, nil
 }

@@ -97,7 +97,7 @@ func TestOwnReclaimStopsOlderRun(t *testing.T) {
 		Progress: bulkexport.Progress{Percent: -1}, CreatedAt: created, UpdatedAt: created,
 	}, bulkexport.CreateParams{}))
 	src := newReclaimSource()
-	w, err := bulkexport.NewWorker(store, src, storage, &bulkexport.WorkerOptions{
+	w, err := bulkexport.NewStalledWorker(store, src, storage, &bulkexport.WorkerOptions{
 		ID: "w1", Now: now, Lease: time.Minute,
 		Heartbeat:          time.Hour, // the stalled heartbeat: the lease is never renewed
 		PollInterval:       5 * time.Millisecond,

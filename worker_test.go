@@ -359,7 +359,7 @@ func TestResumeAfterLeaseLoss(t *testing.T) {
 		Now: clock.Now, Lease: time.Minute, Heartbeat: time.Hour, PollInterval: 10 * time.Millisecond,
 		MaxFileResources: 7, CheckpointInterval: time.Nanosecond,
 	}
-	a, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	a, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &opts)
 	require.NoError(t, err)
 	ctxA, cancelA := context.WithCancel(context.Background())
 	doneA := make(chan error, 1)
@@ -376,7 +376,7 @@ func TestResumeAfterLeaseLoss(t *testing.T) {
 	require.NoError(t, orphan.Commit())
 	frozen.Store(true)
 	clock.Advance(2 * time.Minute)
-	b, err := bulkexport.NewWorker(srv.Store, src, srv.Storage, &opts)
+	b, err := bulkexport.NewStalledWorker(srv.Store, src, srv.Storage, &opts)
 	require.NoError(t, err)
 	runWorker(t, b)
 	res := srv.Collect(t, statusURL)
