@@ -61,39 +61,39 @@ type config struct {
 	worker     bulkexport.WorkerOptions
 }
 
-// app is the host application: its router, with the bulk export handler
-// inside, and the Worker that runs the exports.
+// app is the host application: its router, with the bulk export
+// Server's routes inside.
 type app struct {
-	router http.Handler
-	worker *bulkexport.Worker
+	router  http.Handler
+	exports *bulkexport.Server
 }
 
 func newApp(cfg config) (*app, error) {
 	ds := dataset.New(cfg.patients)
-	store := bulkexport.NewMemoryStore()
 	storage, err := bulkexport.NewDirStorage(cfg.storageDir)
 	if err != nil {
 		return nil, err
 	}
 	wo := cfg.worker
 	wo.Logger = cfg.logger
-	worker, err := bulkexport.NewWorker(store, ds, storage, &wo)
-	if err != nil {
-		return nil, err
-	}
-	bulk, err := bulkexport.NewHandler(store, &bulkexport.Options{
-		// The full base URL, prefix included: the handler takes request
-		// paths relative to its path, so no StripPrefix is needed.
-		BaseURL:      cfg.baseURL,
-		Types:        ds,
-		Storage:      storage,
-		Authenticate: clientFromContext,
-		OnQueued:     func(string) { worker.Notify() },
-		Logger:       cfg.logger,
+	exports, err := bulkexport.NewServer(bulkexport.Config{
+		Store:   bulkexport.NewMemoryStore(),
+		Source:  ds,
+		Storage: storage,
+		Options: bulkexport.Options{
+			// The full base URL, prefix included: the handler takes
+			// request paths relative to its path, so no StripPrefix is
+			// needed.
+			BaseURL:      cfg.baseURL,
+			Authenticate: clientFromContext,
+			Logger:       cfg.logger,
+		},
+		Worker: wo,
 	})
 	if err != nil {
 		return nil, err
 	}
+	bulk := exports.Handler()
 	metadata, err := capabilityStatement(bulk, cfg.baseURL)
 	if err != nil {
 		return nil, err
@@ -112,24 +112,25 @@ func newApp(cfg config) (*app, error) {
 		r.Group(func(r chi.Router) {
 			r.Use(apiKeyAuth(cfg.keys))
 			r.Get("/Patient/{id}", readPatient(ds)) // the host's own FHIR API
-			mountBulkExport(r, bulk)
+			mountBulkExport(r, exports)
 		})
 	})
-	return &app{router: r, worker: worker}, nil
+	return &app{router: r, exports: exports}, nil
 }
 
-// mountBulkExport routes the bulk data endpoints to h. They are listed one
-// by one rather than as a catch-all so that they win over the host's own
-// routes: chi prefers the static segment in /Patient/$export to the
-// parameter in /Patient/{id}. Every method goes to h, which answers 405
-// itself.
-func mountBulkExport(r chi.Router, h http.Handler) {
-	r.Handle("/$export", h)
-	r.Handle("/Patient/$export", h)
-	r.Handle("/Group/{id}/$export", h)
-	r.Handle("/$export-poll-status", h)
-	r.Handle("/$export-poll-status/{id}", h)
-	r.Handle("/bulkfiles/*", h)
+// mountBulkExport routes the bulk data endpoints to the Server, method by
+// method, from its route list. The routes' Endpoint paths are relative to
+// the base, as this sub-router is; chi prefers their static segments
+// ($export) to the parameters of the host's own routes (/Patient/{id}),
+// so both coexist. chi routes HEAD only where it is registered, so every
+// GET route registers it too (downloads answer HEAD).
+func mountBulkExport(r chi.Router, exports *bulkexport.Server) {
+	for _, rt := range exports.Routes() {
+		r.Method(rt.Method, rt.Endpoint, exports)
+		if rt.Method == http.MethodGet {
+			r.Method(http.MethodHead, rt.Endpoint, exports)
+		}
+	}
 }
 
 // clientKey is the context key of the host's authenticated client id.
@@ -231,28 +232,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: a.router, ReadHeaderTimeout: 10 * time.Second}
-
-	workerCtx, stopWorker := context.WithCancel(context.Background())
-	defer stopWorker()
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- a.worker.Run(workerCtx) }()
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- srv.Serve(ln) }()
 	fmt.Fprintf(stdout, "bulkexport chi example: base URL %s\n", base)
-
-	var serveErr error
-	select {
-	case <-ctx.Done():
-	case serveErr = <-serveDone:
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_ = srv.Shutdown(shutdownCtx)
-	stopWorker()
-	werr := <-workerDone
-	if errors.Is(serveErr, http.ErrServerClosed) {
-		serveErr = nil
-	}
-	return errors.Join(serveErr, werr)
+	// Serve runs the exports beside the HTTP server and, when ctx ends,
+	// stops taking requests, hands running jobs back and closes.
+	return a.exports.Serve(ctx, &http.Server{Handler: a.router, ReadHeaderTimeout: 10 * time.Second}, ln)
 }

@@ -38,7 +38,7 @@ func start(t *testing.T, patients int) (base string) {
 	ts.Start()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- a.worker.Run(ctx) }()
+	go func() { done <- a.exports.Run(ctx) }()
 	t.Cleanup(func() {
 		ts.Close()
 		cancel()

@@ -43,38 +43,21 @@ func main() {
 	}
 }
 
-// server is the wired server: the handler to serve and the worker to run.
-type server struct {
-	handler http.Handler
-	worker  *bulkexport.Worker
-}
-
-// newServer wires the library's parts over store: the synthetic dataset
-// as the Source, a DirStorage, the Worker and the Handler at /fhir/.
-func newServer(store bulkexport.JobStore, baseURL, storageDir string, patients int, log *slog.Logger, wo bulkexport.WorkerOptions) (*server, error) {
-	ds := dataset.New(patients)
+// newServer wires the library over store: the synthetic dataset as the
+// Source and a DirStorage, with the protocol's routes under /fhir.
+func newServer(store bulkexport.JobStore, baseURL, storageDir string, patients int, log *slog.Logger, wo bulkexport.WorkerOptions) (*bulkexport.Server, error) {
 	files, err := bulkexport.NewDirStorage(storageDir)
 	if err != nil {
 		return nil, err
 	}
 	wo.Logger = log
-	worker, err := bulkexport.NewWorker(store, ds, files, &wo)
-	if err != nil {
-		return nil, err
-	}
-	h, err := bulkexport.NewHandler(store, &bulkexport.Options{
-		BaseURL:  baseURL,
-		Types:    ds,
-		Storage:  files,
-		OnQueued: func(string) { worker.Notify() },
-		Logger:   log,
+	return bulkexport.NewServer(bulkexport.Config{
+		Store:   store,
+		Source:  dataset.New(patients),
+		Storage: files,
+		Options: bulkexport.Options{BaseURL: baseURL, Logger: log},
+		Worker:  wo,
 	})
-	if err != nil {
-		return nil, err
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/fhir/", h)
-	return &server{handler: mux, worker: worker}, nil
 }
 
 // run parses the command line, serves until ctx is done and shuts down.
@@ -104,28 +87,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	httpSrv := &http.Server{Handler: srv.handler, ReadHeaderTimeout: 10 * time.Second}
-
-	workerCtx, stopWorker := context.WithCancel(context.Background())
-	defer stopWorker()
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- srv.worker.Run(workerCtx) }()
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- httpSrv.Serve(ln) }()
+	defer srv.Close()
+	mux := http.NewServeMux()
+	if err := srv.Register(mux); err != nil {
+		return err
+	}
 	fmt.Fprintf(stdout, "bulkexport customstore example: base URL %s\n", base)
-
-	var serveErr error
-	select {
-	case <-ctx.Done():
-	case serveErr = <-serveDone:
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_ = httpSrv.Shutdown(shutdownCtx)
-	stopWorker() // running jobs go back to the queue, in the file
-	werr := <-workerDone
-	if errors.Is(serveErr, http.ErrServerClosed) {
-		serveErr = nil
-	}
-	return errors.Join(serveErr, werr)
+	// Running jobs go back to the queue, in the file, on shutdown.
+	return srv.Serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln)
 }

@@ -95,11 +95,11 @@ func TestSmokeExport(t *testing.T) {
 	srv, err := newServer(store, base, t.TempDir(), 8, slog.New(slog.NewTextHandler(io.Discard, nil)),
 		bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, Heartbeat: 20 * time.Millisecond})
 	require.NoError(t, err)
-	ts.Config.Handler = srv.handler
+	ts.Config.Handler = srv
 	ts.Start()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.worker.Run(ctx) }()
+	go func() { done <- srv.Run(ctx) }()
 	t.Cleanup(func() { ts.Close(); cancel(); require.NoError(t, <-done) })
 
 	e := &bulkexporttest.Exporter{BaseURL: base}

@@ -136,20 +136,12 @@ func demo(ctx context.Context, cfg config, stdout, stderr io.Writer) (res *resul
 		return nil, err
 	}
 	httpSrv := &http.Server{Handler: srv.Handler, ReadHeaderTimeout: 10 * time.Second}
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- httpSrv.Serve(ln) }()
-	workerCtx, stopWorker := context.WithCancel(context.Background())
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- srv.Worker.Run(workerCtx) }()
+	serveCtx, stopServing := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Exports.Serve(serveCtx, httpSrv, ln) }()
 	defer func() {
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		serr := httpSrv.Shutdown(shutdownCtx)
-		if e := <-serveDone; !errors.Is(e, http.ErrServerClosed) {
-			serr = errors.Join(serr, e)
-		}
-		stopWorker()
-		err = errors.Join(err, serr, <-workerDone)
+		stopServing()
+		err = errors.Join(err, <-served)
 	}()
 	fmt.Fprintf(stderr, "server: base URL %s, %d patients, files in %s\n", srv.BaseURL, cfg.patients, dir)
 

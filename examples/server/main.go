@@ -325,13 +325,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	httpSrv := newHTTPServer(srv.Handler, o.timeouts)
 	httpSrv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 
-	workerCtx, stopWorker := context.WithCancel(context.Background())
-	defer stopWorker()
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- srv.Worker.Run(workerCtx) }()
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- httpSrv.Serve(ln) }()
-
 	fmt.Fprintf(stdout, "bulkexport example server: base URL %s\n", srv.BaseURL)
 	storageDesc := backends.StorageSpec{Kind: "blob", URL: o.storageURL}.String() // no query: no credentials in the logs
 	if srv.Storage != nil {
@@ -341,23 +334,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint,
 		"profile", o.protocol.profile, "signed_file_urls", o.protocol.signingKey != nil)
 
-	var serveErr error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-	case serveErr = <-serveDone:
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := httpSrv.Shutdown(shutdownCtx); err != nil {
-		log.Warn("shutdown", "err", err)
-	}
-	stopWorker()
-	werr := <-workerDone
-	if errors.Is(serveErr, http.ErrServerClosed) {
-		serveErr = nil
-	}
-	return errors.Join(serveErr, werr)
+	stopped := context.AfterFunc(ctx, func() { log.Info("shutting down") })
+	defer stopped()
+	// Serve answers requests and runs the exports until ctx ends, then
+	// stops taking requests (finishing those in flight for up to 10 s),
+	// hands running jobs back to the queue and closes.
+	return srv.Exports.Serve(ctx, httpSrv, ln)
 }
 
 // newHTTPServer returns the http.Server for h with the limits t:

@@ -39,7 +39,7 @@ func TestSmokeSystemExport(t *testing.T) {
 	ts.Start()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.Worker.Run(ctx) }()
+	go func() { done <- srv.Exports.Run(ctx) }()
 	t.Cleanup(func() {
 		ts.Close()
 		cancel()

@@ -1,7 +1,8 @@
 // Package exampleserver wires a complete bulk export server out of the
 // library's parts: a JobStore, a DirStorage, the synthetic dataset as the
-// Source, the protocol Handler and a Worker. The example server and the
-// demo both build theirs with New.
+// Source, wired by a bulkexport.Server, beside the host's own FHIR routes
+// (metadata, Group and Patient reads). The example server and the demo
+// both build theirs with New.
 package exampleserver
 
 import (
@@ -91,20 +92,22 @@ type Config struct {
 	Options *bulkexport.Options
 }
 
-// Server is a wired bulk export server. Serve Handler over HTTP and run
-// Worker (Worker.Run blocks until its context is done).
+// Server is a wired bulk export server. Exports.Serve serves Handler
+// and runs the exports (or serve Handler yourself and call Exports.Run).
 type Server struct {
-	// Handler routes /fhir/metadata, GET /fhir/Group and
-	// /fhir/Group/{id} (the groups a client may export), the bulk data
-	// endpoints under /fhir/ and answers anything else with a 404
-	// OperationOutcome.
+	// Handler routes the host's own FHIR API (/fhir/metadata, GET
+	// /fhir/Group, /fhir/Group/{id} and /fhir/Patient/{id}) beside the
+	// bulk data routes (Exports.Register), sends any other request under
+	// /fhir/ to the bulk data handler (which answers it with an
+	// OperationOutcome: 404, or 405 with Allow) and answers anything else
+	// with a 404 OperationOutcome.
 	Handler http.Handler
-	// Worker runs the export jobs.
-	Worker *bulkexport.Worker
+	// Exports is the library's Server: the protocol handler and the
+	// Worker that runs the export jobs.
+	Exports *bulkexport.Server
 	// BaseURL is the FHIR base URL, http://Addr/fhir.
 	BaseURL string
 
-	Bulk    *bulkexport.Handler
 	Dataset *dataset.Dataset
 	Store   bulkexport.JobStore
 	// Storage is the DirStorage New made from StorageDir; nil when
@@ -173,17 +176,11 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Pace > 0 {
 		src = pacedSource{Dataset: ds, pace: cfg.Pace}
 	}
-	worker, err := bulkexport.NewWorker(store, src, storage, &wopts)
-	if err != nil {
-		return nil, err
-	}
-
 	opts := &bulkexport.Options{}
 	if cfg.Options != nil {
 		*opts = *cfg.Options
 	}
-	opts.BaseURL, opts.Types, opts.Storage, opts.Logger = base, ds, storage, log
-	opts.OnQueued = func(string) { worker.Notify() }
+	opts.BaseURL, opts.Logger = base, log
 	if cfg.Downloads != bulkexport.DownloadProxy {
 		opts.Downloads = cfg.Downloads
 	}
@@ -203,28 +200,41 @@ func New(cfg Config) (*Server, error) {
 		}
 		opts.Authenticate = auth
 	}
-	bulk, err := bulkexport.NewHandler(store, opts)
+	// One wiring point: the handler lists the types, Groups and searches
+	// of the very Source the Worker exports from (the paced one too).
+	exports, err := bulkexport.NewServer(bulkexport.Config{Store: store, Source: src, Storage: storage, Options: *opts, Worker: wopts})
 	if err != nil {
 		return nil, err
 	}
+	bulk := exports.Handler()
 	metadata, err := capabilityStatement(bulk, ds, base, len(cfg.Clients) > 0)
 	if err != nil {
 		return nil, err
 	}
 
 	mux := http.NewServeMux()
-	mux.Handle("/fhir/", bulk)
+	if err := exports.Register(mux); err != nil {
+		exports.Close()
+		return nil, err
+	}
+	// The host's own FHIR API at the same base: the bulk data routes are
+	// method-qualified, so GET /fhir/Patient/$export reaches the export
+	// handler and GET /fhir/Patient/{id} the read.
 	mux.Handle("/fhir/metadata", metadataHandler(metadata))
-	groups := &groupReads{ds: ds, base: base, auth: opts.Authenticate}
-	mux.HandleFunc("GET /fhir/Group", groups.search)
-	mux.HandleFunc("GET /fhir/Group/{id}", groups.read)
+	reads := &hostReads{ds: ds, base: base, auth: opts.Authenticate}
+	mux.HandleFunc("GET /fhir/Group", reads.groupSearch)
+	mux.HandleFunc("GET /fhir/Group/{id}", reads.groupRead)
+	mux.HandleFunc("GET /fhir/Patient/{id}", reads.patientRead)
+	// Anything else under the base (an unknown operation, PUT on
+	// $export) gets the handler's OperationOutcome.
+	mux.Handle("/fhir/", exports)
 	if cfg.Metrics != nil {
 		mux.Handle("/metrics", cfg.Metrics)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeOutcome(w, http.StatusNotFound, fhirbulk.IssueNotFound, "nothing here; the FHIR base URL is "+base)
 	})
-	return &Server{Handler: mux, Worker: worker, BaseURL: base, Bulk: bulk, Dataset: ds, Store: store, Storage: dir, Files: storage}, nil
+	return &Server{Handler: mux, Exports: exports, BaseURL: base, Dataset: ds, Store: store, Storage: dir, Files: storage}, nil
 }
 
 // BaseURL returns the FHIR base URL of a server reached at addr (host:port).

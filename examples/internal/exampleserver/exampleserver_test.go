@@ -35,7 +35,7 @@ func start(t *testing.T, cfg Config) (*Server, *httptest.Server) {
 	ts.Start()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.Worker.Run(ctx) }()
+	go func() { done <- srv.Exports.Run(ctx) }()
 	t.Cleanup(func() {
 		ts.Close()
 		cancel()

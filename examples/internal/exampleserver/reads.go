@@ -19,11 +19,12 @@ import (
 // patients stays small.
 const maxGroupMembers = 10000
 
-// groupReads serves the FHIR reads a bulk data client uses to find the
-// groups it may export: GET [base]/Group (a searchset Bundle; name and
-// _count are supported, _offset pages) and GET [base]/Group/{id}. auth is
-// the handler's Authenticate hook, nil without authentication.
-type groupReads struct {
+// hostReads is the host's own FHIR API beside the bulk data routes: the
+// reads a bulk data client uses to find the groups it may export, GET
+// [base]/Group (a searchset Bundle; name and _count are supported,
+// _offset pages) and GET [base]/Group/{id}, and GET [base]/Patient/{id}.
+// auth is the handler's Authenticate hook, nil without authentication.
+type hostReads struct {
 	ds   *dataset.Dataset
 	base string
 	auth func(*http.Request) (string, error)
@@ -45,7 +46,7 @@ type groupResource struct {
 	Member       []groupMember `json:"member,omitempty"`
 }
 
-func (g *groupReads) group(id string) (*groupResource, error) {
+func (g *hostReads) group(id string) (*groupResource, error) {
 	members, err := g.ds.GroupMembers(id)
 	if err != nil {
 		return nil, err
@@ -62,7 +63,7 @@ func (g *groupReads) group(id string) (*groupResource, error) {
 }
 
 // authorized answers 401 and reports false when the request is not let in.
-func (g *groupReads) authorized(w http.ResponseWriter, r *http.Request) bool {
+func (g *hostReads) authorized(w http.ResponseWriter, r *http.Request) bool {
 	if g.auth == nil {
 		return true
 	}
@@ -74,8 +75,8 @@ func (g *groupReads) authorized(w http.ResponseWriter, r *http.Request) bool {
 	return true
 }
 
-// read serves GET [base]/Group/{id}.
-func (g *groupReads) read(w http.ResponseWriter, r *http.Request) {
+// groupRead serves GET [base]/Group/{id}.
+func (g *hostReads) groupRead(w http.ResponseWriter, r *http.Request) {
 	if !g.authorized(w, r) {
 		return
 	}
@@ -88,8 +89,8 @@ func (g *groupReads) read(w http.ResponseWriter, r *http.Request) {
 	writeFHIR(w, res)
 }
 
-// search serves GET [base]/Group.
-func (g *groupReads) search(w http.ResponseWriter, r *http.Request) {
+// groupSearch serves GET [base]/Group.
+func (g *hostReads) groupSearch(w http.ResponseWriter, r *http.Request) {
 	if !g.authorized(w, r) {
 		return
 	}
@@ -186,6 +187,21 @@ func writeFHIR(w http.ResponseWriter, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		writeOutcome(w, http.StatusInternalServerError, fhirbulk.IssueException, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/fhir+json")
+	_, _ = w.Write(b)
+}
+
+// patientRead serves GET [base]/Patient/{id}: a host's ordinary read, on
+// the same mux as GET [base]/Patient/$export.
+func (g *hostReads) patientRead(w http.ResponseWriter, r *http.Request) {
+	if !g.authorized(w, r) {
+		return
+	}
+	b, err := g.ds.Resource("Patient", r.PathValue("id"))
+	if err != nil {
+		writeOutcome(w, http.StatusNotFound, fhirbulk.IssueNotFound, "no Patient "+strconv.Quote(r.PathValue("id")))
 		return
 	}
 	w.Header().Set("Content-Type", "application/fhir+json")
