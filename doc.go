@@ -24,6 +24,21 @@
 // answers as [base]/$export-poll-status/ID, and to POST with a Parameters
 // body carrying _jobId.
 //
+// # Wiring it up
+//
+// NewServer takes one Config (the JobStore, the Source, the Storage, and
+// the Options and WorkerOptions of the two halves), checks all of it at
+// once, and wires a Handler and a Worker that agree: the handler accepts
+// only what the Source can export, and every kick-off wakes the Worker.
+// Register mounts the Server on an http.ServeMux beside the host's own
+// FHIR routes (Routes lists the method-qualified patterns for other
+// routers); Run runs the exports until its context ends; Serve does both
+// with an http.Server and shuts them down in order; Close releases what
+// the Server registered.
+//
+// Wire types the server and the client share (Manifest, OperationOutcome,
+// Level, FHIR instants) live in the leaf package fhirbulk.
+//
 // # The pieces
 //
 // Each layer is usable without the ones above it:

@@ -217,3 +217,55 @@ func ExampleMemoryStore() {
 	// cancelled, version 3
 	// nothing to claim: true
 }
+
+// A Server wires the handler and the Worker from one Config. Register
+// mounts it beside the host's own FHIR routes on an http.ServeMux: its
+// patterns are method-qualified, so the host's GET /fhir/Patient/{id}
+// and the Patient-level kick-off coexist.
+func ExampleServer() {
+	dir, err := os.MkdirTemp("", "bulkexport-example-")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	files, err := bulkexport.NewDirStorage(dir)
+	if err != nil {
+		log.Fatal(err)
+	}
+	exports, err := bulkexport.NewServer(bulkexport.Config{
+		Store:   bulkexport.NewMemoryStore(),
+		Source:  bulkexporttest.NewSource().MustAdd(`{"resourceType":"Patient","id":"p1"}`),
+		Storage: files,
+		Options: bulkexport.Options{BaseURL: "https://fhir.example.org/fhir"},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer exports.Close()
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /fhir/Patient/{id}", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "the host reads Patient", r.PathValue("id"))
+	})
+	if err := exports.Register(mux); err != nil {
+		log.Fatal(err)
+	}
+	for _, path := range []string{"/fhir/Patient/p1", "/fhir/Patient/$export"} {
+		req := httptest.NewRequest(http.MethodGet, path, nil)
+		req.Header.Set("Prefer", "respond-async")
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, req)
+		if loc := rec.Header().Get("Content-Location"); loc != "" {
+			fmt.Println(path, rec.Code, strings.HasPrefix(loc, "https://fhir.example.org/fhir/$export-poll-status?_jobId="))
+			continue
+		}
+		fmt.Println(path, rec.Code, strings.TrimSpace(rec.Body.String()))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // a real host runs the exports until it shuts down
+	fmt.Println("run:", exports.Run(ctx))
+	// Output:
+	// /fhir/Patient/p1 200 the host reads Patient p1
+	// /fhir/Patient/$export 202 true
+	// run: <nil>
+}
