@@ -221,6 +221,24 @@ func (e *Exporter) ExportContext(ctx context.Context, path string) (*Result, err
 	return r, nil
 }
 
+// ExportPOSTContext is ExportPOST without a testing.TB (see
+// ExportContext).
+func (e *Exporter) ExportPOSTContext(ctx context.Context, path string, parameters any) (*Result, error) {
+	body, err := json.Marshal(parameters)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	statusURL, err := e.kickoff(ctx, http.MethodPost, path, body)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	r, err := e.collect(ctx, statusURL)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	return r, nil
+}
+
 // Collect waits for the job at statusURL and downloads its files. It fails
 // the test unless the job completes.
 func (e *Exporter) Collect(t testing.TB, statusURL string) *Result {
