@@ -154,32 +154,7 @@ func (e *sourceEnv) blockStructure(what string, q *bulkexport.Query, types []str
 	for _, p := range rec.problems {
 		errs = append(errs, fmt.Errorf("%s: %s", what, p))
 	}
-	seen := map[string]bool{}
-	var empty []string
-	for i, b := range rec.Blocks {
-		end := len(rec.Resources)
-		if i+1 < len(rec.Blocks) {
-			end = rec.Blocks[i+1].Start
-		}
-		if end == b.Start {
-			empty = append(empty, b.Ref)
-		}
-		typ, id, ok := strings.Cut(b.Ref, "/")
-		switch {
-		case !ok || typ != organizeBy || id == "" || strings.Contains(id, "/"):
-			errs = append(errs, fmt.Errorf("%s: StartBlock(%q): want %s/<id>", what, b.Ref, organizeBy))
-		case seen[b.Ref]:
-			errs = append(errs, fmt.Errorf("%s: two blocks of %s: each instance gets one", what, b.Ref))
-		case e.m.byRef[b.Ref].id == "":
-			errs = append(errs, fmt.Errorf("%s: a block of %s, which is not in the Dataset", what, b.Ref))
-		case !e.selectsPatient(q, id):
-			errs = append(errs, fmt.Errorf("%s: a block of %s, which the query does not select", what, b.Ref))
-		}
-		seen[b.Ref] = true
-	}
-	if empty != nil {
-		e.note("%s: blocks with nothing in them (a header alone): %v", what, empty)
-	}
+	errs = append(errs, e.blockRefs(what, q, rec)...)
 
 	keys := make([]string, 0, len(rec.Resources))
 	block := -1
@@ -214,6 +189,38 @@ func (e *sourceEnv) blockStructure(what string, q *bulkexport.Query, types []str
 		}
 	}
 	return keys, errs
+}
+
+// blockRefs checks the StartBlock calls: each of a patient q selects, once.
+func (e *sourceEnv) blockRefs(what string, q *bulkexport.Query, rec *blockRecorder) []error {
+	var errs []error
+	seen := map[string]bool{}
+	var empty []string
+	for i, b := range rec.Blocks {
+		end := len(rec.Resources)
+		if i+1 < len(rec.Blocks) {
+			end = rec.Blocks[i+1].Start
+		}
+		if end == b.Start {
+			empty = append(empty, b.Ref)
+		}
+		typ, id, ok := strings.Cut(b.Ref, "/")
+		switch {
+		case !ok || typ != organizeBy || id == "" || strings.Contains(id, "/"):
+			errs = append(errs, fmt.Errorf("%s: StartBlock(%q): want %s/<id>", what, b.Ref, organizeBy))
+		case seen[b.Ref]:
+			errs = append(errs, fmt.Errorf("%s: two blocks of %s: each instance gets one", what, b.Ref))
+		case e.m.byRef[b.Ref].id == "":
+			errs = append(errs, fmt.Errorf("%s: a block of %s, which is not in the Dataset", what, b.Ref))
+		case !e.selectsPatient(q, id):
+			errs = append(errs, fmt.Errorf("%s: a block of %s, which the query does not select", what, b.Ref))
+		}
+		seen[b.Ref] = true
+	}
+	if empty != nil {
+		e.note("%s: blocks with nothing in them (a header alone): %v", what, empty)
+	}
+	return errs
 }
 
 // wantBlocks returns the resources ("Type/id", sorted) that ExportBlocks
