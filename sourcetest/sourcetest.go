@@ -42,10 +42,11 @@
 //   - Worker: exports through the real handler and Worker (several types
 //     at once, every line validated) produce the expected files.
 //
-// The optional interfaces (see the list in package bulkexport's
-// documentation of Source) are checked when the Source implements them;
-// otherwise their subtests are skipped with a note saying what the host
-// loses.
+// The optional interfaces (listed under "Optional Source interfaces" in
+// package bulkexport's documentation) are checked when the Source
+// implements them; otherwise their subtests are skipped with a note saying
+// what the host loses. AssociatedDataLister is not checked: what the codes
+// mean is the host's.
 //
 // The Source must serve the resources with the ids and meta.lastUpdated
 // they have in the Dataset, and resolve Group membership (from the Group
