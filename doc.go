@@ -59,6 +59,25 @@
 //   - Storage holds the files: DirStorage (a local directory) here; object
 //     storage lives in the blobstorage module.
 //
+// # Optional Source interfaces
+//
+// A Source (or the TypeLister in Options.Types, which is the Source unless
+// the host sets another) may implement more, detected by type assertion.
+// This is the one list of them; package sourcetest checks each one a
+// Source implements.
+//
+//   - GroupChecker: an unknown Group gets 404 at kick-off, instead of a
+//     job that fails later.
+//   - TypeFilterChecker: a _typeFilter search the host cannot run gets 400
+//     at kick-off (or is dropped under lenient handling), instead of
+//     reaching Export, which would have to reject or apply it itself.
+//   - AssociatedDataLister: the includeAssociatedData codes the Source
+//     honours are accepted at kick-off, besides Options.AssociatedData.
+//   - Counter: X-Progress shows a percentage, not just a count.
+//   - Organizer: the organizeOutputBy parameter (Bulk Data STU3) is
+//     accepted for the types it lists, and output comes in resource blocks;
+//     without it organizeOutputBy gets 400.
+//
 // # Jobs
 //
 // A job moves queued → running → completed | failed, or to cancelled from

@@ -88,8 +88,10 @@ type Options struct {
 	BaseURL string
 
 	// Types lists the resource types per level and validates _type. A
-	// Source fits. Optional interfaces: GroupChecker, TypeFilterChecker.
-	// Default: nil, which accepts any well-formed type name.
+	// Source fits. Its optional interfaces (GroupChecker,
+	// TypeFilterChecker, AssociatedDataLister, the OrganizeTypes of an
+	// Organizer) are listed in the package documentation, "Optional Source
+	// interfaces". Default: nil, which accepts any well-formed type name.
 	Types TypeLister
 
 	// Authenticate returns the client id of a request. An error wrapping

@@ -11,9 +11,10 @@ import (
 // separate goroutines), and the handler calls ResourceTypes to validate
 // _type at kick-off.
 //
-// Optional interfaces, detected by type assertion: GroupChecker (unknown
-// Groups get 404 at kick-off), TypeFilterChecker (unsupported _typeFilter
-// searches get 400), Counter (percentages in X-Progress).
+// A Source may also implement optional interfaces (GroupChecker,
+// TypeFilterChecker, AssociatedDataLister, Counter, Organizer): the
+// package documentation lists them under "Optional Source interfaces",
+// with what each one gives the host.
 type Source interface {
 	// ResourceTypes lists the types exported at a level, in export order.
 	ResourceTypes(ctx context.Context, level fhirbulk.Level) ([]string, error)
@@ -97,7 +98,7 @@ type ResourceWriter interface {
 
 // Counter is an optional interface of a Source: it estimates how many
 // resources Export will write, so that progress can be reported as a
-// percentage.
+// percentage. An estimate is fine; an error leaves the type without one.
 type Counter interface {
 	Count(ctx context.Context, q *Query, typ string) (int64, error)
 }
@@ -105,18 +106,36 @@ type Counter interface {
 // Organizer is an optional interface of a Source that can arrange output in
 // resource blocks, for the organizeOutputBy kick-off parameter (Bulk Data
 // STU3). The handler accepts organizeOutputBy only for the types
-// OrganizeTypes lists.
+// OrganizeTypes lists; the Worker then calls ExportBlocks once for the
+// job, instead of Export per type.
 type Organizer interface {
 	// OrganizeTypes lists the types output can be organized by at a level
-	// (typically "Patient").
+	// (typically "Patient"); none means organizeOutputBy gets 400 there.
 	OrganizeTypes(ctx context.Context, level fhirbulk.Level) ([]string, error)
 
-	// ExportBlocks streams one block per instance of the organizing type
-	// by that q selects: w.StartBlock with the instance's reference
-	// ("Patient/123"), then the instance itself, then the resources of the
-	// given types that belong to it. Resources of any of the types may be
-	// written; the engine writes each block's header. Checkpoints work as
-	// in Source.Export, with the cursor placed between blocks.
+	// ExportBlocks streams the resources of the given types that q selects,
+	// in blocks, one per instance of the organizing type by:
+	//
+	//   - A block starts with w.StartBlock(ref), ref being the instance's
+	//     reference ("Patient/123"), and holds the resources written until
+	//     the next StartBlock. Nothing is written before the first one.
+	//   - An instance gets at most one block, and only an instance that q
+	//     selects (a member of the Group, one of q.Patients) gets one. An
+	//     instance with nothing to write may have no block.
+	//   - Each resource that q selects and that belongs to an instance (for
+	//     by "Patient", the Patient compartment) is written exactly once, in
+	//     that instance's block. Resources that belong to no instance (a
+	//     Practitioner, an Observation without a subject) are left out.
+	//   - The instance itself, when it is among types and q selects it
+	//     (under _since it may not be), is the first resource of its block.
+	//
+	// types always includes by. Other rules are those of Source.Export:
+	// q's filters apply as there, the engine writes each block's header,
+	// a failing Write stops the export (ExportBlocks returns an error), and
+	// ctx is honoured. Checkpoints work as in Source.Export, with the cursor
+	// between blocks: a Checkpoint is called only after a block's last
+	// resource, and a resumed ExportBlocks starts with the next block.
+	// The sourcetest package checks these rules.
 	ExportBlocks(ctx context.Context, q *Query, by string, types []string, w BlockWriter) error
 }
 

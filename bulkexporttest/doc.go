@@ -1,10 +1,8 @@
 // Package bulkexporttest helps hosts test code that uses bulkexport, in
-// the spirit of net/http/httptest. It uses only the standard library.
+// the spirit of net/http/httptest. It uses only the standard library. To
+// check a Source against the contract the Worker relies on, see package
+// sourcetest, which builds on this one.
 //
-//   - SourceTest checks a host's own Source against the contract the
-//     Worker relies on, over a known Dataset: levels, Group membership, the
-//     patient parameter, _since and _until, the transaction time, resuming
-//     from checkpoints, write failures and cancellation.
 //   - NewServer runs the real handler and Worker on an httptest.Server over
 //     a MemoryStore and a temporary DirStorage, with the host's Source or
 //     the in-memory one, and shuts them down with the test. Its helpers
@@ -14,9 +12,9 @@
 //     host's own router with the handler mounted inside.
 //   - Source is an in-memory Source: resources added as JSON or Go values,
 //     failures (FailOn), pauses (Pause) and delays on demand.
-//   - Recorder is a ResourceWriter that keeps what a Source writes, for
-//     tests that call Export directly; Clock is a clock that moves only
-//     when told.
+//   - Recorder is a ResourceWriter (and BlockWriter) that keeps what a
+//     Source writes, for tests that call Export or ExportBlocks directly;
+//     Clock is a clock that moves only when told.
 //
 // A typical host test:
 //

@@ -8,6 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,10 +21,11 @@ import (
 // a test wants them: kick off, wait, download, with every step checked and
 // the test failed on anything unexpected. A Server embeds one; a host that
 // tests its own wiring (its router, its authentication) points one at its
-// own httptest.Server:
+// own httptest.Server, or has Serve start one for a router that must know
+// its base URL first:
 //
-//	ts := httptest.NewServer(myRouter)
-//	e := &bulkexporttest.Exporter{BaseURL: ts.URL + "/api/fhir", Header: http.Header{"Authorization": {"Bearer t0ken"}}}
+//	e := bulkexporttest.Serve(t, "/api/fhir", func(base string) http.Handler { return newRouter(t, base) })
+//	e.Header.Set("Authorization", "Bearer t0ken")
 //	res := e.Export(t, "/Patient/$export?_type=Patient,Observation")
 //
 // Paths are relative to BaseURL. The zero Header and HTTPClient are fine.
@@ -70,11 +74,7 @@ func (e *Exporter) kickoff(ctx context.Context, method, path string, body []byte
 	if err != nil {
 		return "", err
 	}
-	req.Header.Set("Prefer", "respond-async")
-	req.Header.Set("Accept", "application/fhir+json")
-	if body != nil {
-		req.Header.Set("Content-Type", "application/fhir+json")
-	}
+	setKickoffHeader(req.Header, body != nil)
 	resp, b, err := e.send(req)
 	if err != nil {
 		return "", err
@@ -89,11 +89,34 @@ func (e *Exporter) kickoff(ctx context.Context, method, path string, body []byte
 	return loc, nil
 }
 
-// send sends req with the Exporter's Header and returns the response with
-// its body read and closed.
-func (e *Exporter) send(req *http.Request) (*http.Response, []byte, error) {
-	for k, v := range e.Header {
-		req.Header[k] = v
+// setKickoffHeader sets the headers a kick-off sends: Prefer:
+// respond-async, Accept: application/fhir+json, and Content-Type:
+// application/fhir+json when it has a body.
+func setKickoffHeader(h http.Header, body bool) {
+	h.Set("Prefer", "respond-async")
+	h.Set("Accept", "application/fhir+json")
+	if body {
+		h.Set("Content-Type", "application/fhir+json")
+	}
+}
+
+// isKickoff reports whether a URL names an $export operation.
+func isKickoff(u *url.URL) bool {
+	return strings.HasSuffix(u.Path, "/$export")
+}
+
+// send sends req with the Exporter's Header, then the extra headers, and
+// returns the response with its body read and closed. A key with no
+// values removes the header.
+func (e *Exporter) send(req *http.Request, extra ...http.Header) (*http.Response, []byte, error) {
+	for _, h := range append([]http.Header{e.Header}, extra...) {
+		for k, v := range h {
+			if len(v) == 0 {
+				req.Header.Del(k)
+			} else {
+				req.Header[http.CanonicalHeaderKey(k)] = v
+			}
+		}
 	}
 	c := e.HTTPClient
 	if c == nil {
@@ -221,6 +244,24 @@ func (e *Exporter) ExportContext(ctx context.Context, path string) (*Result, err
 	return r, nil
 }
 
+// ExportPOSTContext is ExportPOST without a testing.TB (see
+// ExportContext).
+func (e *Exporter) ExportPOSTContext(ctx context.Context, path string, parameters any) (*Result, error) {
+	body, err := json.Marshal(parameters)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	statusURL, err := e.kickoff(ctx, http.MethodPost, path, body)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	r, err := e.collect(ctx, statusURL)
+	if err != nil {
+		return nil, fmt.Errorf("bulkexporttest: %w", err)
+	}
+	return r, nil
+}
+
 // Collect waits for the job at statusURL and downloads its files. It fails
 // the test unless the job completes.
 func (e *Exporter) Collect(t testing.TB, statusURL string) *Result {
@@ -322,21 +363,71 @@ func (e *Exporter) Cancel(t testing.TB, statusURL string) {
 	}
 }
 
-// Send sends a request with the Exporter's Header and returns the
-// response, body read and closed. A nil body sends none.
-func (e *Exporter) Send(t testing.TB, method, url string, body []byte) (*http.Response, []byte) {
+// Send sends one request and returns the response, body read and closed,
+// for the requests the other helpers do not make, such as the negative
+// tests of a protocol step. A nil body sends none. A url that starts with
+// "/" is relative to BaseURL; any other is used as is (status and file
+// URLs).
+//
+// A request to an $export operation (a URL whose path ends in "/$export")
+// is sent as a kick-off, with the headers the protocol requires: Prefer:
+// respond-async and Accept: application/fhir+json, and Content-Type:
+// application/fhir+json when it has a body. So a kick-off that a test
+// expects to fail fails for the reason the test means, not for a missing
+// Prefer. Other requests get no headers of their own.
+//
+// The Exporter's Header is added next, then header, in order: a key there
+// replaces the header, and a key with no values removes it. A test of the
+// missing header sends:
+//
+//	resp, body := e.Send(t, http.MethodGet, "/Patient/$export", nil, http.Header{"Prefer": nil})
+func (e *Exporter) Send(t testing.TB, method, rawURL string, body []byte, header ...http.Header) (*http.Response, []byte) {
 	t.Helper()
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
 	}
-	req, err := http.NewRequest(method, url, r)
+	if strings.HasPrefix(rawURL, "/") {
+		rawURL = e.BaseURL + rawURL
+	}
+	req, err := http.NewRequest(method, rawURL, r)
 	if err != nil {
 		t.Fatalf("bulkexporttest: %v", err)
 	}
-	resp, b, err := e.send(req)
+	if isKickoff(req.URL) {
+		setKickoffHeader(req.Header, body != nil)
+	}
+	resp, b, err := e.send(req, header...)
 	if err != nil {
 		t.Fatalf("bulkexporttest: %v", err)
 	}
 	return resp, b
+}
+
+// Serve starts an httptest.Server for a handler that must know its own
+// base URL before it exists, such as a host's router with a
+// bulkexport.Handler inside (Options.BaseURL), and returns an Exporter
+// pointed at it with the server's client. newHandler is called once, with
+// the FHIR base URL (the server's URL followed by basePath), before the
+// server accepts requests. The server closes when the test ends:
+//
+//	e := bulkexporttest.Serve(t, "/api/fhir", func(base string) http.Handler { return newRouter(t, base) })
+//	res := e.Export(t, "/Patient/$export")
+func Serve(t testing.TB, basePath string, newHandler func(baseURL string) http.Handler) *Exporter {
+	t.Helper()
+	// The listener exists before the server starts: its address makes
+	// the URL.
+	ts := httptest.NewUnstartedServer(http.NotFoundHandler())
+	t.Cleanup(ts.Close)
+	base := "http://" + ts.Listener.Addr().String() + basePath
+	h := newHandler(base)
+	if h == nil {
+		t.Fatal("bulkexporttest: Serve: newHandler returned nil")
+	}
+	ts.Config.Handler = h
+	ts.Start()
+	if ts.URL+basePath != base {
+		t.Fatalf("bulkexporttest: Serve: the server's URL %s is not %s", ts.URL, base)
+	}
+	return &Exporter{BaseURL: base, Header: http.Header{}, HTTPClient: ts.Client()}
 }

@@ -6,9 +6,9 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -161,27 +161,30 @@ func TestExporterAgainstHostWiring(t *testing.T) {
 	go func() { done <- w.Run(ctx) }()
 	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
 
-	mux := http.NewServeMux()
-	ts := httptest.NewServer(mux)
-	t.Cleanup(ts.Close)
-	h, err := bulkexport.NewHandler(store, &bulkexport.Options{
-		BaseURL: ts.URL + "/api/fhir", Types: src, Storage: storage, OnQueued: func(string) { w.Notify() }, Logger: quiet,
-		Authenticate: func(r *http.Request) (string, error) {
-			if r.Header.Get("X-Api-Key") != "k1" {
-				return "", bulkexport.ErrUnauthorized
-			}
-			return "client-1", nil
-		},
+	// The handler needs the server's URL, which Serve knows before the
+	// server starts.
+	e := bulkexporttest.Serve(t, "/api/fhir", func(base string) http.Handler {
+		h, err := bulkexport.NewHandler(store, &bulkexport.Options{
+			BaseURL: base, Types: src, Storage: storage, OnQueued: func(string) { w.Notify() }, Logger: quiet,
+			Authenticate: func(r *http.Request) (string, error) {
+				if r.Header.Get("X-Api-Key") != "k1" {
+					return "", bulkexport.ErrUnauthorized
+				}
+				return "client-1", nil
+			},
+		})
+		require.NoError(t, err)
+		mux := http.NewServeMux()
+		mux.Handle("/api/fhir/", h)
+		return mux
 	})
-	require.NoError(t, err)
-	mux.Handle("/api/fhir/", h)
-
-	e := &bulkexporttest.Exporter{BaseURL: ts.URL + "/api/fhir", Header: http.Header{"X-Api-Key": {"k1"}}}
+	require.True(t, strings.HasSuffix(e.BaseURL, "/api/fhir"), e.BaseURL)
+	e.Header.Set("X-Api-Key", "k1")
 	res := e.Export(t, "/Patient/$export?_type=Patient")
 	require.Equal(t, []string{"a", "b"}, res.IDs("Patient"))
 	require.Equal(t, "client-1", mustJob(t, store, res.StatusURL).Owner)
 
-	anon := &bulkexporttest.Exporter{BaseURL: e.BaseURL}
+	anon := &bulkexporttest.Exporter{BaseURL: e.BaseURL, HTTPClient: e.HTTPClient}
 	resp, _ := anon.Status(t, res.StatusURL)
 	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
 
@@ -189,6 +192,32 @@ func TestExporterAgainstHostWiring(t *testing.T) {
 	statusURL := e.Kickoff(t, "/$export")
 	<-pause.Reached()
 	e.Cancel(t, statusURL)
+}
+
+// TestSendKickoffHeaders checks that Send makes a request to $export a
+// kick-off (Prefer, Accept, Content-Type) unless the test removes or
+// replaces those headers, and leaves other requests alone.
+func TestSendKickoffHeaders(t *testing.T) {
+	t.Parallel()
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: patients(1), NoWorker: true})
+
+	resp, body := srv.Send(t, http.MethodGet, "/Patient/$export", nil)
+	require.Equal(t, http.StatusAccepted, resp.StatusCode, "%s", body)
+
+	resp, body = srv.Send(t, http.MethodPost, "/$export", []byte(`{"resourceType":"Parameters"}`))
+	require.Equal(t, http.StatusAccepted, resp.StatusCode, "%s", body)
+
+	resp, body = srv.Send(t, http.MethodGet, "/Patient/$export", nil, http.Header{"Prefer": nil})
+	require.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	require.Contains(t, string(body), "respond-async")
+
+	resp, _ = srv.Send(t, http.MethodGet, "/Patient/$export", nil, http.Header{"Accept": {"text/html"}})
+	require.Equal(t, http.StatusNotAcceptable, resp.StatusCode)
+
+	// A status URL is no kick-off: no Prefer, and a full URL is kept.
+	statusURL := srv.Kickoff(t, "/$export")
+	resp, _ = srv.Send(t, http.MethodGet, statusURL, nil)
+	require.Equal(t, http.StatusAccepted, resp.StatusCode)
 }
 
 func mustJob(t *testing.T, store bulkexport.JobStore, statusURL string) *bulkexport.Job {

@@ -10,7 +10,9 @@ import (
 )
 
 // Recorder is a bulkexport.ResourceWriter that keeps everything a Source
-// gives it, for tests that call Source.Export directly, without a Worker:
+// gives it, for tests that call Source.Export directly, without a Worker.
+// It is also a bulkexport.BlockWriter, for tests of an Organizer's
+// ExportBlocks:
 //
 //	var rec bulkexporttest.Recorder
 //	err := src.Export(ctx, &bulkexport.Query{Level: fhirbulk.LevelSystem}, "Patient", &rec)
@@ -26,6 +28,8 @@ type Recorder struct {
 	Deletions   []Deletion
 	Issues      []fhirbulk.Issue
 	Checkpoints []Checkpoint
+	// Blocks holds the StartBlock calls, in order.
+	Blocks []Block
 
 	// OnWrite, if set, is called at the start of every Write with the
 	// number of Write calls before it. An error is returned by Write and
@@ -48,7 +52,15 @@ type Checkpoint struct {
 	Written int
 }
 
-var _ bulkexport.ResourceWriter = (*Recorder)(nil)
+// Block is a call of BlockWriter.StartBlock.
+type Block struct {
+	Ref string
+	// Start is how many resources had been kept when it was called: the
+	// block holds Resources[Start:] up to the next block's Start.
+	Start int
+}
+
+var _ bulkexport.BlockWriter = (*Recorder)(nil)
 
 // Write implements bulkexport.ResourceWriter.
 func (r *Recorder) Write(resource []byte) error {
@@ -78,6 +90,12 @@ func (r *Recorder) Issue(issue fhirbulk.Issue) error {
 // Checkpoint implements bulkexport.ResourceWriter.
 func (r *Recorder) Checkpoint(cursor string) error {
 	r.Checkpoints = append(r.Checkpoints, Checkpoint{Cursor: cursor, Written: len(r.Resources)})
+	return nil
+}
+
+// StartBlock implements bulkexport.BlockWriter.
+func (r *Recorder) StartBlock(ref string) error {
+	r.Blocks = append(r.Blocks, Block{Ref: ref, Start: len(r.Resources)})
 	return nil
 }
 

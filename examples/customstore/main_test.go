@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -90,19 +89,18 @@ func TestSmokeExport(t *testing.T) {
 	jobs := filepath.Join(t.TempDir(), "jobs.json")
 	store, err := OpenFileStore(jobs)
 	require.NoError(t, err)
-	ts := httptest.NewUnstartedServer(nil)
-	base := "http://" + ts.Listener.Addr().String() + "/fhir"
-	srv, err := newServer(store, base, t.TempDir(), 8, slog.New(slog.NewTextHandler(io.Discard, nil)),
-		bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, Heartbeat: 20 * time.Millisecond})
-	require.NoError(t, err)
-	ts.Config.Handler = srv
-	ts.Start()
+	var srv *bulkexport.Server
+	e := bulkexporttest.Serve(t, "/fhir", func(base string) http.Handler {
+		srv, err = newServer(store, base, t.TempDir(), 8, slog.New(slog.NewTextHandler(io.Discard, nil)),
+			bulkexport.WorkerOptions{PollInterval: 10 * time.Millisecond, Heartbeat: 20 * time.Millisecond})
+		require.NoError(t, err)
+		return srv
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
-	t.Cleanup(func() { ts.Close(); cancel(); require.NoError(t, <-done) })
+	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
 
-	e := &bulkexporttest.Exporter{BaseURL: base}
 	res := e.Export(t, "/Group/even/$export?_type=Patient,Condition")
 	require.Len(t, res.IDs("Patient"), 4)
 	require.NotEmpty(t, res.IDs("Condition"))

@@ -1,25 +1,24 @@
-package bulkexporttest
-
-import (
-	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"net/http"
-	"net/url"
-	"os"
-	"slices"
-	"strings"
-	"testing"
-	"time"
-
-	"github.com/bulkfhir/bulkexport"
-	"github.com/bulkfhir/bulkexport/fhirbulk"
-)
-
-// SourceTest checks a host's bulkexport.Source against the contract the
-// Worker relies on. It calls newSource once, with the Dataset to serve,
-// and then runs named subtests against the Source it returns:
+// Package sourcetest is a conformance suite for bulkexport.Source
+// implementations: it checks a host's Source against the contract the
+// Worker and the handler rely on, over a known Dataset.
+//
+// A host whose store can be loaded with the suite's own data runs Run from
+// an ordinary test, loading the Dataset into a fresh instance:
+//
+//	func TestMySource(t *testing.T) {
+//		sourcetest.Run(t, func(t *testing.T, data sourcetest.Dataset) bulkexport.Source {
+//			db := openEmptyTestDB(t) // release it with t.Cleanup
+//			for _, r := range data.Resources {
+//				insertResource(t, db, r) // as given: id and meta.lastUpdated kept
+//			}
+//			return mysource.New(db)
+//		})
+//	}
+//
+// A Source whose data is fixed (generated, or a read-only copy) runs
+// RunFixed instead, with a Dataset that describes what it serves.
+//
+// The named subtests:
 //
 //   - ResourceTypes: every level answers, without duplicates, with Patient.
 //   - Level: system, Patient and Group level export exactly the resources
@@ -34,44 +33,84 @@ import (
 //   - Errors: when Write fails, Export stops writing and returns an error.
 //   - Cancel: Export returns promptly when its context is cancelled in the
 //     middle of an export, or is done before it starts.
-//   - Optional: GroupChecker and Counter, when the Source has them.
+//   - Optional: GroupChecker, Counter and TypeFilterChecker.
+//   - Organizer: OrganizeTypes and ExportBlocks (organizeOutputBy=Patient):
+//     every selected resource of the Patient compartment in exactly one
+//     block, the block of its patient; blocks well formed; checkpoints
+//     between blocks and resuming from them; write failures and
+//     cancellation.
 //   - Worker: exports through the real handler and Worker (several types
 //     at once, every line validated) produce the expected files.
 //
-// A host runs it from an ordinary test, loading the data into a fresh
-// instance of its store:
+// The optional interfaces (listed under "Optional Source interfaces" in
+// package bulkexport's documentation) are checked when the Source
+// implements them; otherwise their subtests are skipped with a note saying
+// what the host loses. AssociatedDataLister is not checked: what the codes
+// mean is the host's.
 //
-//	func TestMySource(t *testing.T) {
-//		bulkexporttest.SourceTest(t, func(t *testing.T, data bulkexporttest.Dataset) bulkexport.Source {
-//			db := openEmptyTestDB(t) // release it with t.Cleanup
-//			for _, r := range data.Resources {
-//				insertResource(t, db, r) // as given: id and meta.lastUpdated kept
-//			}
-//			return mysource.New(db)
-//		})
-//	}
-//
-// newSource must serve the resources with the ids and meta.lastUpdated
+// The Source must serve the resources with the ids and meta.lastUpdated
 // they have in the Dataset, and resolve Group membership (from the Group
 // resources or from Dataset.Groups). A Source that does not export some
 // type of the Dataset simply leaves it out of ResourceTypes: only the
 // types it lists are checked (the subtests log which). Patient and Group
 // level checks cover the types in the Patient compartment; a Source may
 // also list others there, such as Practitioner, which are then not
-// checked. _typeFilter, _elements and deletions are the host's own
-// choices and are not checked.
+// checked. _elements and deletions are the host's own choices and are not
+// checked; _typeFilter only through TypeFilterChecker (see
+// Optional/TypeFilterChecker).
 //
-// Run it with -race: the Worker subtest exports several types at once.
-func SourceTest(t *testing.T, newSource func(t *testing.T, data Dataset) bulkexport.Source) {
+// Run it with -race: the Worker subtests export several types at once.
+package sourcetest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/bulkexporttest"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
+)
+
+// Run checks the Source that newSource returns. It calls newSource once,
+// with the Dataset to serve (NewDataset's), and then runs the named
+// subtests against the Source. The subtests run one after another.
+func Run(t *testing.T, newSource func(t *testing.T, data Dataset) bulkexport.Source) {
 	t.Helper()
 	data := NewDataset()
 	src := newSource(t, data)
 	if src == nil {
-		t.Fatal("bulkexporttest: newSource returned nil")
+		t.Fatal("sourcetest: newSource returned nil")
+	}
+	RunFixed(t, src, data)
+}
+
+// RunFixed checks a Source that serves data of its own, which data
+// describes: every resource the Source exports for the types its
+// ResourceTypes lists, as JSON with its id and meta.lastUpdated (the
+// Patient compartment is read from a subject or patient reference
+// "Patient/<id>"), and the members of the Groups to export (Groups).
+//
+// The checks choose what to query from data: the first two Group ids in
+// sorted order, patients in the order of data.Resources, and _since and
+// _until between the lastUpdated values. So data needs at least three
+// Patients, a Group with a member and a patient who is not one, and six
+// distinct lastUpdated values. Keep it small (a few hundred resources at
+// most): every check reads it whole.
+func RunFixed(t *testing.T, src bulkexport.Source, data Dataset) {
+	t.Helper()
+	if src == nil {
+		t.Fatal("sourcetest: nil Source")
 	}
 	env, err := newSourceEnv(src, data)
 	if err != nil {
-		t.Fatalf("bulkexporttest: %v", err)
+		t.Fatalf("sourcetest: %v", err)
 	}
 	for _, g := range sourceChecks() {
 		t.Run(g.name, func(t *testing.T) {
@@ -81,13 +120,28 @@ func SourceTest(t *testing.T, newSource func(t *testing.T, data Dataset) bulkexp
 					defer cancel()
 					ce := *env
 					ce.note = t.Logf
-					if err := c.run(ctx, &ce); err != nil {
+					err := c.run(ctx, &ce)
+					var skip skipError
+					if errors.As(err, &skip) {
+						t.Skip(skip.why)
+					}
+					if err != nil {
 						t.Error(err)
 					}
 				})
 			}
 		})
 	}
+}
+
+// skipError is what a check returns when it does not apply to the Source:
+// the subtest is skipped, saying why.
+type skipError struct{ why string }
+
+func (e skipError) Error() string { return "skipped: " + e.why }
+
+func skip(format string, args ...any) error {
+	return skipError{fmt.Sprintf(format, args...)}
 }
 
 // exportTimeout bounds one Export call: a Source that takes longer on the
@@ -112,6 +166,7 @@ type sourceEnv struct {
 	src  bulkexport.Source
 	data Dataset
 	m    *model
+	p    *params
 	note func(format string, args ...any)
 }
 
@@ -120,67 +175,169 @@ func newSourceEnv(src bulkexport.Source, data Dataset) (*sourceEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &sourceEnv{src: src, data: data, m: m, note: func(string, ...any) {}}, nil
+	p, err := newParams(m)
+	if err != nil {
+		return nil, err
+	}
+	return &sourceEnv{src: src, data: data, m: m, p: p, note: func(string, ...any) {}}, nil
 }
 
-// The times the checks query with, between the Dataset's lastUpdated
-// values (which are whole hours, or half a second past them).
-var (
-	sinceTime  = datasetEpoch.Add(10*time.Hour + 30*time.Minute)
-	untilTime  = datasetEpoch.Add(20*time.Hour + 30*time.Minute)
-	windowFrom = datasetEpoch.Add(5*time.Hour + 30*time.Minute)
-	windowTo   = datasetEpoch.Add(15*time.Hour + 30*time.Minute)
-	txTime     = datasetEpoch.Add(24*time.Hour + 30*time.Minute)
+// params are what the checks query with, chosen from the Dataset.
+type params struct {
+	group, group2 string   // Groups to export; group2 may be ""
+	patients      []string // the patient parameter at Patient level
+	mixed         []string // a member of group and a patient who is not
+	// Times between the Dataset's lastUpdated values.
+	since, until, from, to, tx time.Time
 	// afterAll is a transaction time after every resource, as the
 	// Worker's (the kick-off time) is.
-	afterAll = datasetEpoch.Add(1000 * time.Hour)
-)
+	afterAll time.Time
+	// low and high bound the lastUpdated values that checkBounds puts a
+	// bound on.
+	low, high time.Time
+}
 
-func sourceChecks() []checkGroup {
-	sys := func() *bulkexport.Query {
-		return &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
+func newParams(m *model) (*params, error) {
+	var p params
+	var patients []string
+	var times []time.Time
+	for _, r := range m.res {
+		if r.typ == "Patient" {
+			patients = append(patients, r.id)
+		}
+		times = append(times, r.updated)
 	}
-	pat := func() *bulkexport.Query {
-		return &bulkexport.Query{Level: fhirbulk.LevelPatient, TransactionTime: afterAll}
+	slices.SortFunc(times, func(a, b time.Time) int { return a.Compare(b) })
+	times = slices.CompactFunc(times, time.Time.Equal)
+	if len(patients) < 3 {
+		return nil, fmt.Errorf("the Dataset has %d Patients, the checks need 3", len(patients))
 	}
-	grp := func(id string) *bulkexport.Query {
-		return &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: id, TransactionTime: afterAll}
+	if n := len(times); n < 6 {
+		return nil, fmt.Errorf("the Dataset has %d distinct meta.lastUpdated values, the checks need 6", n)
 	}
-	with := func(q *bulkexport.Query, f func(q *bulkexport.Query)) *bulkexport.Query { f(q); return q }
-	expectAll := func(qs ...*bulkexport.Query) func(ctx context.Context, e *sourceEnv) error {
-		return func(ctx context.Context, e *sourceEnv) error {
-			var errs []error
-			for _, q := range qs {
-				errs = append(errs, e.expectTypes(ctx, q))
-			}
-			return errors.Join(errs...)
+	ids := make([]string, 0, len(m.groups))
+	for id := range m.groups {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	if len(ids) == 0 {
+		return nil, errors.New("the Dataset has no Groups")
+	}
+	p.group = ids[0]
+	if len(ids) > 1 {
+		p.group2 = ids[1]
+	}
+	var member, other string
+	for _, id := range patients {
+		switch in := slices.Contains(m.groups[p.group], id); {
+		case in && member == "":
+			member = id
+		case !in && other == "":
+			other = id
 		}
 	}
+	if member == "" || other == "" {
+		return nil, fmt.Errorf("Group %s needs a member and a patient who is not one", p.group)
+	}
+	p.patients = []string{patients[1], patients[len(patients)-2]}
+	p.mixed = []string{member, other}
+
+	n := len(times)
+	between := func(k int) time.Time {
+		lo, hi := times[k], times[k+1]
+		mid := lo.Add(hi.Sub(lo) / 2)
+		for _, d := range []time.Duration{time.Second, time.Millisecond} {
+			if t := mid.Truncate(d); t.After(lo) {
+				return t
+			}
+		}
+		return mid
+	}
+	p.since, p.until = between(n/3), between(2*n/3)
+	p.from, p.to = between(n/6), between(n/2)
+	p.tx = between(4 * n / 5)
+	p.low, p.high = times[n/6], times[4*n/5]
+	p.afterAll = times[n-1].Add(1000 * time.Hour)
+	return &p, nil
+}
+
+// Queries at each level, selecting everything there is.
+func (e *sourceEnv) sys() *bulkexport.Query {
+	return &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
+}
+
+func (e *sourceEnv) pat() *bulkexport.Query {
+	return &bulkexport.Query{Level: fhirbulk.LevelPatient, TransactionTime: e.p.afterAll}
+}
+
+func (e *sourceEnv) grp(id string) *bulkexport.Query {
+	return &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: id, TransactionTime: e.p.afterAll}
+}
+
+// groups returns the queries of the Groups to export.
+func (e *sourceEnv) groups() []*bulkexport.Query {
+	qs := []*bulkexport.Query{e.grp(e.p.group)}
+	if e.p.group2 != "" {
+		qs = append(qs, e.grp(e.p.group2))
+	}
+	return qs
+}
+
+func with(q *bulkexport.Query, f func(q *bulkexport.Query)) *bulkexport.Query { f(q); return q }
+
+// expectAll checks the queries that qs returns.
+func expectAll(qs func(e *sourceEnv) []*bulkexport.Query) func(ctx context.Context, e *sourceEnv) error {
+	return func(ctx context.Context, e *sourceEnv) error {
+		var errs []error
+		for _, q := range qs(e) {
+			errs = append(errs, e.expectTypes(ctx, q))
+		}
+		return errors.Join(errs...)
+	}
+}
+
+func sourceChecks() []checkGroup {
+	type qs = []*bulkexport.Query
 	return []checkGroup{
 		{"ResourceTypes", []sourceCheck{
 			{"Levels", checkResourceTypes},
 		}},
 		{"Level", []sourceCheck{
-			{"System", expectAll(sys())},
-			{"Patient", expectAll(pat())},
-			{"Group", expectAll(grp("grp-odd"), grp("grp-two"))},
+			{"System", expectAll(func(e *sourceEnv) qs { return qs{e.sys()} })},
+			{"Patient", expectAll(func(e *sourceEnv) qs { return qs{e.pat()} })},
+			{"Group", expectAll(func(e *sourceEnv) qs { return e.groups() })},
 		}},
 		{"Patients", []sourceCheck{
-			{"PatientLevel", expectAll(with(pat(), func(q *bulkexport.Query) { q.Patients = []string{"pt-2", "pt-5"} }))},
-			{"GroupMembersOnly", expectAll(with(grp("grp-odd"), func(q *bulkexport.Query) { q.Patients = []string{"pt-1", "pt-2"} }))},
+			{"PatientLevel", expectAll(func(e *sourceEnv) qs {
+				return qs{with(e.pat(), func(q *bulkexport.Query) { q.Patients = e.p.patients })}
+			})},
+			{"GroupMembersOnly", expectAll(func(e *sourceEnv) qs {
+				return qs{with(e.grp(e.p.group), func(q *bulkexport.Query) { q.Patients = e.p.mixed })}
+			})},
 		}},
 		{"Time", []sourceCheck{
-			{"Since", expectAll(
-				with(sys(), func(q *bulkexport.Query) { q.Since = sinceTime }),
-				with(grp("grp-odd"), func(q *bulkexport.Query) { q.Since = sinceTime }))},
-			{"Until", expectAll(
-				with(sys(), func(q *bulkexport.Query) { q.Until = untilTime }),
-				with(pat(), func(q *bulkexport.Query) { q.Until = untilTime }))},
-			{"SinceAndUntil", expectAll(with(pat(), func(q *bulkexport.Query) { q.Since, q.Until = windowFrom, windowTo }))},
+			{"Since", expectAll(func(e *sourceEnv) qs {
+				return qs{
+					with(e.sys(), func(q *bulkexport.Query) { q.Since = e.p.since }),
+					with(e.grp(e.p.group), func(q *bulkexport.Query) { q.Since = e.p.since }),
+				}
+			})},
+			{"Until", expectAll(func(e *sourceEnv) qs {
+				return qs{
+					with(e.sys(), func(q *bulkexport.Query) { q.Until = e.p.until }),
+					with(e.pat(), func(q *bulkexport.Query) { q.Until = e.p.until }),
+				}
+			})},
+			{"SinceAndUntil", expectAll(func(e *sourceEnv) qs {
+				return qs{with(e.pat(), func(q *bulkexport.Query) { q.Since, q.Until = e.p.from, e.p.to })}
+			})},
 			{"ExclusiveBounds", checkBounds},
-			{"TransactionTime", expectAll(
-				with(sys(), func(q *bulkexport.Query) { q.TransactionTime = txTime }),
-				with(sys(), func(q *bulkexport.Query) { q.Since, q.TransactionTime = sinceTime, txTime }))},
+			{"TransactionTime", expectAll(func(e *sourceEnv) qs {
+				return qs{
+					with(e.sys(), func(q *bulkexport.Query) { q.TransactionTime = e.p.tx }),
+					with(e.sys(), func(q *bulkexport.Query) { q.Since, q.TransactionTime = e.p.since, e.p.tx }),
+				}
+			})},
 		}},
 		{"Resume", []sourceCheck{
 			{"FromCheckpoints", checkResume},
@@ -195,6 +352,15 @@ func sourceChecks() []checkGroup {
 		{"Optional", []sourceCheck{
 			{"GroupChecker", checkGroupChecker},
 			{"Counter", checkCounter},
+			{"TypeFilterChecker", checkTypeFilterChecker},
+		}},
+		{"Organizer", []sourceCheck{
+			{"OrganizeTypes", checkOrganizeTypes},
+			{"Blocks", checkBlocks},
+			{"Resume", checkBlocksResume},
+			{"WriteFails", checkBlocksWriteFails},
+			{"Cancel", checkBlocksCancel},
+			{"Worker", checkBlocksWorker},
 		}},
 		{"Worker", []sourceCheck{
 			{"Exports", checkWorker},
@@ -214,10 +380,11 @@ type res struct {
 type model struct {
 	res    []res
 	groups map[string][]string
+	byRef  map[string]res // by "Type/id"
 }
 
 func newModel(d Dataset) (*model, error) {
-	m := &model{groups: d.Groups}
+	m := &model{groups: d.Groups, byRef: map[string]res{}}
 	for _, raw := range d.Resources {
 		var v struct {
 			ResourceType string `json:"resourceType"`
@@ -245,6 +412,7 @@ func newModel(d Dataset) (*model, error) {
 			r.patient = patientID(v.Patient.Reference)
 		}
 		m.res = append(m.res, r)
+		m.byRef[r.typ+"/"+r.id] = r
 	}
 	return m, nil
 }
@@ -358,15 +526,15 @@ func (e *sourceEnv) expectTypes(ctx context.Context, q *bulkexport.Query) error 
 
 // expect exports typ and compares what is written with the model.
 func (e *sourceEnv) expect(ctx context.Context, q *bulkexport.Query, typ string) error {
-	var rec Recorder
+	var rec bulkexporttest.Recorder
 	if err := e.export(ctx, q, typ, &rec); err != nil {
-		return fmt.Errorf("%s: %w", describe(q, typ), err)
+		return fmt.Errorf("%s: %w", e.describe(q, typ), err)
 	}
 	got, err := lineIDs(typ, rec.Resources)
 	if err != nil {
-		return fmt.Errorf("%s: %w", describe(q, typ), err)
+		return fmt.Errorf("%s: %w", e.describe(q, typ), err)
 	}
-	return compareIDs(describe(q, typ), e.m.want(q, typ), got)
+	return compareIDs(e.describe(q, typ), e.m.want(q, typ), got)
 }
 
 // lineIDs checks that every line is a JSON object of type typ with an id,
@@ -438,7 +606,7 @@ func compareIDsAs(what string, want, got []string, unexpected string) error {
 }
 
 // describe names an Export call in failure messages.
-func describe(q *bulkexport.Query, typ string) string {
+func (e *sourceEnv) describe(q *bulkexport.Query, typ string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Export(%s) at %s level", typ, q.Level)
 	if q.GroupID != "" {
@@ -453,7 +621,7 @@ func describe(q *bulkexport.Query, typ string) string {
 	if !q.Until.IsZero() {
 		fmt.Fprintf(&b, ", _until=%s", fhirbulk.FormatInstant(q.Until))
 	}
-	if !q.TransactionTime.IsZero() && !q.TransactionTime.Equal(afterAll) {
+	if !q.TransactionTime.IsZero() && !q.TransactionTime.Equal(e.p.afterAll) {
 		fmt.Fprintf(&b, ", transaction time %s", fhirbulk.FormatInstant(q.TransactionTime))
 	}
 	if q.Cursor != "" {
@@ -508,7 +676,7 @@ func checkBounds(ctx context.Context, e *sourceEnv) error {
 	var at time.Time
 	for _, r := range e.m.res {
 		if slices.Contains(types, r.typ) && r.updated.Nanosecond() == 0 &&
-			r.updated.After(datasetEpoch.Add(5*time.Hour)) && r.updated.Before(datasetEpoch.Add(24*time.Hour)) {
+			r.updated.After(e.p.low) && r.updated.Before(e.p.high) {
 			at = r.updated
 			break
 		}
@@ -519,8 +687,8 @@ func checkBounds(ctx context.Context, e *sourceEnv) error {
 	}
 	var errs []error
 	for _, q := range []*bulkexport.Query{
-		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll, Since: at},
-		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll, Until: at},
+		{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll, Since: at},
+		{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll, Until: at},
 	} {
 		for _, typ := range types {
 			if err := e.expect(ctx, q, typ); err != nil {
@@ -535,8 +703,8 @@ func checkBounds(ctx context.Context, e *sourceEnv) error {
 // and last cursor.
 func checkResume(ctx context.Context, e *sourceEnv) error {
 	queries := []*bulkexport.Query{
-		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll},
-		{Level: fhirbulk.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll},
+		{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll},
+		{Level: fhirbulk.LevelGroup, GroupID: e.p.group, TransactionTime: e.p.afterAll},
 	}
 	var errs []error
 	checkpoints := 0
@@ -546,17 +714,17 @@ func checkResume(ctx context.Context, e *sourceEnv) error {
 			return err
 		}
 		for _, typ := range types {
-			var full Recorder
+			var full bulkexporttest.Recorder
 			if err := e.export(ctx, q, typ, &full); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", describe(q, typ), err))
+				errs = append(errs, fmt.Errorf("%s: %w", e.describe(q, typ), err))
 				continue
 			}
 			ids, err := lineIDs(typ, full.Resources)
 			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", describe(q, typ), err))
+				errs = append(errs, fmt.Errorf("%s: %w", e.describe(q, typ), err))
 				continue
 			}
-			var cps []Checkpoint
+			var cps []bulkexporttest.Checkpoint
 			for _, cp := range full.Checkpoints {
 				if cp.Cursor != "" {
 					cps = append(cps, cp)
@@ -564,24 +732,24 @@ func checkResume(ctx context.Context, e *sourceEnv) error {
 			}
 			checkpoints += len(cps)
 			if len(cps) > 3 {
-				cps = []Checkpoint{cps[0], cps[len(cps)/2], cps[len(cps)-1]}
+				cps = []bulkexporttest.Checkpoint{cps[0], cps[len(cps)/2], cps[len(cps)-1]}
 			}
 			for _, cp := range cps {
 				rq := *q
 				rq.Cursor = cp.Cursor
-				var rest Recorder
+				var rest bulkexporttest.Recorder
 				if err := e.export(ctx, &rq, typ, &rest); err != nil {
-					errs = append(errs, fmt.Errorf("%s: %w", describe(&rq, typ), err))
+					errs = append(errs, fmt.Errorf("%s: %w", e.describe(&rq, typ), err))
 					continue
 				}
 				got, err := lineIDs(typ, rest.Resources)
 				if err != nil {
-					errs = append(errs, fmt.Errorf("%s: %w", describe(&rq, typ), err))
+					errs = append(errs, fmt.Errorf("%s: %w", e.describe(&rq, typ), err))
 					continue
 				}
 				want := slices.Clone(ids[cp.Written:])
 				slices.Sort(want)
-				if err := compareIDsAs(describe(&rq, typ), want, got, "already written before the cursor"); err != nil {
+				if err := compareIDsAs(e.describe(&rq, typ), want, got, "already written before the cursor"); err != nil {
 					errs = append(errs, fmt.Errorf("%w (the cursor was passed to Checkpoint after %d of %d resources)", err, cp.Written, len(ids)))
 				}
 			}
@@ -593,12 +761,12 @@ func checkResume(ctx context.Context, e *sourceEnv) error {
 	return errors.Join(errs...)
 }
 
-var errStorage = errors.New("bulkexporttest: simulated storage failure")
+var errStorage = errors.New("sourcetest: simulated storage failure")
 
 // checkWriteFails fails the second Write: Export must not write again,
 // and must return an error, or the Worker would take the type as complete.
 func checkWriteFails(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -608,7 +776,7 @@ func checkWriteFails(ctx context.Context, e *sourceEnv) error {
 		if len(e.m.want(q, typ)) < 3 {
 			continue
 		}
-		rec := Recorder{OnWrite: func(n int) error {
+		rec := bulkexporttest.Recorder{OnWrite: func(n int) error {
 			if n >= 1 {
 				return errStorage
 			}
@@ -617,13 +785,13 @@ func checkWriteFails(ctx context.Context, e *sourceEnv) error {
 		err := e.export(ctx, q, typ, &rec)
 		switch {
 		case errors.Is(err, errHung):
-			errs = append(errs, fmt.Errorf("%s with a failing Write: %w", describe(q, typ), err))
+			errs = append(errs, fmt.Errorf("%s with a failing Write: %w", e.describe(q, typ), err))
 			continue
 		case err == nil:
-			errs = append(errs, fmt.Errorf("%s returned nil after Write failed: the Worker would record the type as complete with resources missing", describe(q, typ)))
+			errs = append(errs, fmt.Errorf("%s returned nil after Write failed: the Worker would record the type as complete with resources missing", e.describe(q, typ)))
 		}
 		if n := rec.Writes(); n > 2 {
-			errs = append(errs, fmt.Errorf("%s called Write %d more times after it failed", describe(q, typ), n-2))
+			errs = append(errs, fmt.Errorf("%s called Write %d more times after it failed", e.describe(q, typ), n-2))
 		}
 	}
 	return errors.Join(errs...)
@@ -632,7 +800,7 @@ func checkWriteFails(ctx context.Context, e *sourceEnv) error {
 // checkCancelMidExport cancels the context in the first Write; later
 // Writes fail with the context's error, as the Worker's do.
 func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -643,7 +811,7 @@ func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
 			continue
 		}
 		cctx, cancel := context.WithCancel(ctx)
-		rec := Recorder{OnWrite: func(n int) error {
+		rec := bulkexporttest.Recorder{OnWrite: func(n int) error {
 			if n == 0 {
 				cancel()
 				return nil
@@ -653,11 +821,11 @@ func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
 		err := e.export(cctx, q, typ, &rec)
 		cancel()
 		if errors.Is(err, errHung) {
-			errs = append(errs, fmt.Errorf("%s cancelled after its first resource: %w", describe(q, typ), err))
+			errs = append(errs, fmt.Errorf("%s cancelled after its first resource: %w", e.describe(q, typ), err))
 			continue
 		}
 		if n := rec.Writes(); n > 2 {
-			errs = append(errs, fmt.Errorf("%s called Write %d more times after Write returned the cancelled context's error", describe(q, typ), n-2))
+			errs = append(errs, fmt.Errorf("%s called Write %d more times after Write returned the cancelled context's error", e.describe(q, typ), n-2))
 		}
 	}
 	return errors.Join(errs...)
@@ -667,7 +835,7 @@ func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
 // writer that accepts everything (the Worker's checks the context only now
 // and then): Export must return without writing every resource.
 func checkCancelBefore(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: afterAll}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -677,14 +845,14 @@ func checkCancelBefore(ctx context.Context, e *sourceEnv) error {
 	var errs []error
 	for _, typ := range types {
 		want := len(e.m.want(q, typ))
-		var rec Recorder
+		var rec bulkexporttest.Recorder
 		err := e.export(cctx, q, typ, &rec)
 		if errors.Is(err, errHung) {
-			errs = append(errs, fmt.Errorf("%s with a cancelled context: %w", describe(q, typ), err))
+			errs = append(errs, fmt.Errorf("%s with a cancelled context: %w", e.describe(q, typ), err))
 			continue
 		}
 		if want >= 5 && len(rec.Resources) >= want {
-			errs = append(errs, fmt.Errorf("%s with a cancelled context wrote all %d resources: it does not look at ctx", describe(q, typ), want))
+			errs = append(errs, fmt.Errorf("%s with a cancelled context wrote all %d resources: it does not look at ctx", e.describe(q, typ), want))
 		}
 	}
 	return errors.Join(errs...)
@@ -693,8 +861,7 @@ func checkCancelBefore(ctx context.Context, e *sourceEnv) error {
 func checkGroupChecker(ctx context.Context, e *sourceEnv) error {
 	gc, ok := e.src.(bulkexport.GroupChecker)
 	if !ok {
-		e.note("the Source is no GroupChecker: unknown Groups fail their jobs instead of getting 404 at kick-off")
-		return nil
+		return skip("the Source is no bulkexport.GroupChecker: a kick-off for an unknown Group gets 202, and its job fails, instead of 404")
 	}
 	var errs []error
 	for id := range e.data.Groups {
@@ -711,13 +878,12 @@ func checkGroupChecker(ctx context.Context, e *sourceEnv) error {
 func checkCounter(ctx context.Context, e *sourceEnv) error {
 	c, ok := e.src.(bulkexport.Counter)
 	if !ok {
-		e.note("the Source is no Counter: X-Progress shows no percentage")
-		return nil
+		return skip("the Source is no bulkexport.Counter: X-Progress shows resources written, without a percentage")
 	}
 	var errs []error
 	for _, q := range []*bulkexport.Query{
-		{Level: fhirbulk.LevelSystem, TransactionTime: afterAll},
-		{Level: fhirbulk.LevelGroup, GroupID: "grp-odd", TransactionTime: afterAll, Since: sinceTime},
+		{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll},
+		{Level: fhirbulk.LevelGroup, GroupID: e.p.group, TransactionTime: e.p.afterAll, Since: e.p.since},
 	} {
 		types, err := e.types(ctx, q.Level)
 		if err != nil {
@@ -727,34 +893,30 @@ func checkCounter(ctx context.Context, e *sourceEnv) error {
 			n, err := c.Count(ctx, q, typ)
 			switch {
 			case err != nil:
-				errs = append(errs, fmt.Errorf("Count for %s: %w", describe(q, typ), err))
+				errs = append(errs, fmt.Errorf("Count for %s: %w", e.describe(q, typ), err))
 			case n < 0:
-				errs = append(errs, fmt.Errorf("Count for %s = %d", describe(q, typ), n))
+				errs = append(errs, fmt.Errorf("Count for %s = %d", e.describe(q, typ), n))
 			case n != int64(len(e.m.want(q, typ))):
-				e.note("Count for %s = %d, Export writes %d (an estimate is allowed)", describe(q, typ), n, len(e.m.want(q, typ)))
+				e.note("Count for %s = %d, Export writes %d (an estimate is allowed)", e.describe(q, typ), n, len(e.m.want(q, typ)))
 			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// checkWorker runs exports through the real handler and Worker.
-func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
-	dir, err := os.MkdirTemp("", "bulkexporttest-sourcetest-")
-	if err != nil {
-		return err
-	}
-	srv, err := start(&ServerOptions{
+// startServer starts the real handler and Worker over the Source. stop
+// shuts them down and reports a Worker that does not stop.
+func (e *sourceEnv) startServer() (srv *bulkexporttest.Server, stop func() error, err error) {
+	srv, err = bulkexporttest.StartServer(&bulkexporttest.ServerOptions{
 		Source: e.src,
 		// Small files and a checkpoint at every chance, several types at
 		// once: the paths a large export takes.
 		Worker: bulkexport.WorkerOptions{TypeConcurrency: 3, MaxFileResources: 4, CheckpointInterval: time.Nanosecond},
-	}, dir, true)
+	})
 	if err != nil {
-		os.RemoveAll(dir)
-		return err
+		return nil, nil, err
 	}
-	defer func() {
+	stop = func() error {
 		// Close waits for the Worker, which waits for Export calls to
 		// return: a Source that ignores its context would hang it.
 		closed := make(chan struct{})
@@ -763,10 +925,21 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 		defer t.Stop()
 		select {
 		case <-closed:
+			return nil
 		case <-t.C:
-			err = errors.Join(err, fmt.Errorf("Worker: the Worker did not stop within %v: an Export call ignores its cancelled context", exportTimeout))
+			return fmt.Errorf("Worker: the Worker did not stop within %v: an Export call ignores its cancelled context", exportTimeout)
 		}
-	}()
+	}
+	return srv, stop, nil
+}
+
+// checkWorker runs exports through the real handler and Worker.
+func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
+	srv, stop, err := e.startServer()
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, stop()) }()
 
 	typeParam := func(level fhirbulk.Level) (string, []string, error) {
 		types, err := e.types(ctx, level)
@@ -774,14 +947,10 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 	}
 	var errs []error
 	run := func(path string, q *bulkexport.Query, types []string, post map[string]any) {
-		var res *Result
+		var res *bulkexporttest.Result
 		var err error
 		if post != nil {
-			var statusURL string
-			b, _ := json.Marshal(post)
-			if statusURL, err = srv.kickoff(ctx, http.MethodPost, path, b); err == nil {
-				res, err = srv.collect(ctx, statusURL)
-			}
+			res, err = srv.ExportPOSTContext(ctx, path, post)
 		} else {
 			res, err = srv.ExportContext(ctx, path)
 		}
@@ -820,19 +989,19 @@ func checkWorker(ctx context.Context, e *sourceEnv) (err error) {
 	if tp, types, err := typeParam(fhirbulk.LevelGroup); err != nil {
 		errs = append(errs, err)
 	} else {
-		run("/Group/grp-odd/$export?_type="+tp, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: "grp-odd"}, types, nil)
+		run("/Group/"+e.p.group+"/$export?_type="+tp, &bulkexport.Query{Level: fhirbulk.LevelGroup, GroupID: e.p.group}, types, nil)
 	}
 	if tp, types, err := typeParam(fhirbulk.LevelPatient); err != nil {
 		errs = append(errs, err)
 	} else {
-		run("/Patient/$export?_type="+tp+"&_since="+url.QueryEscape(fhirbulk.FormatInstant(sinceTime)),
-			&bulkexport.Query{Level: fhirbulk.LevelPatient, Since: sinceTime}, types, nil)
-		run("/Patient/$export", &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: []string{"pt-2", "pt-5"}}, types,
-			map[string]any{"resourceType": "Parameters", "parameter": []any{
-				map[string]any{"name": "_type", "valueString": tp},
-				map[string]any{"name": "patient", "valueReference": map[string]any{"reference": "Patient/pt-2"}},
-				map[string]any{"name": "patient", "valueReference": map[string]any{"reference": "Patient/pt-5"}},
-			}})
+		run("/Patient/$export?_type="+tp+"&_since="+url.QueryEscape(fhirbulk.FormatInstant(e.p.since)),
+			&bulkexport.Query{Level: fhirbulk.LevelPatient, Since: e.p.since}, types, nil)
+		params := []any{map[string]any{"name": "_type", "valueString": tp}}
+		for _, id := range e.p.patients {
+			params = append(params, map[string]any{"name": "patient", "valueReference": map[string]any{"reference": "Patient/" + id}})
+		}
+		run("/Patient/$export", &bulkexport.Query{Level: fhirbulk.LevelPatient, Patients: e.p.patients}, types,
+			map[string]any{"resourceType": "Parameters", "parameter": params})
 	}
 	return errors.Join(errs...)
 }

@@ -1,4 +1,4 @@
-package bulkexporttest
+package sourcetest
 
 import (
 	"encoding/json"
@@ -9,8 +9,9 @@ import (
 	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
-// Dataset is the data SourceTest loads into the Source under test: 30 FHIR
-// R4 resources of six types, every one with an id and a meta.lastUpdated.
+// Dataset is the data a Source under test serves. NewDataset's, which Run
+// loads into the Source, has 30 FHIR R4 resources of six types, every one
+// with an id and a meta.lastUpdated:
 //
 //   - Patient pt-1 … pt-6.
 //   - Observation (subject), Condition (subject) and AllergyIntolerance
@@ -37,8 +38,7 @@ type Dataset struct {
 // datasetEpoch is the earliest meta.lastUpdated in a Dataset.
 var datasetEpoch = time.Date(2024, 3, 1, 0, 0, 0, 0, time.UTC)
 
-// NewDataset returns the dataset SourceTest uses. It is the same every
-// time.
+// NewDataset returns the Dataset Run uses. It is the same every time.
 func NewDataset() Dataset {
 	var res []map[string]any
 	add := func(r map[string]any) { res = append(res, r) }
