@@ -84,6 +84,13 @@ func CheckTransition(from, to JobState) error {
 
 // Job is one export, as a JobStore keeps it. Stores copy jobs in and out;
 // a *Job returned by a store belongs to the caller.
+//
+// The json tags below (and those of the types Job holds) are an on-disk
+// format: stores that serialise jobs (sqlitestore, pgstore) keep the
+// stored form that MarshalStoredJob writes, which adds the format version
+// JobFormatVersion, and read it back with UnmarshalStoredJob. A tag must
+// not change meaning within a format version; storetest pins format 1 to
+// a golden document.
 type Job struct {
 	// ID is unguessable (128 random bits, hex); see NewJobID.
 	ID string `json:"id"`

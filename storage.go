@@ -69,6 +69,23 @@ type FileReader interface {
 // URLs). Options.Downloads uses it: under DownloadSigned the manifest lists
 // such URLs and requiresAccessToken is false; under DownloadRedirect the
 // file endpoint redirects to one.
+//
+// SignedURL returns an absolute http or https URL of one committed file
+// of a job. Until expiry has passed, a plain GET of it, without any
+// credentials of the client's, serves exactly the file's bytes, and a GET
+// with a Range header serves that range (clients resend Range on a
+// redirect); once expiry has passed it stops working, as judged by the
+// clock of whatever serves it. The URL serves that one file only, never
+// another file of the job or another job's. Signing need not check that
+// the file exists, but the URL of a missing file serves no content (its
+// GET answers an error status), and neither does a URL signed before the
+// file was deleted (Delete, FileDeleter.DeleteFile). expiry must be
+// positive: zero or less is an error, as are the job ids and names that
+// Create and Open refuse. A Storage that implements SignedURL but cannot
+// sign in its configuration (blobstorage over a driver that has no
+// signing) returns an error wrapping errors.ErrUnsupported, every time.
+// storagetest checks all of this except the expiry itself, which would
+// take waiting for it.
 type URLSigner interface {
 	SignedURL(ctx context.Context, jobID, name string, expiry time.Duration) (string, error)
 }

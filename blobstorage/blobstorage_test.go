@@ -92,6 +92,51 @@ func TestFileblobConformance(t *testing.T) {
 	})
 }
 
+// TestFileblobSignedConformance runs the suite over fileblob with its
+// HMAC URL signer, so that the URLSigner cases run: each storage comes
+// with a loopback server that serves its signed URLs as an application
+// would (checking them with KeyFromURL, then serving the object with
+// http.ServeContent, Range included).
+func TestFileblobSignedConformance(t *testing.T) {
+	t.Parallel()
+	storagetest.Run(t, func(t *testing.T) bulkexport.Storage {
+		return newStorage(t, signedFileblob(t), &blobstorage.Options{Prefix: "signed/"})
+	})
+}
+
+// signedFileblob opens a fileblob bucket in a new directory, with an HMAC
+// URL signer whose URLs a loopback server serves until the test ends.
+func signedFileblob(t *testing.T) *blob.Bucket {
+	t.Helper()
+	var (
+		signer *fileblob.URLSignerHMAC
+		bucket *blob.Bucket
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		key, err := signer.KeyFromURL(r.Context(), r.URL)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		br, err := bucket.NewReader(r.Context(), key, nil)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		defer br.Close()
+		w.Header().Set("Content-Type", br.ContentType())
+		http.ServeContent(w, r, "", br.ModTime(), br)
+	}))
+	t.Cleanup(srv.Close)
+	base, err := url.Parse(srv.URL + "/files")
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer = fileblob.NewURLSignerHMAC(base, []byte("storagetest-secret"))
+	bucket = openFileblob(t, t.TempDir(), &fileblob.Options{URLSigner: signer, Metadata: fileblob.MetadataDontWrite})
+	return bucket
+}
+
 // TestFileblobURL opens fileblob by URL, as the example server does.
 func TestFileblobURL(t *testing.T) {
 	t.Parallel()

@@ -55,6 +55,12 @@
 // indexes keep Claim and the purge off the table: active jobs (queued or
 // running) ordered by (created_at, id), and jobs with an ExpiresAt.
 //
+// data is the job's stored form (bulkexport.MarshalStoredJob), which
+// carries its format version (bulkexport.JobFormatVersion). A job that a
+// newer release stored in a format this one does not know is refused by
+// Get and List with an error wrapping bulkexport.ErrUnknownJobFormat, and
+// passed over by Claim.
+//
 // The migrations are embedded SQL files (see Store.Migrations), applied
 // in order in one transaction under pg_advisory_xact_lock, and recorded
 // in a second table, the jobs table's name plus "_migrations". They are

@@ -2,7 +2,6 @@ package pgstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -131,6 +130,11 @@ WHERE id = $1 AND version = $2 AND state = ANY($3::text[])`
 	// transaction start, to the microsecond), unless the caller's is
 	// given: $1 its now rounded up, $3 the lease's end, $4 that end as
 	// JSON text. $6 is the lease in microseconds.
+	//
+	// Rows whose data is in a format this release does not read (written
+	// by a newer release; see bulkexport.JobFormatVersion) are passed
+	// over, rather than patched and then refused. A row without a format
+	// is format 1.
 	s.claimSQL = `WITH clock AS (
 	SELECT COALESCE($1::timestamptz, now()) AS now,
 	       COALESCE($3::timestamptz, now() + $6::bigint * interval '1 microsecond') AS lease_end
@@ -138,6 +142,7 @@ WHERE id = $1 AND version = $2 AND state = ANY($3::text[])`
 	SELECT q.id FROM ` + t + ` AS q, clock
 	WHERE q.state IN ('queued', 'running')
 	  AND (q.state = 'queued' OR q.lease_expires_at IS NULL OR q.lease_expires_at < clock.now)
+	  AND COALESCE(q.data->'format', '1'::jsonb) = '` + strconv.Itoa(bulkexport.JobFormatVersion) + `'::jsonb
 	ORDER BY q.created_at, q.id
 	LIMIT 1
 	FOR UPDATE OF q SKIP LOCKED
@@ -247,18 +252,20 @@ func encode(j *bulkexport.Job, version int64) (*row, error) {
 	c.LeaseExpiresAt = storedTime(c.LeaseExpiresAt)
 	c.Request.Since = storedTime(c.Request.Since)
 	c.Request.Until = storedTime(c.Request.Until)
-	data, err := json.Marshal(&c)
+	data, err := bulkexport.MarshalStoredJob(&c)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: encode job %s: %w", j.ID, err)
 	}
 	return &row{job: c, data: data}, nil
 }
 
-// decode turns a data column into a Job.
-func decode(data []byte) (*bulkexport.Job, error) {
-	j := new(bulkexport.Job)
-	if err := json.Unmarshal(data, j); err != nil {
-		return nil, fmt.Errorf("pgstore: decode job: %w", err)
+// decode turns a data column into a Job (bulkexport.UnmarshalStoredJob);
+// what names the row in an error. A job in a format this release does not
+// know gives an error wrapping bulkexport.ErrUnknownJobFormat.
+func decode(what string, data []byte) (*bulkexport.Job, error) {
+	j, err := bulkexport.UnmarshalStoredJob(data)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %s: %w", what, err)
 	}
 	return j, nil
 }
@@ -332,7 +339,7 @@ func (s *Store) Get(ctx context.Context, id string) (*bulkexport.Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: get job %s: %w", id, err)
 	}
-	return decode(data)
+	return decode("job "+id, data)
 }
 
 // Update implements bulkexport.JobStore. In the usual case it is one
@@ -430,7 +437,7 @@ func (s *Store) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexpor
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: claim: %w", err)
 	}
-	return decode(data)
+	return decode("claimed job", data)
 }
 
 // jsonTime formats t as encoding/json does (time.Time.MarshalJSON), for
@@ -448,9 +455,12 @@ func (s *Store) List(ctx context.Context, f bulkexport.Filter) ([]*bulkexport.Jo
 		return nil, fmt.Errorf("pgstore: list: %w", err)
 	}
 	var out []*bulkexport.Job
-	var data []byte
-	_, err = pgx.ForEachRow(rows, []any{&data}, func() error {
-		j, err := decode(data)
+	var (
+		id   string
+		data []byte
+	)
+	_, err = pgx.ForEachRow(rows, []any{&id, &data}, func() error {
+		j, err := decode("job "+id, data)
 		if err != nil {
 			return err
 		}
@@ -474,7 +484,7 @@ func (s *Store) listSQL(f bulkexport.Filter) (string, []any) {
 		args = append(args, v)
 		return "$" + strconv.Itoa(len(args))
 	}
-	b.WriteString("SELECT data FROM ")
+	b.WriteString("SELECT id, data FROM ")
 	b.WriteString(s.table)
 	sep := " WHERE "
 	if f.Owner != "" {

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -578,7 +580,7 @@ func TestColumnsMatchData(t *testing.T) {
 		)
 		require.NoError(t, pool.QueryRow(ctx, `SELECT owner, state, created_at, expires_at, lease_owner, lease_expires_at, attempts, version, data
 FROM `+s.table+` WHERE id = 'job-1'`).Scan(&owner, &state, &created, &expires, &leaseOwner, &leaseExpires, &attempts, &version, &data))
-		j, err := decode(data)
+		j, err := decode("job-1", data)
 		require.NoError(t, err)
 		require.Equal(t, j.Owner, owner, what)
 		require.Equal(t, string(j.State), state, what)
@@ -719,23 +721,55 @@ func TestDocsSchema(t *testing.T) {
 	require.Contains(t, doc, migrationsTableDDL(qualify("", DefaultTable+"_migrations")))
 }
 
-// TestClaimPatchKeys: Claim patches data by JSON key; the keys must be
-// bulkexport.Job's.
+// TestClaimPatchKeys: Claim patches data by JSON key (jsonb_build_object)
+// and reads its format key; every key it names must be one of
+// bulkexport.Job's JSON keys (or the stored form's "format"), or the patch
+// would add a key that nothing reads while the job keeps its old value.
 func TestClaimPatchKeys(t *testing.T) {
 	t.Parallel()
+	q := testStoreSQL(t).claimSQL
+	tags := jobJSONKeys()
+	patched := regexp.MustCompile(`(?m)^\s*'(\w+)',`).FindAllStringSubmatch(q, -1)
+	read := regexp.MustCompile(`->>?'(\w+)'`).FindAllStringSubmatch(q, -1)
+	seen := map[string]bool{}
+	for _, k := range append(patched, read...) {
+		seen[k[1]] = true
+		require.True(t, tags[k[1]] || k[1] == "format", "Claim names the data key %q, which is no JSON key of bulkexport.Job", k[1])
+	}
+	for _, k := range []string{"state", "leaseOwner", "leaseExpiresAt", "attempts", "version", "fence", "updatedAt", "format"} {
+		require.True(t, seen[k], "Claim does not name the data key %q", k)
+	}
+
 	now := time.Now()
-	b, err := json.Marshal(&bulkexport.Job{State: bulkexport.StateRunning, LeaseOwner: "w", LeaseExpiresAt: now, Attempts: 1, Version: 1, UpdatedAt: now})
+	b, err := json.Marshal(&bulkexport.Job{UpdatedAt: now})
 	require.NoError(t, err)
 	var m map[string]json.RawMessage
 	require.NoError(t, json.Unmarshal(b, &m))
-	for _, k := range []string{"state", "leaseOwner", "leaseExpiresAt", "attempts", "version", "updatedAt"} {
-		require.Contains(t, m, k)
-		require.Contains(t, testStoreSQL(t).claimSQL, "'"+k+"'")
-	}
 	var tm time.Time
 	require.NoError(t, json.Unmarshal([]byte(`"`+jsonTime(storedTime(now))+`"`), &tm))
 	require.True(t, tm.Equal(storedTime(now)))
 	require.JSONEq(t, string(m["updatedAt"]), `"`+jsonTime(now)+`"`, "jsonTime formats as encoding/json does")
+}
+
+// jobJSONKeys returns the JSON keys of bulkexport.Job's fields.
+func jobJSONKeys() map[string]bool {
+	keys := map[string]bool{}
+	typ := reflect.TypeOf(bulkexport.Job{})
+	for i := range typ.NumField() {
+		f := typ.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		keys[name] = true
+	}
+	return keys
 }
 
 // testStoreSQL returns a store over a pool that never dials, for its SQL.

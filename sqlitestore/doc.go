@@ -63,6 +63,12 @@
 // the Unix epoch. Comparisons with the caller's times (Claim's now,
 // Filter.ExpiresBefore) agree with time.Time.Before to the nanosecond.
 //
+// data is the job's stored form (bulkexport.MarshalStoredJob), which
+// carries its format version (bulkexport.JobFormatVersion). A job that a
+// newer release stored in a format this one does not know is refused by
+// Get and List with an error wrapping bulkexport.ErrUnknownJobFormat, and
+// passed over by Claim.
+//
 // Update is a compare-and-set in one statement: UPDATE ... WHERE id = ?
 // AND version = ? AND state IN (the states from which
 // bulkexport.JobState.CanTransition allows the new state). Only when no

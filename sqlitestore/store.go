@@ -3,9 +3,9 @@ package sqlitestore
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -101,6 +101,12 @@ func (s *Store) Table() string { return s.table }
 // rounded up to a microsecond (see ceilMicros) as its one parameter.
 const claimable = `(state = 'queued' OR (state = 'running' AND lease_expires_at < ?))`
 
+// knownFormat holds for a row whose data is in a format this release reads
+// (bulkexport.JobFormatVersion, or no "format" key: format 1). Claim passes
+// over other rows, which a newer release wrote, rather than patch and then
+// refuse them.
+var knownFormat = `coalesce(json_extract(data, '$.format'), 1) = ` + strconv.Itoa(bulkexport.JobFormatVersion)
+
 func buildQueries(table string) queries {
 	t := `"` + table + `"`
 	q := queries{
@@ -124,7 +130,8 @@ ON CONFLICT (id) DO NOTHING`,
 		// order instead. The outer SELECT picks the older of the two; the
 		// row is then checked again by id, which costs nothing and keeps the
 		// statement right on its own terms. json_set keeps data, the job read
-		// back, in step with the columns.
+		// back, in step with the columns. Rows of a format this release does
+		// not know (knownFormat) are passed over.
 		claim: `UPDATE ` + t + ` SET
     state = 'running',
     lease_owner = ?,
@@ -143,16 +150,16 @@ ON CONFLICT (id) DO NOTHING`,
 WHERE id = (
     SELECT id FROM (
         SELECT * FROM (SELECT id, created_at FROM ` + t + ` INDEXED BY "` + table + `_claim_idx"
-            WHERE state = 'queued'
+            WHERE state = 'queued' AND ` + knownFormat + `
             ORDER BY created_at, id LIMIT 1)
         UNION ALL
         SELECT * FROM (SELECT id, created_at FROM ` + t + ` INDEXED BY "` + table + `_lease_idx"
-            WHERE state = 'running' AND lease_expires_at < ?
+            WHERE state = 'running' AND lease_expires_at < ? AND ` + knownFormat + `
             ORDER BY created_at, id LIMIT 1)
     ) ORDER BY created_at, id LIMIT 1
 ) AND ` + claimable + `
 RETURNING data`,
-		listPrefix: `SELECT data FROM ` + t,
+		listPrefix: `SELECT id, data FROM ` + t,
 		update:     map[bulkexport.JobState]string{},
 		updateFrom: map[bulkexport.JobState][]any{},
 	}
@@ -240,7 +247,7 @@ func (s *Store) Get(ctx context.Context, id string) (*bulkexport.Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sqlitestore: get job %s: %w", id, err)
 	}
-	return decode(data)
+	return decode("job "+id, data)
 }
 
 // Update implements bulkexport.JobStore. The happy path is one UPDATE that
@@ -352,7 +359,7 @@ func (s *Store) Claim(ctx context.Context, p bulkexport.ClaimParams) (*bulkexpor
 	if err != nil {
 		return nil, fmt.Errorf("sqlitestore: claim: %w", err)
 	}
-	return decode(data)
+	return decode("claimed job", data)
 }
 
 // List implements bulkexport.JobStore. Owner, States, ExpiresBefore and NotExpiredAt
@@ -369,11 +376,11 @@ func (s *Store) List(ctx context.Context, f bulkexport.Filter) ([]*bulkexport.Jo
 	defer rows.Close()
 	var out []*bulkexport.Job
 	for rows.Next() {
-		var data string
-		if err := rows.Scan(&data); err != nil {
+		var id, data string
+		if err := rows.Scan(&id, &data); err != nil {
 			return nil, fmt.Errorf("sqlitestore: list: %w", err)
 		}
-		j, err := decode(data)
+		j, err := decode("job "+id, data)
 		if err != nil {
 			return nil, err
 		}
@@ -453,7 +460,7 @@ func encode(job *bulkexport.Job, version int64) (row, error) {
 	c.LeaseExpiresAt = normTime(c.LeaseExpiresAt)
 	c.Request.Since = normTime(c.Request.Since)
 	c.Request.Until = normTime(c.Request.Until)
-	data, err := json.Marshal(&c)
+	data, err := bulkexport.MarshalStoredJob(&c)
 	if err != nil {
 		return row{}, fmt.Errorf("sqlitestore: encode job %s: %w", job.ID, err)
 	}
@@ -470,12 +477,15 @@ func encode(job *bulkexport.Job, version int64) (row, error) {
 	}, nil
 }
 
-func decode(data string) (*bulkexport.Job, error) {
-	var j bulkexport.Job
-	if err := json.Unmarshal([]byte(data), &j); err != nil {
-		return nil, fmt.Errorf("sqlitestore: decode job: %w", err)
+// decode reads a data column (bulkexport.UnmarshalStoredJob). what names
+// the row in an error. A job in a format this release does not know gives
+// an error wrapping bulkexport.ErrUnknownJobFormat.
+func decode(what, data string) (*bulkexport.Job, error) {
+	j, err := bulkexport.UnmarshalStoredJob([]byte(data))
+	if err != nil {
+		return nil, fmt.Errorf("sqlitestore: %s: %w", what, err)
 	}
-	return &j, nil
+	return j, nil
 }
 
 // normTime is t as the store keeps it: in UTC, truncated to the

@@ -19,6 +19,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -75,6 +77,9 @@ var cases = []struct {
 	{"FencedNames", testFencedNames},
 	{"DeleteFile", testDeleteFile},
 	{"SweepTempKeepsCommitted", testSweepTempKeepsCommitted},
+	{"SignedURL", testSignedURL},
+	{"SignedURLMissingFile", testSignedURLMissing},
+	{"SignedURLRefusals", testSignedURLRefusals},
 }
 
 // ctx is the context of every call: the contract says nothing of
@@ -893,5 +898,183 @@ func testSweepTempKeepsCommitted(t *testing.T, s bulkexport.Storage) {
 	} else {
 		wantMissing(t, s, "job-s", bulkexport.FileName("Patient", 2, 4))
 		_ = w.Abort()
+	}
+}
+
+// urlSigner returns s as a bulkexport.URLSigner, or skips the test when s
+// does not implement it, or implements it but cannot sign in its
+// configuration (its SignedURL error wraps errors.ErrUnsupported, as the
+// contract asks).
+func urlSigner(t *testing.T, s bulkexport.Storage) bulkexport.URLSigner {
+	t.Helper()
+	us, ok := s.(bulkexport.URLSigner)
+	if !ok {
+		t.Skip("the Storage does not implement bulkexport.URLSigner")
+	}
+	if _, err := us.SignedURL(ctx, "job-probe", "probe.ndjson", time.Minute); errors.Is(err, errors.ErrUnsupported) {
+		t.Skipf("the Storage implements bulkexport.URLSigner but cannot sign in this configuration: %v", err)
+	}
+	return us
+}
+
+// signURL signs a URL that must be made, and checks that it is an
+// absolute http or https URL.
+func signURL(t *testing.T, us bulkexport.URLSigner, jobID, name string, expiry time.Duration) string {
+	t.Helper()
+	raw, err := us.SignedURL(ctx, jobID, name, expiry)
+	if err != nil {
+		t.Fatalf("SignedURL(%q, %q, %v): %v", jobID, name, expiry, err)
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatalf("SignedURL(%q, %q) = %q, not a URL: %v", jobID, name, raw, err)
+	}
+	if !u.IsAbs() || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		t.Fatalf("SignedURL(%q, %q) = %q, want an absolute http or https URL (clients fetch it as is)", jobID, name, raw)
+	}
+	return raw
+}
+
+// fetchClient fetches signed URLs as a client of the export does: a plain
+// client, with no credentials and no cookies.
+var fetchClient = &http.Client{Timeout: time.Minute}
+
+// fetch GETs u, with a Range header when rng is not empty, and returns
+// the status and the body.
+func fetch(t *testing.T, u, rng string) (int, []byte) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		t.Fatalf("request for %s: %v", u, err)
+	}
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
+	resp, err := fetchClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", u, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s: reading the body: %v", u, err)
+	}
+	return resp.StatusCode, body
+}
+
+// wantServes checks that a GET of u answers 200 with exactly want.
+func wantServes(t *testing.T, u string, want []byte) {
+	t.Helper()
+	code, body := fetch(t, u, "")
+	if code != http.StatusOK {
+		t.Errorf("GET %s = %d %s, want 200", u, code, abbrev(body))
+		return
+	}
+	if !bytes.Equal(body, want) {
+		t.Errorf("GET %s served %s, want %s", u, abbrev(body), abbrev(want))
+	}
+}
+
+// wantNotServed checks that a GET of u does not succeed.
+func wantNotServed(t *testing.T, what, u string) {
+	t.Helper()
+	if code, body := fetch(t, u, ""); code >= 200 && code < 300 {
+		t.Errorf("%s: GET %s = %d %s, want an error status", what, u, code, abbrev(body))
+	}
+}
+
+// testSignedURL: a Storage that implements bulkexport.URLSigner signs, for
+// a committed file, an absolute http(s) URL that a plain client, with no
+// credentials, fetches the file's exact bytes from, whole or by Range.
+// Each URL serves its own file, and a long expiry works as a short one.
+// (That a URL stops working once expiry has passed is not checked: that
+// would take sleeping.)
+func testSignedURL(t *testing.T, s bulkexport.Storage) {
+	us := urlSigner(t, s)
+	a, b := bulkexport.FileName("Patient", 1, 3), bulkexport.FileName("Patient", 2, 3)
+	data := pattern(10000)
+	put(t, s, "job-u", a, data)
+	put(t, s, "job-u", b, lines("b", 3))
+	put(t, s, "job-u2", a, lines("other-job", 2))
+
+	ua := signURL(t, us, "job-u", a, time.Minute)
+	wantServes(t, ua, data)
+	ub := signURL(t, us, "job-u", b, time.Minute)
+	wantServes(t, ub, lines("b", 3))
+	u2 := signURL(t, us, "job-u2", a, time.Minute)
+	wantServes(t, u2, lines("other-job", 2))
+	if ua == ub || ua == u2 || ub == u2 {
+		t.Errorf("three files share a signed URL: %q, %q, %q", ua, ub, u2)
+	}
+
+	// A Range request gets that range (DownloadRedirect: clients resend
+	// their Range header to the signed URL).
+	code, body := fetch(t, ua, "bytes=100-199")
+	if code != http.StatusPartialContent || !bytes.Equal(body, data[100:200]) {
+		t.Errorf("GET %s with Range bytes=100-199 = %d %s, want 206 %s", ua, code, abbrev(body), abbrev(data[100:200]))
+	}
+
+	wantServes(t, signURL(t, us, "job-u", a, 24*time.Hour), data)
+	wantServes(t, signURL(t, us, "job-u", b, 2*time.Minute), lines("b", 3))
+
+	// An empty file is served empty.
+	put(t, s, "job-u", "empty.ndjson", nil)
+	wantServes(t, signURL(t, us, "job-u", "empty.ndjson", time.Minute), nil)
+}
+
+// testSignedURLMissing: the signature of a file that does not exist is an
+// error or a URL that serves nothing, and a URL signed for a file stops
+// serving it once the file is deleted (Delete, and DeleteFile when the
+// Storage implements bulkexport.FileDeleter).
+func testSignedURLMissing(t *testing.T, s bulkexport.Storage) {
+	us := urlSigner(t, s)
+	name := bulkexport.FileName("Patient", 1, 2)
+	if u, err := us.SignedURL(ctx, "no-such-job", name, time.Minute); err == nil {
+		wantNotServed(t, "a URL signed for a job that does not exist", u)
+	}
+	put(t, s, "job-m", name, lines("m", 2))
+	if u, err := us.SignedURL(ctx, "job-m", "Observation.c2.ndjson", time.Minute); err == nil {
+		wantNotServed(t, "a URL signed for a file that does not exist", u)
+	}
+
+	u := signURL(t, us, "job-m", name, time.Minute)
+	wantServes(t, u, lines("m", 2))
+	if err := s.Delete(ctx, "job-m"); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	wantNotServed(t, "a URL signed before the job was deleted", u)
+
+	fd, ok := s.(bulkexport.FileDeleter)
+	if !ok {
+		return
+	}
+	put(t, s, "job-m", name, lines("again", 2))
+	u = signURL(t, us, "job-m", name, time.Minute)
+	wantServes(t, u, lines("again", 2))
+	if err := fd.DeleteFile(ctx, "job-m", name); err != nil {
+		t.Fatalf("DeleteFile: %v", err)
+	}
+	wantNotServed(t, "a URL signed before DeleteFile", u)
+}
+
+// testSignedURLRefusals: SignedURL refuses an expiry that is not positive
+// and the names and job ids that Create and Open refuse, so that a URL
+// never reaches outside its job.
+func testSignedURLRefusals(t *testing.T, s bulkexport.Storage) {
+	us := urlSigner(t, s)
+	name := bulkexport.FileName("Patient", 1, 2)
+	put(t, s, "job-r", name, lines("r", 1))
+	for _, expiry := range []time.Duration{0, -time.Second, -time.Hour} {
+		if u, err := us.SignedURL(ctx, "job-r", name, expiry); err == nil {
+			t.Errorf("SignedURL with expiry %v = %q, want an error", expiry, u)
+		}
+	}
+	for _, bad := range invalidNames {
+		if u, err := us.SignedURL(ctx, "job-r", bad, time.Minute); err == nil {
+			t.Errorf("SignedURL(job-r, %q) = %q, want an error", bad, u)
+		}
+		if u, err := us.SignedURL(ctx, bad, name, time.Minute); err == nil {
+			t.Errorf("SignedURL(%q, %s) = %q, want an error", bad, name, u)
+		}
 	}
 }

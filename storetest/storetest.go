@@ -3,7 +3,10 @@
 // bulkexport.JobStore: versioning and compare-and-set in Create and Update,
 // the lifecycle that Update enforces through bulkexport.CheckTransition,
 // Claim's ordering and leases, List's filters and ordering, copying jobs in
-// and out, concurrent use, and honouring the caller's context.
+// and out, concurrent use, and honouring the caller's context. Its Format
+// cases pin the stored form of a job (bulkexport.MarshalStoredJob) to a
+// committed golden document, and check that GoldenJob, which sets every
+// field of Job, comes back from the store unchanged.
 //
 // A store runs it from an ordinary test:
 //
@@ -70,6 +73,7 @@ func Run(t *testing.T, newStore func(t *testing.T) bulkexport.JobStore) {
 		{"Copy", copyCases()},
 		{"Concurrency", concurrencyCases()},
 		{"Context", contextCases()},
+		{"Format", formatCases()},
 	}
 	for _, g := range groups {
 		t.Run(g.name, func(t *testing.T) {

@@ -16,7 +16,8 @@ import (
 )
 
 // FileStore is a bulkexport.JobStore that keeps every job in one JSON
-// file. It serves reads from memory and rewrites the whole file on every
+// file, an object of job ids and their stored forms
+// (bulkexport.MarshalStoredJob). It serves reads from memory and rewrites the whole file on every
 // change, atomically (a temporary file in the same directory, synced, then
 // renamed over the old one), so that a crash leaves either the old or the
 // new state and never half a file. A change that cannot be saved is not
@@ -45,8 +46,18 @@ func OpenFileStore(path string) (*FileStore, error) {
 	case err != nil:
 		return nil, err
 	}
-	if err := json.Unmarshal(b, &s.jobs); err != nil {
+	var stored map[string]json.RawMessage
+	if err := json.Unmarshal(b, &stored); err != nil {
 		return nil, fmt.Errorf("filestore: %s: %w", path, err)
+	}
+	for id, raw := range stored {
+		// A job a newer release wrote, in a format this one does not
+		// know, is refused rather than misread.
+		j, err := bulkexport.UnmarshalStoredJob(raw)
+		if err != nil {
+			return nil, fmt.Errorf("filestore: %s: job %s: %w", path, id, err)
+		}
+		s.jobs[id] = j
 	}
 	return s, nil
 }
@@ -55,7 +66,17 @@ func OpenFileStore(path string) (*FileStore, error) {
 // fsync of the directory so that the rename itself survives a crash.
 // The caller holds s.mu.
 func (s *FileStore) save(jobs map[string]*bulkexport.Job) error {
-	b, err := json.Marshal(jobs)
+	// Each job is kept in its stored form, which carries its format
+	// version (bulkexport.JobFormatVersion).
+	stored := make(map[string]json.RawMessage, len(jobs))
+	for id, j := range jobs {
+		raw, err := bulkexport.MarshalStoredJob(j)
+		if err != nil {
+			return fmt.Errorf("filestore: job %s: %w", id, err)
+		}
+		stored[id] = raw
+	}
+	b, err := json.Marshal(stored)
 	if err != nil {
 		return err
 	}
