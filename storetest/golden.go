@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/bulkfhir/bulkexport"
+	"github.com/bulkfhir/bulkexport/fhirbulk"
 )
 
 // goldenJSON is the stored form (bulkexport.MarshalStoredJob) of
@@ -49,7 +50,7 @@ func GoldenJob() *bulkexport.Job {
 	return &bulkexport.Job{
 		ID:      "0123456789abcdef0123456789abcdef",
 		Owner:   "client-golden",
-		Level:   bulkexport.LevelGroup,
+		Level:   fhirbulk.LevelGroup,
 		GroupID: "group-7",
 		Request: bulkexport.Request{
 			URL:                   "https://fhir.example.org/Group/group-7/$export?_type=Patient,Observation",
@@ -66,10 +67,10 @@ func GoldenJob() *bulkexport.Job {
 			Patients:              []string{"Patient/p-1", "Patient/p-2"},
 			Lenient:               true,
 			SeparateExportStatus:  true,
-			Ignored: []bulkexport.Issue{{
-				Severity:    bulkexport.SeverityWarning,
-				Code:        bulkexport.IssueNotSupported,
-				Details:     &bulkexport.CodeableConcept{Text: "ignored parameter"},
+			Ignored: []fhirbulk.Issue{{
+				Severity:    fhirbulk.SeverityWarning,
+				Code:        fhirbulk.IssueNotSupported,
+				Details:     &fhirbulk.CodeableConcept{Text: "ignored parameter"},
 				Diagnostics: "_foo is not supported",
 				Expression:  []string{"_foo"},
 			}},
@@ -86,13 +87,13 @@ func GoldenJob() *bulkexport.Job {
 		Extension: json.RawMessage(`{"https://example.org/fhir/ext":{"n":1,"list":[1,2.5,"three"]}}`),
 		Failure: &bulkexport.Failure{
 			Status: 503,
-			Outcome: &bulkexport.OperationOutcome{
+			Outcome: &fhirbulk.OperationOutcome{
 				ResourceType: "OperationOutcome",
 				ID:           "oo-1",
-				Issue: []bulkexport.Issue{{
-					Severity:    bulkexport.SeverityFatal,
-					Code:        bulkexport.IssueException,
-					Details:     &bulkexport.CodeableConcept{Text: "source went away"},
+				Issue: []fhirbulk.Issue{{
+					Severity:    fhirbulk.SeverityFatal,
+					Code:        fhirbulk.IssueException,
+					Details:     &fhirbulk.CodeableConcept{Text: "source went away"},
 					Diagnostics: "connection reset",
 					Expression:  []string{"Observation"},
 				}},
