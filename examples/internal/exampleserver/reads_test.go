@@ -3,6 +3,7 @@ package exampleserver
 import (
 	"encoding/json"
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -143,4 +144,32 @@ func TestGroupReadsInMetadata(t *testing.T) {
 		require.Equal(t, "export", r.Operation[0].Name)
 	}
 	require.True(t, found, "no Group in the CapabilityStatement")
+}
+
+// TestRoutesBesideReads: on the example server's one http.ServeMux, the
+// host's GET /fhir/Patient/{id} and the bulk data routes coexist: a
+// Patient read is the host's, GET /fhir/Patient/$export a kick-off; any
+// other request under the base reaches the bulk data handler, which
+// answers it with an OperationOutcome.
+func TestRoutesBesideReads(t *testing.T) {
+	t.Parallel()
+	srv, ts := start(t, Config{Patients: 4})
+	base := ts.URL + "/fhir"
+
+	resp, body := do(t, http.MethodGet, base+"/Patient/p-2", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode, string(body))
+	require.Contains(t, string(body), `"id":"p-2"`)
+	resp, body = do(t, http.MethodGet, base+"/Patient/p-99", "")
+	require.Equal(t, http.StatusNotFound, resp.StatusCode, string(body))
+
+	resp, body = do(t, http.MethodGet, base+"/Patient/$export?_type=Patient", "")
+	require.Equal(t, http.StatusAccepted, resp.StatusCode, string(body))
+	require.True(t, strings.HasPrefix(resp.Header.Get("Content-Location"), srv.BaseURL+"/$export-poll-status"))
+
+	resp, body = do(t, http.MethodPut, base+"/$export", "")
+	require.Equal(t, http.StatusMethodNotAllowed, resp.StatusCode, string(body))
+	require.Contains(t, string(body), `"resourceType":"OperationOutcome"`)
+	resp, body = do(t, http.MethodGet, base+"/Observation/$everything", "")
+	require.Equal(t, http.StatusNotFound, resp.StatusCode, string(body))
+	require.Contains(t, string(body), `"resourceType":"OperationOutcome"`)
 }
