@@ -110,10 +110,11 @@ func retryAfterSeconds(d time.Duration) string {
 // with Retry-After and an OperationOutcome. The state is kept in memory by
 // each Handler, so with several replicas the limit applies per replica.
 type PollLimit struct {
-	// Burst is how many polls a client may send back to back. Default: 10.
+	// Burst is how many polls a client may send back to back. Default:
+	// DefaultPollBurst (10).
 	Burst int
 	// Rate is how many times faster than advised a client may poll in the
-	// long run. Default: 2.
+	// long run. Default: DefaultPollRate (2).
 	Rate float64
 }
 
@@ -132,13 +133,8 @@ type bucket struct {
 	last   time.Time
 }
 
+// newPollLimiter takes l with its defaults filled (Options.fill).
 func newPollLimiter(l PollLimit) *pollLimiter {
-	if l.Burst <= 0 {
-		l.Burst = 10
-	}
-	if l.Rate <= 0 {
-		l.Rate = 2
-	}
 	return &pollLimiter{burst: float64(l.Burst), rate: l.Rate, buckets: map[string]*bucket{}}
 }
 
