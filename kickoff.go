@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 )
@@ -291,12 +292,26 @@ func checkBytes(name, value string) *Error {
 // before the others. So a misused parameter is reported before a bad
 // value, and _since and _until are compared last.
 func parseKickoff(params []rawParam, method string, level Level, lenient bool, cfg kickoffConfig) (Request, error) {
-	p := &kickoffParser{
+	p := kickoffParsers.Get().(*kickoffParser)
+	*p = kickoffParser{
 		req:    Request{Method: method, OutputFormat: FormatNDJSON, Lenient: lenient},
 		method: method,
 		level:  level,
 		cfg:    cfg,
 	}
+	req, err := p.run(params)
+	*p = kickoffParser{} // the pool keeps nothing of the request
+	kickoffParsers.Put(p)
+	return req, err
+}
+
+// kickoffParsers recycles parser state. Handed to the table's parse
+// functions, a kickoffParser escapes to the heap, and allocating one for
+// every kick-off cost more than the parsing of a short query.
+var kickoffParsers = sync.Pool{New: func() any { return new(kickoffParser) }}
+
+// run parses the parameters into p.req (see parseKickoff).
+func (p *kickoffParser) run(params []rawParam) (Request, error) {
 	if p.cfg.maxValues <= 0 {
 		p.cfg.maxValues = 1000
 	}
