@@ -511,91 +511,139 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level fhi
 	w, r = h.tel.startKickoff(w, r, level)
 	defer h.tel.endKickoff(w, r)
 	ctx := r.Context()
-	clientID, err := h.authenticate(r)
+	clientID, req, err := h.kickoffRequest(w, r, level, groupID)
 	if err != nil {
 		h.writeError(w, r, err)
 		return
 	}
-	if !acceptsJSON(r.Header.Get("Accept")) {
-		h.writeError(w, r, &Error{Status: http.StatusNotAcceptable, Code: fhirbulk.IssueNotSupported,
-			Message: "the kick-off answers in application/fhir+json; the Accept header admits none of it"})
+	reused, err := h.admit(ctx, clientID, level, groupID, &req)
+	switch {
+	case err != nil:
+		h.writeError(w, r, err)
+		return
+	case reused != nil:
+		w.Header().Set("Content-Location", h.statusURL(reused.ID))
+		writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
+			fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "an identical export is already in progress: job "+reused.ID))
 		return
 	}
-	prefs := parsePrefer(r.Header)
-	if !prefs.respondAsync && !h.opts.AllowMissingRespondAsync {
-		h.writeError(w, r, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid,
-			Message: "the export runs asynchronously: send the header Prefer: respond-async"})
+	job, err := h.queueJob(ctx, clientID, level, groupID, req)
+	if err != nil {
+		h.writeError(w, r, err)
 		return
+	}
+	oo := fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "export job "+job.ID+" queued")
+	oo.Issue = append(oo.Issue, req.Ignored...)
+	w.Header().Set("Content-Location", h.statusURL(job.ID))
+	if req.SeparateExportStatus {
+		w.Header().Set("Preference-Applied", "respond-async, separate-export-status")
+	}
+	writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON, oo)
+}
+
+// kickoffRequest authenticates a GET or POST kick-off, checks its headers,
+// reads and validates its parameters and authorizes the export: it returns
+// the client and the Request of the job to be.
+func (h *Handler) kickoffRequest(w http.ResponseWriter, r *http.Request, level fhirbulk.Level, groupID string) (string, Request, error) {
+	clientID, err := h.authenticate(r)
+	if err != nil {
+		return "", Request{}, err
+	}
+	prefs, err := kickoffPreferences(r, h.opts.AllowMissingRespondAsync)
+	if err != nil {
+		return "", Request{}, err
 	}
 	raw, err := readKickoffParams(r, h.opts.MaxBodyBytes)
 	if err != nil {
-		h.writeError(w, r, err)
-		return
+		return "", Request{}, err
 	}
 	if h.opts.ManifestVersion == ManifestSTU4 && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
-		h.writeError(w, r, &Error{Status: http.StatusMethodNotAllowed, Code: fhirbulk.IssueNotSupported,
-			Message: "this server follows the STU4 ballot: kick off with POST and a Parameters body"})
-		return
+		return "", Request{}, &Error{Status: http.StatusMethodNotAllowed, Code: fhirbulk.IssueNotSupported,
+			Message: "this server follows the STU4 ballot: kick off with POST and a Parameters body"}
 	}
-	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues, maxLength: h.opts.MaxParamLength}
-	if h.opts.Types != nil {
-		types, err := h.opts.Types.ResourceTypes(ctx, level)
-		if err != nil {
-			h.writeError(w, r, err)
-			return
-		}
-		cfg.types = types
-		if tf, ok := h.opts.Types.(TypeFilterChecker); ok {
-			cfg.checkFilter = tf.CheckTypeFilter
-		}
-		if org, ok := h.opts.Types.(Organizer); ok {
-			if cfg.organizeBy, err = org.OrganizeTypes(ctx, level); err != nil {
-				h.writeError(w, r, err)
-				return
-			}
-		}
-		if al, ok := h.opts.Types.(AssociatedDataLister); ok {
-			cfg.associated = append(slices.Clip(cfg.associated), al.AssociatedData()...)
-		}
+	cfg, err := h.kickoffConfigFor(r.Context(), level)
+	if err != nil {
+		return "", Request{}, err
 	}
 	req, err := parseKickoff(raw, r.Method, level, prefs.lenient, cfg)
 	if err != nil {
-		h.writeError(w, r, err)
-		return
+		return "", Request{}, err
 	}
 	req.SeparateExportStatus = prefs.separateExportStatus && !h.opts.DisableSeparateExportStatus
+	if err := h.authorizeKickoff(r.Context(), clientID, level, groupID, &req); err != nil {
+		return "", Request{}, err
+	}
+	req.URL = h.base + kickoffPath(level, groupID)
+	if r.Method == http.MethodGet && r.URL.RawQuery != "" {
+		req.URL += "?" + r.URL.RawQuery
+	}
+	return clientID, req, nil
+}
+
+// kickoffPreferences checks a kick-off's Accept header and reads its Prefer
+// header, which must ask for an asynchronous answer unless
+// allowMissingRespondAsync.
+func kickoffPreferences(r *http.Request, allowMissingRespondAsync bool) (preferences, error) {
+	if !acceptsJSON(r.Header.Get("Accept")) {
+		return preferences{}, &Error{Status: http.StatusNotAcceptable, Code: fhirbulk.IssueNotSupported,
+			Message: "the kick-off answers in application/fhir+json; the Accept header admits none of it"}
+	}
+	prefs := parsePrefer(r.Header)
+	if !prefs.respondAsync && !allowMissingRespondAsync {
+		return preferences{}, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueInvalid,
+			Message: "the export runs asynchronously: send the header Prefer: respond-async"}
+	}
+	return prefs, nil
+}
+
+// kickoffConfigFor is what the kick-off parameters of a level are validated
+// against: the options, and what Options.Types tells of the level.
+func (h *Handler) kickoffConfigFor(ctx context.Context, level fhirbulk.Level) (kickoffConfig, error) {
+	cfg := kickoffConfig{associated: h.opts.AssociatedData, maxValues: h.opts.MaxParamValues, maxLength: h.opts.MaxParamLength}
+	if h.opts.Types == nil {
+		return cfg, nil
+	}
+	types, err := h.opts.Types.ResourceTypes(ctx, level)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.types = types
+	if tf, ok := h.opts.Types.(TypeFilterChecker); ok {
+		cfg.checkFilter = tf.CheckTypeFilter
+	}
+	if org, ok := h.opts.Types.(Organizer); ok {
+		if cfg.organizeBy, err = org.OrganizeTypes(ctx, level); err != nil {
+			return cfg, err
+		}
+	}
+	if al, ok := h.opts.Types.(AssociatedDataLister); ok {
+		cfg.associated = append(slices.Clip(cfg.associated), al.AssociatedData()...)
+	}
+	return cfg, nil
+}
+
+// authorizeKickoff checks that a Group export names a known group
+// (GroupChecker), then asks Options.Authorize, which may amend the request.
+func (h *Handler) authorizeKickoff(ctx context.Context, clientID string, level fhirbulk.Level, groupID string, req *Request) error {
 	if level == fhirbulk.LevelGroup {
 		if gc, ok := h.opts.Types.(GroupChecker); ok {
 			if err := gc.CheckGroup(ctx, groupID); err != nil {
 				if errors.Is(err, ErrNotFound) {
 					err = &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Message: "Group/" + groupID + " is not known", Err: err}
 				}
-				h.writeError(w, r, err)
-				return
+				return err
 			}
 		}
 	}
 	if h.opts.Authorize != nil {
-		if err := h.opts.Authorize(ctx, clientID, level, groupID, &req); err != nil {
-			h.writeError(w, r, err)
-			return
-		}
+		return h.opts.Authorize(ctx, clientID, level, groupID, req)
 	}
-	req.URL = h.base + kickoffPath(level, groupID)
-	if r.Method == http.MethodGet && r.URL.RawQuery != "" {
-		req.URL += "?" + r.URL.RawQuery
-	}
-	if reused, err := h.admit(ctx, clientID, level, groupID, &req); err != nil || reused != nil {
-		if err != nil {
-			h.writeError(w, r, err)
-			return
-		}
-		w.Header().Set("Content-Location", h.statusURL(reused.ID))
-		writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON,
-			fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "an identical export is already in progress: job "+reused.ID))
-		return
-	}
+	return nil
+}
+
+// queueJob stores a queued job for an admitted request and announces it.
+func (h *Handler) queueJob(ctx context.Context, clientID string, level fhirbulk.Level, groupID string, req Request) (*Job, error) {
 	now := h.now()
 	job := &Job{
 		ID:        NewJobID(),
@@ -609,8 +657,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level fhi
 		UpdatedAt: now,
 	}
 	if err := h.create(ctx, job); err != nil {
-		h.writeError(w, r, storeError(err))
-		return
+		return nil, storeError(err)
 	}
 	h.trimFinished(ctx, clientID)
 	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued", jobAttrs(job)...)
@@ -619,13 +666,7 @@ func (h *Handler) serveKickoff(w http.ResponseWriter, r *http.Request, level fhi
 	if h.opts.OnQueued != nil {
 		h.opts.OnQueued(job.ID)
 	}
-	oo := fhirbulk.NewOutcome(fhirbulk.SeverityInformation, fhirbulk.IssueInformational, "export job "+job.ID+" queued")
-	oo.Issue = append(oo.Issue, req.Ignored...)
-	w.Header().Set("Content-Location", h.statusURL(job.ID))
-	if req.SeparateExportStatus {
-		w.Header().Set("Preference-Applied", "respond-async, separate-export-status")
-	}
-	writeJSON(w, http.StatusAccepted, contentTypeFHIRJSON, oo)
+	return job, nil
 }
 
 func kickoffPath(level fhirbulk.Level, groupID string) string {

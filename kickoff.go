@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 )
@@ -37,28 +38,41 @@ type rawParam struct {
 	value string
 }
 
-// paramSpec says how a kick-off parameter may be used.
+// paramSpec says how a kick-off parameter may be used, and how its values
+// are checked.
 type paramSpec struct {
 	repeat   bool // 0..*: repeats are merged
 	comma    bool // values are comma lists
 	postOnly bool
 	noSystem bool // not allowed at system level
+	// strict: a misused parameter is refused even under lenient handling.
+	strict bool
+	// first: the values are parsed before the other parameters', which
+	// are checked against them.
+	first bool
+	// parse checks the values (comma lists split) and records them in the
+	// request being built. It hands a bad value or parameter to
+	// kickoffParser.reject, and returns an error only to fail the request.
+	parse func(p *kickoffParser, name string, vs []string) error
 }
 
 var paramSpecs = map[string]paramSpec{
-	"_outputFormat":         {},
-	"_since":                {},
-	"_until":                {},
-	"_type":                 {repeat: true, comma: true},
-	"_elements":             {repeat: true, comma: true},
-	"includeAssociatedData": {repeat: true, comma: true},
-	"_typeFilter":           {repeat: true},
-	"organizeOutputBy":      {},
-	"allowPartialManifests": {},
-	"patient":               {repeat: true, postOnly: true, noSystem: true},
+	"_outputFormat": {parse: parseOutputFormat},
+	"_since":        {parse: parseSince},
+	"_until":        {parse: parseUntil},
+	// Dropping _type would silently widen the export to every type, so a
+	// misused one is refused even when lenient; _typeFilter and _elements
+	// are checked against it.
+	"_type":                 {repeat: true, comma: true, strict: true, first: true, parse: parseTypes},
+	"_elements":             {repeat: true, comma: true, parse: parseElements},
+	"includeAssociatedData": {repeat: true, comma: true, parse: parseAssociatedData},
+	"_typeFilter":           {repeat: true, parse: parseTypeFilters},
+	"organizeOutputBy":      {parse: parseOrganizeOutputBy},
+	"allowPartialManifests": {parse: parseAllowPartialManifests},
+	"patient":               {repeat: true, postOnly: true, noSystem: true, parse: parsePatients},
 	// _format is FHIR's general response-format override; only JSON is
 	// produced, so it is checked like Accept.
-	"_format": {},
+	"_format": {parse: parseFormat},
 }
 
 // kickoffConfig is what validation needs from the host.
@@ -272,252 +286,211 @@ func checkBytes(name, value string) *Error {
 // parseKickoff validates the parameters for a level and method. Under
 // lenient handling a bad parameter is dropped and recorded in Ignored
 // instead of failing the request.
+//
+// It runs in two passes over the parameters, in the order the client first
+// sent each name: pass 1 checks each parameter's use (kickoffParser.shape),
+// pass 2 its values (paramSpec.parse), those of a first parameter (_type)
+// before the others. So a misused parameter is reported before a bad
+// value, and _since and _until are compared last.
 func parseKickoff(params []rawParam, method string, level fhirbulk.Level, lenient bool, cfg kickoffConfig) (Request, error) {
-	req := Request{Method: method, OutputFormat: FormatNDJSON, Lenient: lenient}
-	maxValues := cfg.maxValues
-	if maxValues <= 0 {
-		maxValues = 1000
+	p := kickoffParsers.Get().(*kickoffParser)
+	*p = kickoffParser{
+		req:    Request{Method: method, OutputFormat: FormatNDJSON, Lenient: lenient},
+		method: method,
+		level:  level,
+		cfg:    cfg,
 	}
+	req, err := p.run(params)
+	*p = kickoffParser{} // the pool keeps nothing of the request
+	kickoffParsers.Put(p)
+	return req, err
+}
 
-	maxLength := cfg.maxLength
-	if maxLength <= 0 {
-		maxLength = 8 << 10
+// kickoffParsers recycles parser state. Handed to the table's parse
+// functions, a kickoffParser escapes to the heap, and allocating one for
+// every kick-off cost more than the parsing of a short query.
+var kickoffParsers = sync.Pool{New: func() any { return new(kickoffParser) }}
+
+// run parses the parameters into p.req (see parseKickoff).
+func (p *kickoffParser) run(params []rawParam) (Request, error) {
+	if p.cfg.maxValues <= 0 {
+		p.cfg.maxValues = 1000
 	}
-	if len(params) > 4*maxValues {
-		return req, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueTooCostly, Message: fmt.Sprintf("more than %d parameters", 4*maxValues)}
+	if p.cfg.maxLength <= 0 {
+		p.cfg.maxLength = 8 << 10
 	}
-	// Group the values by name, in the order the client sent them.
-	values := map[string][]string{}
-	var order []string
-	for _, p := range params {
-		if err := checkBytes(p.name, p.value); err != nil {
-			// Refused before lenient handling: a bad name cannot be
-			// recorded as ignored, and no store could hold it.
-			return req, err
+	// Room for the usual few parameters without a heap allocation.
+	grouped, err := p.group(make([]kickoffParam, 0, 8), params)
+	if err != nil {
+		return p.req, err
+	}
+	for i := range grouped {
+		if err := p.shape(&grouped[i]); err != nil {
+			return p.req, err
 		}
-		if len(p.value) > maxLength || len(p.name) > 64 {
-			name := p.name
+	}
+	if err := p.parseValues(grouped, true); err != nil {
+		return p.req, err
+	}
+	if err := p.parseValues(grouped, false); err != nil {
+		return p.req, err
+	}
+	err = p.checkPeriod()
+	return p.req, err
+}
+
+// kickoffParser is the state of one parseKickoff: the request being built,
+// and what its parameters are checked against.
+type kickoffParser struct {
+	req    Request
+	method string
+	level  fhirbulk.Level
+	cfg    kickoffConfig // maxValues and maxLength set
+}
+
+// kickoffParam is one kick-off parameter: its values, repeats merged in the
+// order the client sent them.
+type kickoffParam struct {
+	name   string
+	values []string
+	spec   paramSpec
+	ok     bool // passed pass 1: values are to be parsed
+}
+
+// reject fails the request, or under lenient handling records the
+// parameter as ignored and moves on (returning nil).
+func (p *kickoffParser) reject(err *Error) error {
+	if !p.req.Lenient {
+		return err
+	}
+	p.req.Ignored = append(p.req.Ignored, fhirbulk.Issue{
+		Severity:    fhirbulk.SeverityWarning,
+		Code:        err.Code,
+		Diagnostics: "ignored under handling=lenient: " + err.Error(),
+		Expression:  []string{err.Param},
+	})
+	return nil
+}
+
+// group checks the number of parameters and each name and value (bytes and
+// length), then groups the values by name, appended to out in the order
+// the client sent them. These checks come before lenient handling: a bad
+// name cannot be recorded as ignored, and no store could hold it.
+func (p *kickoffParser) group(out []kickoffParam, params []rawParam) ([]kickoffParam, error) {
+	if len(params) > 4*p.cfg.maxValues {
+		return nil, &Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueTooCostly, Message: fmt.Sprintf("more than %d parameters", 4*p.cfg.maxValues)}
+	}
+	index := map[string]int{}
+	for _, rp := range params {
+		if err := checkBytes(rp.name, rp.value); err != nil {
+			return nil, err
+		}
+		if len(rp.value) > p.cfg.maxLength || len(rp.name) > 64 {
+			name := rp.name
 			if len(name) > 64 {
 				name = name[:64] + "…"
 			}
-			return req, paramError(name, fhirbulk.IssueTooCostly, "value longer than %d bytes", maxLength)
+			return nil, paramError(name, fhirbulk.IssueTooCostly, "value longer than %d bytes", p.cfg.maxLength)
 		}
-		if _, seen := values[p.name]; !seen {
-			order = append(order, p.name)
+		i, seen := index[rp.name]
+		if !seen {
+			i = len(out)
+			index[rp.name] = i
+			out = append(out, kickoffParam{name: rp.name})
 		}
-		values[p.name] = append(values[p.name], p.value)
+		out[i].values = append(out[i].values, rp.value)
 	}
+	return out, nil
+}
 
-	// reject fails the request, or under lenient handling records the
-	// parameter as ignored and moves on.
-	reject := func(err *Error) error {
-		if !lenient {
+// shape is pass 1 for one parameter: it checks the parameter's use and
+// splits its comma lists. A misused parameter is dropped under lenient
+// handling, unless its spec is strict.
+func (p *kickoffParser) shape(kp *kickoffParam) error {
+	perr := p.checkUse(kp)
+	switch {
+	case perr == nil:
+		kp.ok = true
+		return nil
+	case kp.spec.strict:
+		return perr
+	}
+	return p.reject(perr)
+}
+
+// checkUse checks that a parameter is known, allowed at the level and with
+// the method, and not repeated unless it may be; it splits comma lists and
+// caps the number of values.
+func (p *kickoffParser) checkUse(kp *kickoffParam) *Error {
+	spec, known := paramSpecs[kp.name]
+	kp.spec = spec
+	switch {
+	case !known:
+		return paramError(kp.name, fhirbulk.IssueNotSupported, "unknown or unsupported parameter")
+	case spec.noSystem && p.level == fhirbulk.LevelSystem:
+		return paramError(kp.name, fhirbulk.IssueNotSupported, "not allowed at system level")
+	case spec.postOnly && p.method != http.MethodPost:
+		return paramError(kp.name, fhirbulk.IssueNotSupported, "allowed only in a POST kick-off")
+	case !spec.repeat && len(kp.values) > 1:
+		return paramError(kp.name, fhirbulk.IssueInvalid, "may appear only once")
+	}
+	if spec.comma {
+		split, perr := splitLists(kp.name, kp.values)
+		if perr != nil {
+			return perr
+		}
+		kp.values = split
+	}
+	if len(kp.values) > p.cfg.maxValues {
+		return paramError(kp.name, fhirbulk.IssueTooCostly, "more than %d values", p.cfg.maxValues)
+	}
+	return nil
+}
+
+// splitLists splits comma-list values into their trimmed entries. A list
+// with an empty entry is an error; when several have one, the last is
+// named.
+func splitLists(name string, vs []string) ([]string, *Error) {
+	var split []string
+	var perr *Error
+	for _, v := range vs {
+		for _, item := range strings.Split(v, ",") {
+			item = strings.TrimSpace(item)
+			if item == "" {
+				perr = paramError(name, fhirbulk.IssueInvalid, "empty entry in the list %q", v)
+				break
+			}
+			split = append(split, item)
+		}
+	}
+	return split, perr
+}
+
+// parseValues is pass 2 for the parameters that passed pass 1 and whose
+// spec's first is first.
+func (p *kickoffParser) parseValues(params []kickoffParam, first bool) error {
+	for _, kp := range params {
+		if !kp.ok || kp.spec.first != first {
+			continue
+		}
+		if err := kp.spec.parse(p, kp.name, kp.values); err != nil {
 			return err
 		}
-		req.Ignored = append(req.Ignored, fhirbulk.Issue{
-			Severity:    fhirbulk.SeverityWarning,
-			Code:        err.Code,
-			Diagnostics: "ignored under handling=lenient: " + err.Error(),
-			Expression:  []string{err.Param},
-		})
+	}
+	return nil
+}
+
+// checkPeriod checks _since against _until; under lenient handling a bad
+// _until is dropped.
+func (p *kickoffParser) checkPeriod() error {
+	if p.req.Since.IsZero() || p.req.Until.IsZero() || p.req.Since.Before(p.req.Until) {
 		return nil
 	}
-
-	// Pass 1: check shape (known, levels, method, cardinality) and split
-	// comma lists.
-	lists := map[string][]string{}
-	for _, name := range order {
-		vs := values[name]
-		spec, known := paramSpecs[name]
-		var perr *Error
-		switch {
-		case !known:
-			perr = paramError(name, fhirbulk.IssueNotSupported, "unknown or unsupported parameter")
-		case spec.noSystem && level == fhirbulk.LevelSystem:
-			perr = paramError(name, fhirbulk.IssueNotSupported, "not allowed at system level")
-		case spec.postOnly && method != http.MethodPost:
-			perr = paramError(name, fhirbulk.IssueNotSupported, "allowed only in a POST kick-off")
-		case !spec.repeat && len(vs) > 1:
-			perr = paramError(name, fhirbulk.IssueInvalid, "may appear only once")
-		}
-		if perr == nil && spec.comma {
-			var split []string
-			for _, v := range vs {
-				for _, item := range strings.Split(v, ",") {
-					item = strings.TrimSpace(item)
-					if item == "" {
-						perr = paramError(name, fhirbulk.IssueInvalid, "empty entry in the list %q", v)
-						break
-					}
-					split = append(split, item)
-				}
-			}
-			vs = split
-		}
-		if perr == nil && len(vs) > maxValues {
-			perr = paramError(name, fhirbulk.IssueTooCostly, "more than %d values", maxValues)
-		}
-		if perr != nil {
-			if name == "_type" {
-				// Dropping _type would silently widen the export to every
-				// type (see pass 2), so it is refused even when lenient.
-				return req, perr
-			}
-			if err := reject(perr); err != nil {
-				return req, err
-			}
-			continue
-		}
-		lists[name] = vs
+	if err := p.reject(paramError("_until", fhirbulk.IssueInvalid, "_until must be later than _since")); err != nil {
+		return err
 	}
-
-	// Pass 2: the values. _type goes first: _typeFilter and _elements are
-	// checked against it.
-	if vs, ok := lists["_type"]; ok {
-		for _, t := range vs {
-			var perr *Error
-			switch {
-			case !validTypeName(t):
-				perr = paramError("_type", fhirbulk.IssueInvalid, "%q is not a resource type", t)
-			case cfg.types != nil && !slices.Contains(cfg.types, t):
-				perr = paramError("_type", fhirbulk.IssueNotSupported, "resource type %s is not exported at %s level", t, level)
-			}
-			if perr != nil {
-				if err := reject(perr); err != nil {
-					return req, err
-				}
-				continue
-			}
-			if !slices.Contains(req.Types, t) {
-				req.Types = append(req.Types, t)
-			}
-		}
-		if len(req.Types) == 0 {
-			// Every listed type was dropped under lenient handling; an
-			// empty _type would silently widen the export to every type.
-			return req, paramError("_type", fhirbulk.IssueNotSupported, "none of the requested types is exported at %s level", level)
-		}
-	}
-
-	for _, name := range order {
-		vs, ok := lists[name]
-		if !ok || name == "_type" {
-			continue
-		}
-		var perr *Error
-		switch name {
-		case "_format":
-			if !acceptableFormat(mediaTypePlus(vs[0])) {
-				return req, &Error{Status: http.StatusNotAcceptable, Code: fhirbulk.IssueNotSupported, Param: name,
-					Message: fmt.Sprintf("only FHIR JSON responses are produced, not %q", vs[0])}
-			}
-		case "_outputFormat":
-			if !slices.Contains(ndjsonAliases, mediaTypePlus(vs[0])) {
-				perr = paramError(name, fhirbulk.IssueNotSupported, "output format %q is not supported; use application/fhir+ndjson", vs[0])
-			}
-		case "_since", "_until":
-			t, err := fhirbulk.ParseInstant(vs[0])
-			if err != nil {
-				perr = paramError(name, fhirbulk.IssueInvalid, "%v", err)
-			} else if name == "_since" {
-				req.Since = t
-			} else {
-				req.Until = t
-			}
-		case "_elements":
-			for _, e := range vs {
-				if perr = checkElement(e, &req, cfg); perr != nil {
-					if err := reject(perr); err != nil {
-						return req, err
-					}
-					perr = nil
-					continue
-				}
-				if !slices.Contains(req.Elements, e) {
-					req.Elements = append(req.Elements, e)
-				}
-			}
-		case "includeAssociatedData":
-			for _, v := range vs {
-				if !slices.Contains(cfg.associated, v) {
-					perr = paramError(name, fhirbulk.IssueNotSupported, "value %q is not supported", v)
-					if err := reject(perr); err != nil {
-						return req, err
-					}
-					perr = nil
-					continue
-				}
-				if !slices.Contains(req.IncludeAssociatedData, v) {
-					req.IncludeAssociatedData = append(req.IncludeAssociatedData, v)
-				}
-			}
-		case "_typeFilter":
-			for _, v := range vs {
-				filters, ferr := parseTypeFilterValue(v)
-				for _, f := range filters {
-					if ferr == nil {
-						ferr = checkTypeFilter(f, &req, cfg)
-					}
-				}
-				if ferr != nil {
-					if err := reject(ferr); err != nil {
-						return req, err
-					}
-					continue
-				}
-				req.TypeFilters = append(req.TypeFilters, filters...)
-			}
-		case "organizeOutputBy":
-			switch {
-			case !validTypeName(vs[0]):
-				perr = paramError(name, fhirbulk.IssueInvalid, "%q is not a resource type", vs[0])
-			case !slices.Contains(cfg.organizeBy, vs[0]):
-				perr = paramError(name, fhirbulk.IssueNotSupported, "output cannot be organized by %s", vs[0])
-			default:
-				req.OrganizeOutputBy = vs[0]
-			}
-		case "allowPartialManifests":
-			b, err := strconv.ParseBool(vs[0])
-			if err != nil || (vs[0] != "true" && vs[0] != "false") {
-				perr = paramError(name, fhirbulk.IssueInvalid, "must be true or false, not %q", vs[0])
-			} else {
-				req.AllowPartialManifests = b
-			}
-		case "patient":
-			for _, v := range vs {
-				id, ok := strings.CutPrefix(v, "Patient/")
-				if !ok || !validID(id) {
-					// Under lenient handling only this reference is
-					// dropped; the others still restrict the export.
-					if err := reject(paramError(name, fhirbulk.IssueInvalid, "%q is not a Patient reference (Patient/{id})", v)); err != nil {
-						return req, err
-					}
-					continue
-				}
-				if !slices.Contains(req.Patients, id) {
-					req.Patients = append(req.Patients, id)
-				}
-			}
-			if len(req.Patients) == 0 {
-				// Every reference was dropped: an empty list would
-				// silently widen the export to every patient.
-				return req, paramError(name, fhirbulk.IssueInvalid, "none of the patient references is valid")
-			}
-		}
-		if perr != nil {
-			if err := reject(perr); err != nil {
-				return req, err
-			}
-		}
-	}
-	if !req.Since.IsZero() && !req.Until.IsZero() && !req.Since.Before(req.Until) {
-		perr := paramError("_until", fhirbulk.IssueInvalid, "_until must be later than _since")
-		if err := reject(perr); err != nil {
-			return req, err
-		}
-		req.Until = time.Time{}
-	}
-	return req, nil
+	p.req.Until = time.Time{}
+	return nil
 }
 
 func checkElement(e string, req *Request, cfg kickoffConfig) *Error {

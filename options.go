@@ -82,6 +82,17 @@ func (o *Options) fill() {
 // negative sizes and durations, and combinations that contradict each
 // other. Each error names the field.
 func (o *Options) validate() error {
+	for _, check := range []func() error{o.validateEnums, o.validateSizes, o.validateDownloads} {
+		if err := check(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validateEnums checks BaseURL and the fields that take one of a few
+// values.
+func (o *Options) validateEnums() error {
 	u, err := url.Parse(o.BaseURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
 		return optionError("Options.BaseURL", "must be an absolute http(s) URL without query or fragment, got %q", o.BaseURL)
@@ -98,6 +109,11 @@ func (o *Options) validate() error {
 	if o.Downloads != DownloadProxy && o.Downloads != DownloadSigned && o.Downloads != DownloadRedirect {
 		return optionError("Options.Downloads", "unknown mode %d", int(o.Downloads))
 	}
+	return nil
+}
+
+// validateSizes checks the caps, sizes and durations.
+func (o *Options) validateSizes() error {
 	for _, c := range []struct {
 		field string
 		v     int64
@@ -121,6 +137,12 @@ func (o *Options) validate() error {
 			return optionError("Options.PollLimit.Rate", "must be a positive number, got %v", r)
 		}
 	}
+	return nil
+}
+
+// validateDownloads checks that the download mode, the signing keys, the
+// Storage and RequiresAccessToken fit together.
+func (o *Options) validateDownloads() error {
 	if err := checkSigningKeys(o.SigningKeys); err != nil {
 		return err
 	}
