@@ -210,6 +210,7 @@ func start(opts *ServerOptions, dir string, removeDir bool) (*Server, error) {
 		s.Server.Close()
 		cancel()
 		<-done
+		_ = s.Handler.Close()
 		if removeDir {
 			os.RemoveAll(dir)
 		}
