@@ -227,7 +227,8 @@ func load(ctx context.Context, pool *pgxpool.Pool, table string, produce func(co
 	if _, err := tx.CopyFrom(ctx, pgx.Identifier(strings.Split(table+"_members", ".")), []string{"group_id", "patient"}, pgx.CopyFromRows(mrows)); err != nil {
 		return fmt.Errorf("pgsource: load: members: %w", err)
 	}
-	if _, err := tx.Exec(ctx, `ANALYZE `+t.resources); err != nil {
+	// Fresh statistics, so that the planner sees how large Groups are.
+	if _, err := tx.Exec(ctx, `ANALYZE `+t.resources+`, `+t.groups+`, `+t.members); err != nil {
 		return fmt.Errorf("pgsource: load: %w", err)
 	}
 	if err := tx.Commit(ctx); err != nil {
