@@ -3,7 +3,7 @@
 //
 // Usage:
 //
-//	server [-addr 127.0.0.1:8080] [-clients NAME=TOKEN,...] [-patients 100]
+//	server [-addr 127.0.0.1:8080] [-clients NAME=TOKEN,...] [-patients 100] [-data memory|postgres:URL]
 //	       [-store sqlite:./bulkexport.db|memory|postgres:URL] [-pg-schema NAME]
 //	       [-storage dir:PATH|blob:URL] [-downloads proxy|signed|redirect] [-log-level info]
 //	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0]
@@ -74,10 +74,12 @@ var errUsage = errors.New("usage")
 
 // options are the parsed command line.
 type options struct {
-	addr       string
-	baseURL    string
-	clients    map[string]string
-	patients   int
+	addr     string
+	baseURL  string
+	clients  map[string]string
+	patients int
+	// pgData is the database URL of -data postgres:URL ("": in memory).
+	pgData     string
 	store      backends.StoreSpec
 	pgSchema   string
 	storageDir string
@@ -126,6 +128,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	baseURL := fs.String("base-url", "", "public FHIR base `URL` to announce (Content-Location, file URLs, metadata), e.g. https://fhir.example.org/fhir behind a TLS-terminating proxy; its path must end in /fhir; default: http://ADDR/fhir")
 	clients := fs.String("clients", "", "comma-separated `NAME=TOKEN` pairs of clients allowed in with \"Authorization: Bearer TOKEN\"; none: no authentication")
 	patients := fs.Int("patients", 100, "number of patients in the synthetic dataset")
+	data := fs.String("data", "memory", "where the synthetic dataset is exported from: memory (generated on the fly), or postgres:URL (loaded at start into the table "+pgDataTable+" of that database, replacing its content, and exported by examples/internal/pgsource; see docs/pgsource.md)")
 	store := fs.String("store", backends.DefaultStore, "job store: sqlite:PATH (a SQLite file, created if missing), memory, or postgres:URL")
 	pgSchema := fs.String("pg-schema", "", "PostgreSQL schema of the jobs table with -store postgres:URL, created if missing; default: the search_path")
 	storage := fs.String("storage", "dir:./bulkexport-data", "where export files go: dir:PATH, or blob:URL for a bucket (file://, mem://; s3://, gs://, azblob:// in a build with -tags cloud; see docs/storage.md)")
@@ -166,6 +169,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if o.patients < 0 {
 		return bad("-patients: must not be negative")
+	}
+	if o.pgData, err = parseData(*data); err != nil {
+		return bad("-data: %v", err)
+	}
+	if o.pgData != "" && o.pace > 0 {
+		return bad("-pace: only with -data memory")
 	}
 	if o.store, err = backends.ParseStoreSpec(*store); err != nil {
 		return bad("-store: %v", err)
@@ -290,6 +299,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		files = s
 	}
+	var src bulkexport.Source // nil: the dataset in memory
+	if o.pgData != "" {
+		s, closeSource, err := openPGSource(ctx, o.pgData, o.patients)
+		if err != nil {
+			return err
+		}
+		defer closeSource()
+		src = s
+	}
 	ln, err := net.Listen("tcp", o.addr)
 	if err != nil {
 		return err
@@ -312,6 +330,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Downloads:  o.downloads,
 		Logger:     log,
 		Pace:       o.pace,
+		Source:     src,
 
 		MeterProvider: meters,
 		Metrics:       metrics,
@@ -330,7 +349,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if srv.Storage != nil {
 		storageDesc = "dir:" + srv.Storage.Root()
 	}
-	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "storage", storageDesc, "downloads", o.downloads.String(),
+	log.Info("serving", "addr", ln.Addr().String(), "patients", o.patients, "data", dataDesc(o.pgData), "storage", storageDesc, "downloads", o.downloads.String(),
 		"store", o.store.String(), "clients", len(o.clients), "lease", o.lease, "checkpoint", o.checkpoint,
 		"profile", o.protocol.profile, "signed_file_urls", o.protocol.signingKey != nil)
 

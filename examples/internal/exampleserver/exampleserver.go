@@ -54,8 +54,16 @@ type Config struct {
 	// JobStore is the job store (see backends.OpenStore). Default: a MemoryStore.
 	JobStore bulkexport.JobStore
 	// Pace pauses the Source after every patient it exports, so that a
-	// small dataset makes a slow export (crash tests). Default: none.
+	// small dataset makes a slow export (crash tests). Default: none. It
+	// applies to the synthetic dataset only, not to Source.
 	Pace time.Duration
+	// Source, if set, is what the Worker exports from in place of the
+	// synthetic dataset of Patients, for example a pgsource.Source loaded
+	// with that dataset. The host's own reads (Patient, Group) and the
+	// CapabilityStatement's types still come from the dataset, so Source
+	// should serve the same data; no _typeFilter search parameters are
+	// announced for it. Default: the dataset itself.
+	Source bulkexport.Source
 	// StorageDir is the directory export files are written to, when
 	// Storage is nil.
 	StorageDir string
@@ -173,7 +181,12 @@ func New(cfg Config) (*Server, error) {
 		wopts.TracerProvider = cfg.TracerProvider
 	}
 	var src bulkexport.Source = ds
-	if cfg.Pace > 0 {
+	switch {
+	case cfg.Source != nil && cfg.Pace > 0:
+		return nil, errors.New("exampleserver: Pace applies to the synthetic dataset, not to a Source of the host's")
+	case cfg.Source != nil:
+		src = cfg.Source
+	case cfg.Pace > 0:
 		src = pacedSource{Dataset: ds, pace: cfg.Pace}
 	}
 	opts := &bulkexport.Options{}
@@ -207,7 +220,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	bulk := exports.Handler()
-	metadata, err := capabilityStatement(bulk, ds, base, len(cfg.Clients) > 0)
+	metadata, err := capabilityStatement(bulk, ds, cfg.Source == nil, base, len(cfg.Clients) > 0)
 	if err != nil {
 		return nil, err
 	}
@@ -290,8 +303,9 @@ func BearerAuth(clients map[string]string) (func(*http.Request) (string, error),
 
 // capabilityStatement builds the server's CapabilityStatement: a minimal
 // R4 one listing the exported types and their _typeFilter search
-// parameters, with the library's bulk data fragment merged in.
-func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, base string, auth bool) ([]byte, error) {
+// parameters (those of the dataset, when it is the Source: searches is
+// true), with the library's bulk data fragment merged in.
+func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, searches bool, base string, auth bool) ([]byte, error) {
 	var resources []any
 	types, err := ds.ResourceTypes(context.Background(), fhirbulk.LevelSystem)
 	if err != nil {
@@ -301,6 +315,9 @@ func capabilityStatement(bulk *bulkexport.Handler, ds *dataset.Dataset, base str
 		res := map[string]any{"type": typ}
 		var params []any
 		for _, p := range dataset.SearchParams(typ) {
+			if !searches {
+				break
+			}
 			params = append(params, map[string]any{"name": p, "type": "token"})
 		}
 		if params != nil {
