@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
 	"unicode/utf8"
 )
 
@@ -42,7 +43,7 @@ func checkResourceIn(raw []byte, typ string, allowed map[string]bool, scratch []
 	if s.i != len(s.b) {
 		return nil, false, fmt.Errorf("%w: trailing data at byte %d", errBadResource, s.i)
 	}
-	if !utf8.Valid(raw) {
+	if s.badUTF8 {
 		return nil, false, fmt.Errorf("%w: invalid UTF-8", errBadResource)
 	}
 	if s.rtStart < 0 {
@@ -87,12 +88,13 @@ type jsonScanner struct {
 	rtEnd     int
 	rtEscaped bool
 	init      bool
+	badUTF8   bool // some string is not valid UTF-8
 }
 
-// strSafe marks the bytes that may appear in a JSON string unescaped and
-// need no further look.
+// strSafe marks the ASCII bytes that may appear in a JSON string unescaped
+// and need no further look.
 var strSafe = func() (t [256]bool) {
-	for c := 0x20; c < 256; c++ {
+	for c := 0x20; c < utf8.RuneSelf; c++ {
 		t[c] = c != '"' && c != '\\'
 	}
 	return t
@@ -240,18 +242,84 @@ func (s *jsonScanner) lit(w string) bool {
 }
 
 // str scans a string at s.b[s.i] == '"' and returns the bounds of its
-// contents and whether it holds escapes.
+// contents and whether it holds escapes. It also checks the contents are
+// valid UTF-8, noting a failure in s.badUTF8 without stopping the scan, so
+// that a resource that is also malformed is still reported as malformed.
+// (Outside strings, valid JSON is ASCII, so checking the strings checks
+// the whole resource.)
 func (s *jsonScanner) str() (start, end int, escaped, ok bool) {
 	b := s.b
-	i := s.i + 1
-	start = i
-	for {
-		// Skip 8 plain bytes at a time: no '"', no '\\', no control byte.
-		for i+8 <= len(b) {
-			x := binary.LittleEndian.Uint64(b[i:])
-			if hasZeroByte(x^swarQuote)|hasZeroByte(x^swarBackslash)|hasLess20(x) != 0 {
-				break
+	start = s.i + 1
+	i := start
+	// The common case: the contents up to the next '"' are plain ASCII
+	// with no escape. Look at the first 32 bytes a word at a time (most
+	// strings are short: keys, codes, ids).
+	for range 4 {
+		if i+8 > len(b) {
+			return s.strSlow(start, i)
+		}
+		if m := swarStop(binary.LittleEndian.Uint64(b[i:])); m != 0 {
+			// The lowest flagged byte is a real stop: a false flag only
+			// comes from a borrow out of a lower, real one.
+			i += bits.TrailingZeros64(m) >> 3
+			if b[i] == '"' {
+				s.i = i + 1
+				return start, i, false, true
 			}
+			return s.strSlow(start, i)
+		}
+		i += 8
+	}
+	// A long string: find the quote and any backslash with the
+	// vectorized bytes.IndexByte, then check for control and non-ASCII
+	// bytes a word at a time.
+	q := bytes.IndexByte(b[i:], '"')
+	if q < 0 {
+		return 0, 0, false, false
+	}
+	end = i + q
+	if body := b[i:end]; bytes.IndexByte(body, '\\') < 0 && plainASCII(body) {
+		s.i = end + 1
+		return start, end, false, true
+	}
+	return s.strSlow(start, i)
+}
+
+// plainASCII reports whether b holds only bytes from 0x20 to 0x7f.
+func plainASCII(b []byte) bool {
+	var acc uint64
+	i := 0
+	for ; i+32 <= len(b); i += 32 {
+		x0 := binary.LittleEndian.Uint64(b[i:])
+		x1 := binary.LittleEndian.Uint64(b[i+8:])
+		x2 := binary.LittleEndian.Uint64(b[i+16:])
+		x3 := binary.LittleEndian.Uint64(b[i+24:])
+		acc |= x0 | (x0 - 0x20*swarOnes) | x1 | (x1 - 0x20*swarOnes) |
+			x2 | (x2 - 0x20*swarOnes) | x3 | (x3 - 0x20*swarOnes)
+	}
+	for ; i+8 <= len(b); i += 8 {
+		x := binary.LittleEndian.Uint64(b[i:])
+		acc |= x | (x - 0x20*swarOnes)
+	}
+	if acc&swarHigh != 0 {
+		return false
+	}
+	for ; i < len(b); i++ {
+		if !strSafe[b[i]] {
+			return false
+		}
+	}
+	return true
+}
+
+// strSlow is str for contents with escapes, control or non-ASCII bytes,
+// going on from i (b[start:i] is plain).
+func (s *jsonScanner) strSlow(start, i int) (_, end int, escaped, ok bool) {
+	b := s.b
+	for {
+		// Skip plain ASCII 8 bytes at a time: no '"', no '\\', no control
+		// byte, no byte of a multi-byte UTF-8 sequence.
+		for i+8 <= len(b) && swarStop(binary.LittleEndian.Uint64(b[i:])) == 0 {
 			i += 8
 		}
 		for i < len(b) && strSafe[b[i]] {
@@ -260,11 +328,11 @@ func (s *jsonScanner) str() (start, end int, escaped, ok bool) {
 		if i >= len(b) {
 			return 0, 0, false, false
 		}
-		switch b[i] {
-		case '"':
+		switch c := b[i]; {
+		case c == '"':
 			s.i = i + 1
 			return start, i, escaped, true
-		case '\\':
+		case c == '\\':
 			escaped = true
 			if i+1 >= len(b) {
 				return 0, 0, false, false
@@ -280,10 +348,24 @@ func (s *jsonScanner) str() (start, end int, escaped, ok bool) {
 			default:
 				return 0, 0, false, false
 			}
+		case c >= utf8.RuneSelf:
+			r, n := utf8.DecodeRune(b[i:])
+			if r == utf8.RuneError && n == 1 {
+				s.badUTF8 = true
+			}
+			i += n
 		default: // a control character
 			return 0, 0, false, false
 		}
 	}
+}
+
+// swarStop is non-zero when some byte of x is '"', '\\', below 0x20 or
+// above 0x7f.
+func swarStop(x uint64) uint64 {
+	q := x ^ swarQuote
+	e := x ^ swarBackslash
+	return (x | (q-swarOnes)&^q | (e-swarOnes)&^e | (x-0x20*swarOnes)&^x) & swarHigh
 }
 
 const (
@@ -292,12 +374,6 @@ const (
 	swarQuote     = '"' * swarOnes
 	swarBackslash = '\\' * swarOnes
 )
-
-// hasZeroByte is non-zero when some byte of x is 0.
-func hasZeroByte(x uint64) uint64 { return (x - swarOnes) &^ x & swarHigh }
-
-// hasLess20 is non-zero when some byte of x is below 0x20.
-func hasLess20(x uint64) uint64 { return (x - 0x20*swarOnes) &^ x & swarHigh }
 
 func isHex(c byte) bool {
 	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/require"
 )
@@ -88,12 +89,129 @@ func BenchmarkCheckResource(b *testing.B) {
 			}
 		}
 	})
+	// A resource with a long text, like the export benchmark's.
+	long := []byte(`{"resourceType":"Observation","id":"observation-00000001","meta":{"lastUpdated":"2025-06-01T10:00:00.000Z"},"status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}]},"subject":{"reference":"Patient/p-000001"},"valueQuantity":{"value":61,"unit":"/min"},"note":[{"text":"` + strings.Repeat("x", 760) + `"}]}`)
+	b.Run("scanner-long", func(b *testing.B) {
+		b.SetBytes(int64(len(long)))
+		for i := 0; i < b.N; i++ {
+			if _, _, err := checkResource(long, "Observation", nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("json.Valid", func(b *testing.B) {
 		b.SetBytes(int64(len(raw)))
 		for i := 0; i < b.N; i++ {
 			if !json.Valid(raw) {
 				b.Fatal("invalid")
 			}
+		}
+	})
+}
+
+// refStr is the plain byte-at-a-time string scan that jsonScanner.str
+// replaced, kept as an oracle: the bounds of the contents, whether they
+// hold escapes, and the index after the closing quote.
+func refStr(b []byte, i int) (start, end int, escaped bool, next int, ok bool) {
+	i++
+	start = i
+	for i < len(b) {
+		switch c := b[i]; {
+		case c == '"':
+			return start, i, escaped, i + 1, true
+		case c == '\\':
+			escaped = true
+			if i+1 >= len(b) {
+				return 0, 0, false, 0, false
+			}
+			switch b[i+1] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+				i += 2
+			case 'u':
+				if i+6 > len(b) || !isHex(b[i+2]) || !isHex(b[i+3]) || !isHex(b[i+4]) || !isHex(b[i+5]) {
+					return 0, 0, false, 0, false
+				}
+				i += 6
+			default:
+				return 0, 0, false, 0, false
+			}
+		case c < 0x20:
+			return 0, 0, false, 0, false
+		default:
+			i++
+		}
+	}
+	return 0, 0, false, 0, false
+}
+
+// FuzzScanString checks the word-at-a-time string scan against refStr,
+// and its UTF-8 verdict against utf8.Valid.
+func FuzzScanString(f *testing.F) {
+	f.Add([]byte(`"plain ascii string that is longer than sixteen bytes"`))
+	f.Add([]byte(`"caf\u00e9 é \"q\" \\ \/ \n"`))
+	f.Add([]byte("\"bad \xff utf8 in a long enough string\""))
+	f.Add([]byte("\"surrogate \xed\xa0\x80 and truncated \xe2\x82\""))
+	f.Add([]byte("\"control \x01 byte\""))
+	f.Add([]byte(`"unterminated`))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		b := append([]byte{'"'}, in...)
+		s := jsonScanner{b: b}
+		start, end, esc, ok := s.str()
+		rs, re, resc, rnext, rok := refStr(b, 0)
+		if ok != rok {
+			t.Fatalf("%q: ok %v, want %v", b, ok, rok)
+		}
+		if !ok {
+			return
+		}
+		if start != rs || end != re || esc != resc || s.i != rnext {
+			t.Fatalf("%q: got %d %d %v %d, want %d %d %v %d", b, start, end, esc, s.i, rs, re, resc, rnext)
+		}
+		if s.badUTF8 == utf8.Valid(b[start:end]) {
+			t.Fatalf("%q: badUTF8 %v", b, s.badUTF8)
+		}
+	})
+}
+
+// FuzzCheckResourceVsJSON checks checkResource's verdict against
+// encoding/json: a resource json.Valid accepts is never called malformed
+// (unless too deep), one it rejects is never accepted, and invalid UTF-8
+// is reported as such.
+func FuzzCheckResourceVsJSON(f *testing.F) {
+	f.Add([]byte(sampleObservation))
+	f.Add([]byte("{\"resourceType\":\"Observation\",\"id\":\"\xff\"}"))
+	f.Add([]byte("{\"resourceType\":\"Observation\",\"x\":\"\xc3\xa9\"} "))
+	f.Add([]byte(`{"resourceType":"Observation","a":[1,{"b":"\u12"}]}`))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		_, _, err := checkResource(in, "Observation", nil)
+		trimmed := bytes.TrimLeft(in, " \t\r\n")
+		valid := json.Valid(in)
+		if !valid {
+			if err == nil {
+				t.Fatalf("accepted invalid JSON %q", in)
+			}
+			return
+		}
+		if len(trimmed) == 0 || trimmed[0] != '{' || bytes.Count(in, []byte{'['})+bytes.Count(in, []byte{'{'}) >= maxJSONDepth {
+			return
+		}
+		// A top-level resourceType that is not a string, or a second one,
+		// is rejected as malformed on purpose.
+		var m map[string]json.RawMessage
+		var rt string
+		if json.Unmarshal(in, &m) != nil || bytes.Count(in, []byte("resourceType")) > 1 ||
+			m["resourceType"] != nil && json.Unmarshal(m["resourceType"], &rt) != nil {
+			return
+		}
+		if err != nil && (strings.Contains(err.Error(), "malformed") || strings.Contains(err.Error(), "trailing")) {
+			t.Fatalf("valid JSON %q rejected: %v", in, err)
+		}
+		if !utf8.Valid(in) {
+			if err == nil || !strings.Contains(err.Error(), "invalid UTF-8") {
+				t.Fatalf("invalid UTF-8 %q: %v", in, err)
+			}
+		} else if err != nil && strings.Contains(err.Error(), "invalid UTF-8") {
+			t.Fatalf("valid UTF-8 %q: %v", in, err)
 		}
 	})
 }
