@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"net/http"
+	"strconv"
 )
 
 // Sentinel errors. Stores, sources and storages wrap them with %w; callers
@@ -146,9 +147,14 @@ func writeJSON(w http.ResponseWriter, status int, contentType string, v any) {
 		b = []byte(`{"resourceType":"OperationOutcome","issue":[{"severity":"fatal","code":"exception","diagnostics":"encoding failed"}]}`)
 		contentType = contentTypeFHIRJSON
 	}
+	writeBody(w, status, contentType, b)
+}
+
+// writeBody answers with an encoded body.
+func writeBody(w http.ResponseWriter, status int, contentType string, b []byte) {
 	h := w.Header()
 	h.Set("Content-Type", contentType)
-	h.Set("Content-Length", fmt.Sprint(len(b)))
+	h.Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
 	_, _ = w.Write(b)
 }

@@ -181,6 +181,19 @@ type Options struct {
 	// (_type, _typeFilter, patient, ...). Default: 1000.
 	MaxParamValues int
 
+	// FinishedJobCache keeps a completed job in memory this long after a
+	// poll read it, so that the following polls of that job are answered
+	// without the JobStore. A completed job does not change in the store
+	// except when it is removed (DELETE under DeleteFinishedRemoves, the
+	// purge) or expired early (MaxFinishedJobsPerClient): the handler
+	// drops its entry when it does either itself, and never serves one
+	// past the job's ExpiresAt, but a removal or early expiry made by
+	// another replica is seen only once the entry's time is up. So with
+	// several replicas behind one URL, a poll may still get a completed
+	// job's manifest for up to this long after another replica removed
+	// the job. At most 10,000 jobs are kept. Default: 0, off.
+	FinishedJobCache time.Duration
+
 	// CancelledRetention is how long a cancelled job's record is kept (so
 	// that polls keep answering 404 "cancelled" rather than "unknown")
 	// before the purge removes it. Default: 24h.
@@ -253,8 +266,9 @@ type Handler struct {
 	now         func() time.Time
 	log         *slog.Logger
 	token       bool
-	polls       *pollLimiter // nil when polls are not limited
-	signer      URLSigner    // signs download URLs; nil under plain DownloadProxy
+	polls       *pollLimiter   // nil when polls are not limited
+	finished    *finishedCache // nil unless Options.FinishedJobCache
+	signer      URLSigner      // signs download URLs; nil under plain DownloadProxy
 	tel         *telemetry
 	closed      sync.Once
 }
@@ -306,6 +320,9 @@ func NewHandler(store JobStore, opts *Options) (*Handler, error) {
 	}
 	if o.PollLimit != nil {
 		h.polls = newPollLimiter(*o.PollLimit)
+	}
+	if o.FinishedJobCache > 0 {
+		h.finished = newFinishedCache(o.FinishedJobCache)
 	}
 	h.initDownloads()
 	h.tel = newTelemetry(o.MeterProvider, o.TracerProvider, h.log)
@@ -660,6 +677,10 @@ func (h *Handler) queueJob(ctx context.Context, clientID string, level fhirbulk.
 		return nil, storeError(err)
 	}
 	h.trimFinished(ctx, clientID)
+	if h.finished != nil {
+		// Early expiry may have hit this client's cached jobs.
+		h.finished.dropOwner(clientID)
+	}
 	h.log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job queued", jobAttrs(job)...)
 	h.tel.jobQueued(ctx, job)
 

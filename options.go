@@ -124,6 +124,7 @@ func (o *Options) validateSizes() error {
 		{"Options.ManifestPageSize", int64(o.ManifestPageSize)},
 		{"Options.CancelledRetention", int64(o.CancelledRetention)},
 		{"Options.SignedURLExpiry", int64(o.SignedURLExpiry)},
+		{"Options.FinishedJobCache", int64(o.FinishedJobCache)},
 	} {
 		if c.v < 0 {
 			return optionError(c.field, "must not be negative, got %d", c.v)

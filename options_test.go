@@ -48,6 +48,7 @@ func TestOptionsValidation(t *testing.T) {
 		{"negative page size", base(bulkexport.Options{ManifestPageSize: -1}), "Options.ManifestPageSize"},
 		{"negative cancelled retention", base(bulkexport.Options{CancelledRetention: -time.Second}), "Options.CancelledRetention"},
 		{"negative URL expiry", base(bulkexport.Options{SignedURLExpiry: -time.Second}), "Options.SignedURLExpiry"},
+		{"negative finished-job cache", base(bulkexport.Options{FinishedJobCache: -time.Second}), "Options.FinishedJobCache"},
 		{"negative poll burst", base(bulkexport.Options{PollLimit: &bulkexport.PollLimit{Burst: -1}}), "Options.PollLimit.Burst"},
 		{"negative poll rate", base(bulkexport.Options{PollLimit: &bulkexport.PollLimit{Rate: -1}}), "Options.PollLimit.Rate"},
 		{"NaN poll rate", base(bulkexport.Options{PollLimit: &bulkexport.PollLimit{Rate: math.NaN()}}), "Options.PollLimit.Rate"},

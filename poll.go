@@ -1,6 +1,7 @@
 package bulkexport
 
 import (
+	"encoding/json"
 	"errors"
 	"github.com/bulkfhir/bulkexport/fhirbulk"
 	"log/slog"
@@ -33,12 +34,18 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, pathID str
 		h.writeError(w, r, err)
 		return
 	}
-	job, err := h.lookup(r, clientID, id)
+	job, err := h.lookupCached(r, clientID, id)
 	if err != nil {
 		h.writeError(w, r, err)
 		return
 	}
 	if r.Method == http.MethodDelete {
+		if h.finished != nil {
+			// Before and after: a poll racing the delete may have cached
+			// the job again in between.
+			h.finished.drop(job.ID)
+			defer h.finished.drop(job.ID)
+		}
 		h.cancel(w, r, job)
 		return
 	}
@@ -152,6 +159,23 @@ func parseStatusQuery(raw string) (id string, page int, err error) {
 	return id, page, nil
 }
 
+// lookupCached is lookup through the finished-job cache, when there is
+// one: a DELETE always reads the store.
+func (h *Handler) lookupCached(r *http.Request, clientID, id string) (*Job, error) {
+	if h.finished == nil || r.Method == http.MethodDelete {
+		return h.lookup(r, clientID, id)
+	}
+	if job := h.finished.get(id, clientID, h.now()); job != nil {
+		return job, nil
+	}
+	gen := h.finished.generation()
+	job, err := h.lookup(r, clientID, id)
+	if err != nil {
+		return nil, err
+	}
+	return h.finished.put(job, h.now(), gen), nil
+}
+
 // lookup loads a job for a client. A job owned by another client, expired,
 // or missing answers 404 with the same outcome, so that its existence does
 // not leak.
@@ -202,19 +226,15 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 		}
 		w.WriteHeader(answer(http.StatusAccepted))
 	case StateCompleted:
-		body, ok, err := h.manifestFor(w, r, job, page)
+		b, err := h.completedManifest(w, r, job, page)
 		if err != nil {
 			h.writeError(w, r, err)
-			return
-		}
-		if !ok {
-			h.writeError(w, r, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Param: "_page", Message: "the manifest has no such page"})
 			return
 		}
 		if !job.ExpiresAt.IsZero() {
 			hdr.Set("Expires", job.ExpiresAt.UTC().Format(http.TimeFormat))
 		}
-		writeJSON(w, answer(http.StatusOK), contentTypeJSON, body)
+		writeBody(w, answer(http.StatusOK), contentTypeJSON, b)
 	case StateFailed:
 		// processing, not exception: exception is in the transient branch,
 		// which would tell the client to retry a job that is dead.
@@ -233,6 +253,33 @@ func (h *Handler) writeStatus(w http.ResponseWriter, r *http.Request, job *Job, 
 	default:
 		h.writeError(w, r, errors.New("bulkexport: job in unknown state "+string(job.State)))
 	}
+}
+
+// completedManifest is page k of a completed job's manifest, encoded. With
+// the finished-job cache, and URLs that are not signed per poll, it is
+// encoded once and kept with the cached job.
+func (h *Handler) completedManifest(w http.ResponseWriter, r *http.Request, job *Job, k int) ([]byte, error) {
+	cacheable := h.finished != nil && !h.signsManifest()
+	if cacheable {
+		if b := h.finished.page(job, k); b != nil {
+			return b, nil
+		}
+	}
+	body, ok, err := h.manifestFor(w, r, job, k)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, &Error{Status: http.StatusNotFound, Code: fhirbulk.IssueNotFound, Param: "_page", Message: "the manifest has no such page"}
+	}
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	if cacheable {
+		h.finished.setPage(job, k, b)
+	}
+	return b, nil
 }
 
 // progressText is the X-Progress value: under 100 characters, printable

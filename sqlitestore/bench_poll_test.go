@@ -22,6 +22,12 @@ import (
 // hits both alike. The gap is the store read (one SELECT by primary key
 // and the JSON decode of the job) and the manifest's rendering.
 func BenchmarkPollFinishedRatio(b *testing.B) {
+	b.Run("store", func(b *testing.B) { benchPollFinished(b, 0) })
+	// With Options.FinishedJobCache, polls after the first skip the store.
+	b.Run("cached", func(b *testing.B) { benchPollFinished(b, time.Minute) })
+}
+
+func benchPollFinished(b *testing.B, cache time.Duration) {
 	s := benchStore(b)
 	ctx := context.Background()
 	now := time.Now()
@@ -42,7 +48,7 @@ func BenchmarkPollFinishedRatio(b *testing.B) {
 	mux := http.NewServeMux()
 	srv := httptest.NewServer(mux)
 	b.Cleanup(srv.Close)
-	h, err := bulkexport.NewHandler(s, &bulkexport.Options{BaseURL: srv.URL + "/fhir",
+	h, err := bulkexport.NewHandler(s, &bulkexport.Options{BaseURL: srv.URL + "/fhir", FinishedJobCache: cache,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	require.NoError(b, err)
 	b.Cleanup(func() { _ = h.Close() })

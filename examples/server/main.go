@@ -13,7 +13,7 @@
 //	       [-status-url query|path] [-signing-key HEX|@FILE] [-signed-url-expiry 5m]
 //	       [-poll-limit off|on|BURST/RATE] [-max-active-jobs 10] [-max-finished-jobs 100]
 //	       [-reuse-in-flight] [-allow-missing-respond-async] [-disable-separate-export-status]
-//	       [-retry-after adaptive|DURATION] [-cancelled-retention 24h] [-manifest-page-size 1000]
+//	       [-retry-after adaptive|DURATION] [-cancelled-retention 24h] [-finished-job-cache 0s] [-manifest-page-size 1000]
 //	       [-max-body-bytes 1048576] [-max-param-length 8192] [-max-param-values 1000]
 //	       [-retention 24h] [-max-file-resources 100000] [-max-file-bytes 268435456]
 //	       [-max-files-per-job 10000]

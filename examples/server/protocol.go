@@ -32,6 +32,7 @@ type protocol struct {
 	noSeparateExportStatus   bool
 	retryAfter               time.Duration // 0: adaptive (bulkexport.DefaultRetryAfter)
 	cancelledRetention       time.Duration
+	finishedJobCache         time.Duration
 	manifestPageSize         int
 	maxBodyBytes             int64
 	maxParamLength           int
@@ -51,7 +52,7 @@ const signingKeyID = "k1"
 type protocolFlags struct {
 	profile, deletePolicy, manifest, statusURL, signingKey, pollLimit, retryAfter *string
 
-	signedURLExpiry, cancelledRetention, retention *time.Duration
+	signedURLExpiry, cancelledRetention, retention, finishedJobCache *time.Duration
 
 	maxActiveJobs, maxFinishedJobs, manifestPageSize, maxParamLength, maxParamValues, maxFilesPerJob *int
 
@@ -76,6 +77,7 @@ func defineProtocolFlags(fs *flag.FlagSet) *protocolFlags {
 		noSeparateExportStatus:   fs.Bool("disable-separate-export-status", false, "ignore \"Prefer: separate-export-status\" (default: honoured)"),
 		retryAfter:               fs.String("retry-after", "adaptive", "Retry-After of a poll on a running export: `adaptive|DURATION`; adaptive is a tenth of the export's age, from 1s to 2m; a duration is always that (eHealth: 120s)"),
 		cancelledRetention:       fs.Duration("cancelled-retention", 24*time.Hour, "how long a cancelled export is kept: its polls answer 404 \"cancelled\" until then, 404 \"expired\" after"),
+		finishedJobCache:         fs.Duration("finished-job-cache", 0, "keep a completed export in memory this long after a poll read it, so that its next polls skip the job store; a removal by another server sharing the store goes unseen for up to this long; 0: off"),
 		manifestPageSize:         fs.Int("manifest-page-size", 1000, "output[] entries per manifest page when the kick-off asked for allowPartialManifests=true; further pages through link[] \"next\""),
 		maxBodyBytes:             fs.Int64("max-body-bytes", 1<<20, "largest POST kick-off or status body, in bytes; larger gets 413"),
 		maxParamLength:           fs.Int("max-param-length", 8<<10, "longest kick-off parameter value, in bytes; longer gets 400"),
@@ -99,6 +101,7 @@ func (f *protocolFlags) parse(set map[string]bool) (protocol, error) {
 		allowMissingRespondAsync: *f.allowMissingRespondAsync,
 		noSeparateExportStatus:   *f.noSeparateExportStatus,
 		cancelledRetention:       *f.cancelledRetention,
+		finishedJobCache:         *f.finishedJobCache,
 		manifestPageSize:         *f.manifestPageSize,
 		maxBodyBytes:             *f.maxBodyBytes,
 		maxParamLength:           *f.maxParamLength,
@@ -167,6 +170,9 @@ func (f *protocolFlags) parse(set map[string]bool) (protocol, error) {
 		{"-max-file-resources", p.maxFileResources > 0},
 		{"-max-file-bytes", p.maxFileBytes > 0},
 		{"-max-files-per-job", p.maxFilesPerJob > 0},
+	}
+	if p.finishedJobCache < 0 {
+		return p, errors.New("-finished-job-cache: must not be negative")
 	}
 	for _, c := range positive {
 		if !c.ok {
@@ -257,6 +263,7 @@ func (p *protocol) handlerOptions() *bulkexport.Options {
 		AllowMissingRespondAsync:    p.allowMissingRespondAsync,
 		DisableSeparateExportStatus: p.noSeparateExportStatus,
 		CancelledRetention:          p.cancelledRetention,
+		FinishedJobCache:            p.finishedJobCache,
 		ManifestPageSize:            p.manifestPageSize,
 		MaxBodyBytes:                p.maxBodyBytes,
 		MaxParamLength:              p.maxParamLength,

@@ -137,6 +137,7 @@ func TestParseProtocolFlags(t *testing.T) {
 		{"-retry-after", "-5s"},
 		{"-retry-after", "soon"},
 		{"-cancelled-retention", "0s"},
+		{"-finished-job-cache", "-1s"},
 		{"-manifest-page-size", "0"},
 		{"-max-body-bytes", "0"},
 		{"-max-param-length", "-1"},
