@@ -258,6 +258,25 @@ func (e *sourceEnv) blockTypes(ctx context.Context, org bulkexport.Organizer, le
 	return types, nil
 }
 
+// systemBlocks is the Organizer, a system-level query and the types an
+// organized export of it holds, or a skip when the Source does not
+// organize output at system level.
+func (e *sourceEnv) systemBlocks(ctx context.Context) (bulkexport.Organizer, *bulkexport.Query, []string, error) {
+	org, err := e.organizer()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	q := e.sys()
+	types, err := e.blockTypes(ctx, org, q.Level)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if types == nil {
+		return nil, nil, nil, skip("OrganizeTypes(%s) does not list %s", q.Level, organizeBy)
+	}
+	return org, q, types, nil
+}
+
 // checkBlocks runs ExportBlocks over several queries and type lists: every
 // resource selected is written once, in the block of its patient.
 func checkBlocks(ctx context.Context, e *sourceEnv) error {
@@ -313,17 +332,9 @@ func checkBlocks(ctx context.Context, e *sourceEnv) error {
 // cursor: it writes exactly the resources after the cursor, starting with
 // a new block.
 func checkBlocksResume(ctx context.Context, e *sourceEnv) error {
-	org, err := e.organizer()
+	org, q, types, err := e.systemBlocks(ctx)
 	if err != nil {
 		return err
-	}
-	q := e.sys()
-	types, err := e.blockTypes(ctx, org, q.Level)
-	if err != nil {
-		return err
-	}
-	if types == nil {
-		return skip("OrganizeTypes(%s) does not list %s", q.Level, organizeBy)
 	}
 	what := e.describeBlocks(q, types)
 	var full blockRecorder
@@ -370,17 +381,9 @@ func checkBlocksResume(ctx context.Context, e *sourceEnv) error {
 // checkBlocksWriteFails fails the second Write: ExportBlocks must stop and
 // return an error.
 func checkBlocksWriteFails(ctx context.Context, e *sourceEnv) error {
-	org, err := e.organizer()
+	org, q, types, err := e.systemBlocks(ctx)
 	if err != nil {
 		return err
-	}
-	q := e.sys()
-	types, err := e.blockTypes(ctx, org, q.Level)
-	if err != nil {
-		return err
-	}
-	if types == nil {
-		return skip("OrganizeTypes(%s) does not list %s", q.Level, organizeBy)
 	}
 	what := e.describeBlocks(q, types)
 	rec := blockRecorder{Recorder: bulkexporttest.Recorder{OnWrite: func(n int) error {
@@ -406,17 +409,9 @@ func checkBlocksWriteFails(ctx context.Context, e *sourceEnv) error {
 // checkBlocksCancel cancels the context in the first Write, and calls
 // ExportBlocks with a context that is already done.
 func checkBlocksCancel(ctx context.Context, e *sourceEnv) error {
-	org, err := e.organizer()
+	org, q, types, err := e.systemBlocks(ctx)
 	if err != nil {
 		return err
-	}
-	q := e.sys()
-	types, err := e.blockTypes(ctx, org, q.Level)
-	if err != nil {
-		return err
-	}
-	if types == nil {
-		return skip("OrganizeTypes(%s) does not list %s", q.Level, organizeBy)
 	}
 	what := e.describeBlocks(q, types)
 	var errs []error

@@ -766,7 +766,7 @@ var errStorage = errors.New("sourcetest: simulated storage failure")
 // checkWriteFails fails the second Write: Export must not write again,
 // and must return an error, or the Worker would take the type as complete.
 func checkWriteFails(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
+	q := e.sys()
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -800,7 +800,7 @@ func checkWriteFails(ctx context.Context, e *sourceEnv) error {
 // checkCancelMidExport cancels the context in the first Write; later
 // Writes fail with the context's error, as the Worker's do.
 func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
+	q := e.sys()
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
@@ -835,7 +835,7 @@ func checkCancelMidExport(ctx context.Context, e *sourceEnv) error {
 // writer that accepts everything (the Worker's checks the context only now
 // and then): Export must return without writing every resource.
 func checkCancelBefore(ctx context.Context, e *sourceEnv) error {
-	q := &bulkexport.Query{Level: fhirbulk.LevelSystem, TransactionTime: e.p.afterAll}
+	q := e.sys()
 	types, err := e.types(ctx, q.Level)
 	if err != nil {
 		return err
