@@ -37,6 +37,9 @@ type typeRun struct {
 	by      string
 	allowed map[string]bool
 
+	// partition is the Source's token of a unit's part (Query.Partition).
+	partition string
+
 	streams [3]stream
 	scratch []byte
 	n       int // Write calls, to check ctx now and then
@@ -85,6 +88,14 @@ func newTypeRun(r *jobRun, typ string) *typeRun {
 		t.streams[i].metricOpts = r.w.tel.fileOpts(typ, i)
 	}
 	return t
+}
+
+// stem names the type's files after key (a unit's key) instead of the
+// type.
+func (t *typeRun) stem(key string) {
+	t.streams[streamOutput].stem = key
+	t.streams[streamDeleted].stem = key + ".deleted"
+	t.streams[streamError].stem = key + ".error"
 }
 
 // export runs the Source for this type and records the result.
@@ -144,7 +155,18 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 func (t *typeRun) query() *Query {
 	t.r.mu.Lock()
 	defer t.r.mu.Unlock()
-	j := t.r.job
+	return t.r.queryLocked(t.typ, t.r.cp.Types[t.typ].Cursor, t.partition)
+}
+
+// query is what Export gets for typ (from cursor, in partition).
+func (r *jobRun) query(typ, cursor, partition string) *Query {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.queryLocked(typ, cursor, partition)
+}
+
+func (r *jobRun) queryLocked(typ, cursor, partition string) *Query {
+	j := r.job
 	req := &j.Request
 	q := &Query{
 		JobID:                 j.ID,
@@ -154,11 +176,12 @@ func (t *typeRun) query() *Query {
 		Patients:              req.Patients,
 		Since:                 req.Since,
 		Until:                 req.Until,
-		TypeFilters:           req.FiltersFor(t.typ),
-		Elements:              req.ElementsFor(t.typ),
+		TypeFilters:           req.FiltersFor(typ),
+		Elements:              req.ElementsFor(typ),
 		IncludeAssociatedData: req.IncludeAssociatedData,
 		TransactionTime:       j.TransactionTime,
-		Cursor:                t.r.cp.Types[t.typ].Cursor,
+		Cursor:                cursor,
+		Partition:             partition,
 	}
 	return q
 }

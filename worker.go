@@ -55,6 +55,15 @@ type WorkerOptions struct {
 	// MaxAttempts fails a job that has been claimed this many times
 	// without finishing (it keeps killing workers). Default: 5.
 	MaxAttempts int
+	// Partitions is the most parts a Partitioner Source may split one
+	// resource type of a job into; 1 turns partitioning off. It applies
+	// when the JobStore is a UnitStore and the Source a Partitioner (see
+	// Partitioner). Default: 8.
+	Partitions int
+	// UnitConcurrency is how many units (parts of partitioned jobs, of
+	// any replica's jobs) this worker exports at once, besides its
+	// Concurrency jobs. Default: 2.
+	UnitConcurrency int
 	// Now is the clock. Default: time.Now.
 	Now func() time.Time
 	// Logger receives the worker's logs. Every line about a job carries
@@ -85,6 +94,8 @@ type Worker struct {
 	log     *slog.Logger
 	tel     *telemetry
 	wake    chan struct{}
+	// wakeUnits wakes the unit loop when this worker stored a plan.
+	wakeUnits chan struct{}
 }
 
 // NewWorker returns a Worker. It starts nothing: call Run.
@@ -107,7 +118,7 @@ func newWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions,
 		return nil, err
 	}
 	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger,
-		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1)}, nil
+		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1), wakeUnits: make(chan struct{}, 1)}, nil
 }
 
 // ID returns the worker's lease owner name.
@@ -136,6 +147,13 @@ func (w *Worker) Run(ctx context.Context) error {
 		defer wg.Done()
 		w.purgeLoop(ctx)
 	}()
+	if w.partitioning() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.unitLoop(ctx)
+		}()
+	}
 
 	slots := make(chan struct{}, w.opts.Concurrency)
 	timer := time.NewTimer(0)
