@@ -2,7 +2,7 @@ package bulkexport_test
 
 import (
 	"context"
-		"net/http"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
