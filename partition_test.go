@@ -2,6 +2,7 @@ package bulkexport_test
 
 import (
 	"context"
+	"log/slog"
 	"net/http"
 	"slices"
 	"strings"
@@ -168,4 +169,130 @@ func waitReached(t *testing.T, p *bulkexporttest.Pause) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the export never reached the pause")
 	}
+}
+
+// flakyUnitStore is a flakyStore whose unit calls fail alike: while down,
+// and every failEvery-th update of a job or a unit (landed or not).
+type flakyUnitStore struct {
+	*flakyStore
+	us bulkexport.UnitStore
+}
+
+func newFlakyUnitStore(failEvery int64, landed bool) *flakyUnitStore {
+	m := bulkexport.NewMemoryStore()
+	return &flakyUnitStore{flakyStore: &flakyStore{JobStore: m, failEvery: failEvery, landed: landed}, us: m}
+}
+
+func (s *flakyUnitStore) AddUnits(ctx context.Context, jobID string, units []*bulkexport.Unit) error {
+	if s.down.Load() {
+		return errStoreDown
+	}
+	return s.us.AddUnits(ctx, jobID, units)
+}
+
+func (s *flakyUnitStore) ClaimUnit(ctx context.Context, p bulkexport.ClaimParams) (*bulkexport.Unit, error) {
+	if s.down.Load() {
+		return nil, errStoreDown
+	}
+	return s.us.ClaimUnit(ctx, p)
+}
+
+func (s *flakyUnitStore) Units(ctx context.Context, jobID string) ([]*bulkexport.Unit, error) {
+	if s.down.Load() {
+		return nil, errStoreDown
+	}
+	return s.us.Units(ctx, jobID)
+}
+
+func (s *flakyUnitStore) UpdateUnit(ctx context.Context, u *bulkexport.Unit) error {
+	if s.down.Load() {
+		s.failed.Add(1)
+		return errStoreDown
+	}
+	n := s.updates.Add(1)
+	if s.failEvery == 0 || n%s.failEvery != 0 {
+		return s.us.UpdateUnit(ctx, u)
+	}
+	s.failed.Add(1)
+	if s.landed {
+		if err := s.us.UpdateUnit(ctx, u.Clone()); err != nil {
+			return err
+		}
+	}
+	return errStoreDown
+}
+
+// TestPartitionedStoreErrorsRetried: with partitioning on, failed job and
+// unit updates, lost or landed, are retried within the leases; the job
+// completes with everything exactly once and no unlisted file.
+func TestPartitionedStoreErrorsRetried(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name   string
+		landed bool
+	}{{"lost", false}, {"landed", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			src := bulkexporttest.PartitionedSource{Source: clinicalSource(t, 60), Parts: 3}
+			store := newFlakyUnitStore(3, tc.landed)
+			srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+			statusURL := srv.Kickoff(t, "/$export?_type=Patient,Observation")
+			for _, id := range []string{"w1", "w2"} {
+				w, err := bulkexport.NewWorker(store, src, srv.Storage, fastWorker(id))
+				require.NoError(t, err)
+				runWorker(t, w)
+			}
+			res := srv.Collect(t, statusURL)
+			requireExactlyOnce(t, res, "Patient", 60)
+			requireExactlyOnce(t, res, "Observation", 120)
+			require.Positive(t, store.failed.Load(), "no fault was injected")
+			job := lastJob(t, srv)
+			names, err := srv.Storage.List(context.Background(), job.ID)
+			require.NoError(t, err)
+			require.Len(t, names, len(res.Manifest.Output), "no unlisted file")
+		})
+	}
+}
+
+// TestPartitionedStoreOutagePastLease: the store is down for longer than
+// the lease while parts are being exported. Every run gives its claim up
+// without touching recorded files; once the store is back, the job and its
+// units are claimed again and resume from their checkpoints, exactly once.
+func TestPartitionedStoreOutagePastLease(t *testing.T) {
+	t.Parallel()
+	base := clinicalSource(t, 60)
+	pause := base.Pause("Observation", 25)
+	src := bulkexporttest.PartitionedSource{Source: base, Parts: 2}
+	store := newFlakyUnitStore(0, false)
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL := srv.Kickoff(t, "/$export?_type=Patient,Observation")
+	gaveUp := newLogWatch("unreachable for the whole lease")
+	o := fastWorker("w1")
+	o.Lease, o.Logger = 300*time.Millisecond, slog.New(gaveUp)
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, o)
+	require.NoError(t, err)
+	runWorker(t, w)
+	waitReached(t, pause)
+	store.down.Store(true)
+	pause.Release()
+	select {
+	case <-gaveUp.seen:
+	case <-time.After(time.Minute): // bounds a hang, not a timing assertion
+		t.Fatal("no run gave its claim up")
+	}
+	// Keep the store down until every lease has run out (each run retries
+	// until its own lease ends), so that every claim is given up.
+	time.Sleep(3 * o.Lease)
+	store.down.Store(false)
+	res := srv.Collect(t, statusURL)
+	requireExactlyOnce(t, res, "Patient", 60)
+	requireExactlyOnce(t, res, "Observation", 120)
+	units, err := store.us.Units(context.Background(), lastJob(t, srv).ID)
+	require.NoError(t, err)
+	reclaimed := false
+	for _, u := range units {
+		t.Logf("unit %s: %s, attempts %d", u.Key, u.State, u.Attempts)
+		reclaimed = reclaimed || u.Attempts > 1
+	}
+	require.True(t, reclaimed, "a unit was claimed again after the outage")
 }

@@ -61,6 +61,7 @@ func (r *jobRun) save(ctx context.Context, j *Job) error {
 		return r.w.store.Update(ctx, j)
 	}
 	u := r.unit.u.Clone()
+	u.Version = j.Version
 	u.Output, u.Deleted, u.Errors = j.Output, j.Deleted, j.Errors
 	u.Checkpoint = j.Checkpoint
 	u.LeaseOwner, u.LeaseExpiresAt, u.Attempts = j.LeaseOwner, j.LeaseExpiresAt, j.Attempts
