@@ -209,7 +209,22 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 		return err
 	}
 	if r.partitioned {
-		return r.runCoordinator(ctx, types)
+		var units []*Unit
+		if !r.cp.Planned {
+			if units, err = r.plan(ctx, types); err != nil {
+				return err
+			}
+		}
+		if units != nil || r.cp.Planned {
+			return r.runCoordinator(ctx, units)
+		}
+		// No type is split: the job runs whole.
+		r.partitioned = false
+		if resumed {
+			if err := r.sweepOrphans(ctx, true); err != nil {
+				return err
+			}
+		}
 	}
 	if by := r.job.Request.OrganizeOutputBy; by != "" {
 		r.types = append(r.types, newOrganizedRun(r, by, types))
@@ -248,12 +263,12 @@ func (r *jobRun) startHeartbeat(ctx context.Context) (stop func()) {
 }
 
 // runCoordinator runs coordinate under the heartbeat.
-func (r *jobRun) runCoordinator(ctx context.Context, types []string) error {
+func (r *jobRun) runCoordinator(ctx context.Context, units []*Unit) error {
 	if _, ok := r.w.store.(UnitStore); !ok {
 		return &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "the job was split into parts, and its store keeps none"}
 	}
 	defer r.startHeartbeat(ctx)()
-	return r.coordinate(ctx, types)
+	return r.coordinate(ctx, units)
 }
 
 // typesToExport is _type (in the client's order) or every type of the

@@ -217,6 +217,7 @@ func (w *Worker) runUnit(parent context.Context, u *Unit) {
 			Message: fmt.Sprintf("a part of the export was interrupted %d times and was given up", u.Attempts-1)})
 		return
 	}
+	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: unit running", slog.Int("attempt", u.Attempts))
 	err = r.runUnitWork(ctx, u)
 	switch {
 	case ctx.Err() != nil:
@@ -272,7 +273,8 @@ func (r *jobRun) completeUnit(ctx context.Context, log *slog.Logger) {
 	err := r.update(ctx, func(j *Job) {
 		j.State = StateCompleted
 		j.UpdatedAt = now
-		j.LeaseOwner, j.LeaseExpiresAt = "", time.Time{}
+		// LeaseOwner stays: which worker finished the unit.
+		j.LeaseExpiresAt = time.Time{}
 	})
 	switch {
 	case err != nil && ctx.Err() != nil:
@@ -282,7 +284,7 @@ func (r *jobRun) completeUnit(ctx context.Context, log *slog.Logger) {
 	default:
 		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
 		r.outcome = outcomeCompleted
-		log.LogAttrs(ctx, slog.LevelDebug, "bulkexport: unit done", slog.Int64("resources", r.types[0].written.Load()))
+		log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: unit done", slog.Int64("resources", r.types[0].written.Load()))
 	}
 }
 
@@ -316,12 +318,12 @@ func (e *unitFailure) Error() string {
 	return "a part of the export failed"
 }
 
-// coordinate is a partitioned job's run: plan the units (once per job),
-// then follow them to the end.
-func (r *jobRun) coordinate(ctx context.Context, types []string) error {
+// coordinate is a partitioned job's run: store the plan (once per job),
+// then follow the units to the end.
+func (r *jobRun) coordinate(ctx context.Context, units []*Unit) error {
 	us := r.w.store.(UnitStore)
 	if !r.cp.Planned {
-		if err := r.plan(ctx, us, types); err != nil {
+		if err := r.storePlan(ctx, us, units); err != nil {
 			return err
 		}
 	}
@@ -348,19 +350,22 @@ func (r *jobRun) coordinate(ctx context.Context, types []string) error {
 	}
 }
 
-// plan asks the Source for the parts of every type and stores them.
-func (r *jobRun) plan(ctx context.Context, us UnitStore, types []string) error {
+// plan asks the Source for the parts of every type. It returns nil when
+// no type is split: the job then runs whole, as without a Partitioner.
+func (r *jobRun) plan(ctx context.Context, types []string) ([]*Unit, error) {
 	p := r.w.src.(Partitioner)
 	var units []*Unit
+	split := false
 	for _, typ := range types {
 		q := r.query(typ, "", "")
 		tokens, err := p.Partitions(ctx, q, typ, r.w.opts.Partitions)
 		if err != nil {
-			return &typeError{typ: typ, err: err}
+			return nil, &typeError{typ: typ, err: err}
 		}
 		if len(tokens) > r.w.opts.Partitions {
-			return &typeError{typ: typ, err: fmt.Errorf("the source split the type into %d parts, more than the %d allowed", len(tokens), r.w.opts.Partitions)}
+			return nil, &typeError{typ: typ, err: fmt.Errorf("the source split the type into %d parts, more than the %d allowed", len(tokens), r.w.opts.Partitions)}
 		}
+		split = split || len(tokens) > 1
 		if len(tokens) == 0 {
 			tokens = []string{""}
 		}
@@ -368,12 +373,18 @@ func (r *jobRun) plan(ctx context.Context, us UnitStore, types []string) error {
 			units = append(units, &Unit{Key: fmt.Sprintf("%s.p%04d", typ, i+1), Type: typ, Partition: tok, Seq: len(units)})
 		}
 	}
-	if len(units) > 0 {
-		if err := us.AddUnits(ctx, r.id, units); err != nil && !errors.Is(err, ErrAlreadyExists) {
-			// An earlier claim that stored the plan but could not record
-			// it gives ErrAlreadyExists: its plan stands.
-			return err
-		}
+	if !split {
+		return nil, nil
+	}
+	return units, nil
+}
+
+// storePlan stores the units and records that the job has its plan.
+func (r *jobRun) storePlan(ctx context.Context, us UnitStore, units []*Unit) error {
+	if err := us.AddUnits(ctx, r.id, units); err != nil && !errors.Is(err, ErrAlreadyExists) {
+		// An earlier claim that stored the plan but could not record it
+		// gives ErrAlreadyExists: its plan stands.
+		return err
 	}
 	return r.update(ctx, func(j *Job) {
 		r.cp.Planned = true

@@ -53,6 +53,9 @@ const (
 	lease       = "1s"
 	checkpoint  = "100ms"
 	maxAttempts = "20" // kills add attempts; the default 5 would fail the job
+	// Every test runs its exports partitioned: each compartment type in
+	// four ranges of patients, exported as units by any server.
+	partitions = "4"
 )
 
 // Bounds of the waits. None is a timing assertion: each bounds a wait that
@@ -320,6 +323,8 @@ type harness struct {
 	killedRunning map[string]int    // job -> kills that interrupted a run of it
 	leaseLost     int
 	kills         int
+	// Units of partitioned jobs: job -> server -> units it finished.
+	unitsDone map[string]map[string]int
 }
 
 // proc is one server process.
@@ -336,6 +341,8 @@ type proc struct {
 	finished   map[string]bool // job -> completed, failed or lost here
 	exitErr    error
 	killed     bool
+	// liveUnits counts the units of a job this process runs.
+	liveUnits map[string]int
 }
 
 func newHarness(t *testing.T, storeArgs []string) *harness {
@@ -366,6 +373,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		failed:        map[string]string{},
 		attempts:      map[string][]int{},
 		killedRunning: map[string]int{},
+		unitsDone:     map[string]map[string]int{},
 	}
 	h.args = append([]string{
 		"-addr", "127.0.0.1:0",
@@ -375,6 +383,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		"-checkpoint", checkpoint,
 		"-max-attempts", maxAttempts,
 		"-pace", pace,
+		"-partitions", partitions,
 		"-log-level", "info",
 	}, storeArgs...)
 	t.Cleanup(func() {
@@ -427,6 +436,7 @@ func (h *harness) start(server string) *proc {
 		claimedSeq: map[string]int{},
 		claimedAt:  map[string]time.Time{},
 		finished:   map[string]bool{},
+		liveUnits:  map[string]int{},
 	}
 	h.mu.Unlock()
 	cmd := exec.Command(h.bin, h.args...)
@@ -471,7 +481,13 @@ func (h *harness) kill(p *proc) (time.Time, int) {
 	at, seq := time.Now(), h.seq
 	var interrupted []string
 	for job := range p.claimedSeq {
-		if !p.finished[job] {
+		if !p.finished[job] || p.liveUnits[job] > 0 {
+			h.killedRunning[job]++
+			interrupted = append(interrupted, job)
+		}
+	}
+	for job, n := range p.liveUnits {
+		if _, ok := p.claimedSeq[job]; !ok && n > 0 {
 			h.killedRunning[job]++
 			interrupted = append(interrupted, job)
 		}
@@ -619,6 +635,8 @@ func (h *harness) line(p *proc, stdout bool, line string) {
 	job := m[1]
 	h.seq++
 	switch {
+	case strings.Contains(line, " unit="):
+		h.unitLineLocked(p, job, line)
 	case strings.Contains(line, `msg="bulkexport: job running"`):
 		p.claimedSeq[job] = h.seq
 		p.claimedAt[job] = time.Now()
@@ -636,6 +654,26 @@ func (h *harness) line(p *proc, stdout bool, line string) {
 	case strings.Contains(line, "lease lost"):
 		p.finished[job] = true
 		h.leaseLost++
+	}
+	h.notifyLocked()
+}
+
+// unitLineLocked handles a line about a unit of a partitioned job.
+func (h *harness) unitLineLocked(p *proc, job, line string) {
+	switch {
+	case strings.Contains(line, `msg="bulkexport: unit running"`):
+		p.liveUnits[job]++
+	case strings.Contains(line, `msg="bulkexport: unit done"`):
+		p.liveUnits[job]--
+		if h.unitsDone[job] == nil {
+			h.unitsDone[job] = map[string]int{}
+		}
+		h.unitsDone[job][p.server]++
+	case strings.Contains(line, "unit failed"):
+		p.liveUnits[job]--
+		h.failed[job] = line
+	case strings.Contains(line, "lease lost"), strings.Contains(line, "unreachable"), strings.Contains(line, "handed back"):
+		p.liveUnits[job]--
 	}
 	h.notifyLocked()
 }
@@ -820,4 +858,58 @@ func exactlyOnce(t *testing.T, what string, got, want []string) {
 	require.Empty(t, missing, "%s: %d resources missing, e.g. %v", what, len(missing), first(missing))
 	require.Empty(t, unexpected, "%s: %d resources not expected, e.g. %v", what, len(unexpected), first(unexpected))
 	require.True(t, slices.Equal(got, want), "%s: every resource once, but not in export order", what)
+}
+
+// TestCrashPostgresPartitioned: three servers share the database and the
+// storage directory, and each export's types are split into parts that
+// all three export at once (two at a time each). Twice, a server that is
+// exporting parts of the system export is killed and restarted; the other
+// servers take its parts over when their leases run out. The exports must
+// come out exactly once, with parts finished by more than one server.
+func TestCrashPostgresPartitioned(t *testing.T) {
+	t.Parallel()
+	skipShort(t)
+	h := newHarness(t, []string{"-store", "postgres:" + needPostgres(t), "-pg-schema", freshSchema(t), "-unit-concurrency", "2"})
+	servers := map[string]*proc{"A": h.start("A"), "B": h.start("B"), "C": h.start("C")}
+	exps := exports()
+	for _, e := range exps {
+		h.kickoff(servers["A"], e)
+	}
+	sys := exps[0].id
+	ids := []string{exps[0].id, exps[1].id}
+	kills := 0
+	for round := 0; round < 2; round++ {
+		var victim *proc
+		h.waitFor(claimTimeout, "a server exporting parts of the system export", func() bool {
+			for _, name := range []string{"B", "C", "A"}[round%2:] {
+				if p := servers[name]; p.liveUnits[sys] > 0 {
+					victim = p
+					return true
+				}
+			}
+			return h.completed[sys]
+		})
+		if victim == nil {
+			t.Logf("round %d: the system export finished before the kill", round+1)
+			break
+		}
+		time.Sleep(h.delay(100*time.Millisecond, 600*time.Millisecond))
+		if h.isCompleted(sys) {
+			break
+		}
+		h.kill(victim)
+		kills++
+		servers[victim.server] = h.start(victim.server)
+	}
+	h.waitFor(completeTimeout, "both exports to complete", func() bool { return h.allCompletedLocked(ids) })
+	require.GreaterOrEqual(t, kills, 1, "a server must have been killed mid-export")
+	for _, e := range exps {
+		h.verify(servers["A"], e)
+	}
+	h.mu.Lock()
+	by := h.unitsDone[sys]
+	h.mu.Unlock()
+	t.Logf("parts of the system export finished per server: %v", by)
+	require.GreaterOrEqual(t, len(by), 2, "parts of one export were finished by several servers")
+	h.report(ids)
 }
