@@ -323,8 +323,10 @@ type harness struct {
 	killedRunning map[string]int    // job -> kills that interrupted a run of it
 	leaseLost     int
 	kills         int
-	// Units of partitioned jobs: job -> server -> units it finished.
-	unitsDone map[string]map[string]int
+	// Units of partitioned jobs: job -> server -> units it finished, and
+	// job -> claims of its units that were not their first.
+	unitsDone    map[string]map[string]int
+	unitReclaims map[string]int
 }
 
 // proc is one server process.
@@ -374,6 +376,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		attempts:      map[string][]int{},
 		killedRunning: map[string]int{},
 		unitsDone:     map[string]map[string]int{},
+		unitReclaims:  map[string]int{},
 	}
 	h.args = append([]string{
 		"-addr", "127.0.0.1:0",
@@ -663,15 +666,18 @@ func (h *harness) unitLineLocked(p *proc, job, line string) {
 	switch {
 	case strings.Contains(line, `msg="bulkexport: unit running"`):
 		p.liveUnits[job]++
+		if a := reAttempt.FindStringSubmatch(line); a != nil && a[1] != "1" {
+			h.unitReclaims[job]++
+		}
 	case strings.Contains(line, `msg="bulkexport: unit done"`):
 		p.liveUnits[job]--
 		if h.unitsDone[job] == nil {
 			h.unitsDone[job] = map[string]int{}
 		}
 		h.unitsDone[job][p.server]++
-	case strings.Contains(line, "unit failed"):
+	case strings.Contains(line, `msg="bulkexport: unit failed"`):
+		// The job's coordinator fails the job (its own line).
 		p.liveUnits[job]--
-		h.failed[job] = line
 	case strings.Contains(line, "lease lost"), strings.Contains(line, "unreachable"), strings.Contains(line, "handed back"):
 		p.liveUnits[job]--
 	}
