@@ -65,6 +65,7 @@ var (
 	_ bulkexport.GroupChecker      = (*Source)(nil)
 	_ bulkexport.TypeFilterChecker = (*Source)(nil)
 	_ bulkexport.Counter           = (*Source)(nil)
+	_ bulkexport.Partitioner       = (*Source)(nil)
 )
 
 // tables holds the quoted names of a Source's tables.
@@ -164,8 +165,9 @@ func (s *Source) CheckTypeFilter(typ string, query url.Values) error {
 	return fmt.Errorf("_typeFilter is not supported by this server (%s)", typ)
 }
 
-// where builds the WHERE clause shared by Export and Count for typ, with
-// its arguments. after is the keyset position (0: from the start).
+// where builds the WHERE clause shared by Export, Count and Partitions
+// for typ, with its arguments: the query's filters and its partition's
+// range of seq (see partition.go).
 func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
 	for _, tf := range q.TypeFilters {
 		if tf.Type == typ {
@@ -200,11 +202,21 @@ func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
 	if !q.TransactionTime.IsZero() {
 		add("last_updated <= $?", q.TransactionTime)
 	}
+	r, err := parseRange(q.Partition)
+	if err != nil {
+		return "", nil, err
+	}
+	if !r.openBelow() {
+		add("seq > $?", r.lo)
+	}
+	if !r.openAbove() {
+		add("seq <= $?", r.hi)
+	}
 	return strings.Join(conds, " AND "), args, nil
 }
 
 // Count implements bulkexport.Counter: COUNT(*) with Export's WHERE
-// clause, from the start (the cursor is ignored, so that progress counts
+// clause (within q.Partition's range), from the start (the cursor is ignored, so that progress counts
 // what a resumed job wrote before).
 func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (int64, error) {
 	where, args, err := s.where(q, typ)
@@ -220,7 +232,9 @@ func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (in
 
 // Export implements bulkexport.Source. It reads typ in pages of PageSize
 // rows in seq order, each page starting after the last seq of the one
-// before (or after q.Cursor), and checkpoints after every page.
+// before (or after q.Cursor), and checkpoints after every page. With
+// q.Partition it reads only that range of seq (see Partitions), resuming
+// within it.
 func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
 	where, args, err := s.where(q, typ)
 	if err != nil {
@@ -233,7 +247,11 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 			return fmt.Errorf("pgsource: invalid cursor %q", q.Cursor)
 		}
 	}
-	if typ == "Patient" && len(q.Patients) > 0 && q.Cursor == "" && q.Level != fhirbulk.LevelSystem {
+	// The warnings about unknown patients go before the first checkpoint,
+	// once: not again on resume, and of a partitioned type only from the
+	// part that is open below (the first).
+	part, _ := parseRange(q.Partition) // where checked it
+	if typ == "Patient" && len(q.Patients) > 0 && q.Cursor == "" && q.Level != fhirbulk.LevelSystem && part.openBelow() {
 		if err := s.reportMissing(ctx, q, w); err != nil {
 			return err
 		}
