@@ -107,15 +107,43 @@ func splitRanges(bounds []int64) []keyRange {
 	return append(out, keyRange{lo: lo, hi: math.MaxInt64})
 }
 
+// gridPerPart is how many quantiles of the keys Partitions reads per part
+// it may make: the bounds of a split into fewer parts are picked among
+// them, within half a grid step (1/(2*gridPerPart*max) of the rows) of
+// where they belong.
+const gridPerPart = 8
+
+// partsFor is how many parts rows selected rows make with pages of
+// pageSize, at most max: 1 (no split) below two pages, else about one per
+// page, so that no part is smaller than a page.
+func partsFor(rows int64, pageSize, max int) int {
+	if max < 2 || pageSize < 1 || rows < 2*int64(pageSize) {
+		return 1
+	}
+	return int(min(int64(max), rows/int64(pageSize)))
+}
+
+// pickBounds picks the bounds of parts equal parts from grid, the keys at
+// the quantiles j/(len(grid)+1), j = 1 … len(grid).
+func pickBounds(grid []int64, parts int) []int64 {
+	g := len(grid) + 1
+	var out []int64
+	for k := 1; k < parts; k++ {
+		j := int(math.Round(float64(k)*float64(g)/float64(parts))) - 1
+		out = append(out, grid[max(0, min(len(grid)-1, j))])
+	}
+	return out
+}
+
 // Partitions implements bulkexport.Partitioner: it splits the rows of typ
 // that q selects (Export's WHERE clause, so that parts are even in what
 // they export) into at most max ranges of seq with about equal row
-// counts. One query reads the selected keys once (an index range scan on
-// (type, seq) at system level), counts them, and takes the bounds with
-// percentile_disc: parts = min(max, rows / PageSize), so that no part is
-// smaller than a page, and none (nil: the type stays whole) below two
-// pages. The ranges are open at both ends, so rows added after the split
-// still belong to exactly one part.
+// counts, open at both ends, so that rows added after the split still
+// belong to exactly one part. One aggregate reads the selected keys once
+// (an index scan on (type, seq)): their count, and their quantiles with
+// percentile_disc on a grid of gridPerPart*max steps. parts = min(max,
+// rows / PageSize), so that no part is smaller than a page; a type with
+// fewer than two pages of rows is not split (nil).
 func (s *Source) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
 	if max < 2 {
 		return nil, nil
@@ -124,33 +152,33 @@ func (s *Source) Partitions(ctx context.Context, q *bulkexport.Query, typ string
 	if err != nil {
 		return nil, err
 	}
-	n := len(args)
-	args = append(args, max, s.pageSize)
-	sql := `WITH sel AS MATERIALIZED (SELECT seq FROM ` + s.tables.resources + ` WHERE ` + where + `),
-	  n AS (SELECT count(*) AS rows FROM sel),
-	  p AS (SELECT rows, CASE WHEN rows < 2 * $` + strconv.Itoa(n+2) + `::bigint THEN 1
-	                          ELSE least($` + strconv.Itoa(n+1) + `::bigint, rows / $` + strconv.Itoa(n+2) + `::bigint) END AS parts FROM n)
-	SELECT p.rows, p.parts, CASE WHEN p.parts > 1 THEN (SELECT percentile_disc(ARRAY(
-	         SELECT k::float8 / p.parts FROM generate_series(1, p.parts - 1) AS k ORDER BY k))
-	       WITHIN GROUP (ORDER BY seq) FROM sel) END
-	FROM p`
+	steps := gridPerPart * min(max, 64)
+	fractions := make([]float64, steps-1)
+	for j := range fractions {
+		fractions[j] = float64(j+1) / float64(steps)
+	}
+	args = append(args, fractions)
 	var (
-		rows, parts int64
-		bounds      []*int64
+		rows int64
+		grid []*int64
 	)
-	if err := s.pool.QueryRow(ctx, sql, args...).Scan(&rows, &parts, &bounds); err != nil {
+	err = s.pool.QueryRow(ctx, `SELECT count(*), percentile_disc($`+strconv.Itoa(len(args))+`::float8[]) WITHIN GROUP (ORDER BY seq) FROM `+
+		s.tables.resources+` WHERE `+where, args...).Scan(&rows, &grid)
+	if err != nil {
 		return nil, fmt.Errorf("pgsource: partitions of %s: %w", typ, err)
 	}
-	if parts < 2 {
+	parts := partsFor(rows, s.pageSize, max)
+	if parts < 2 || len(grid) != len(fractions) {
 		return nil, nil
 	}
-	picked := make([]int64, 0, len(bounds))
-	for _, b := range bounds {
-		if b != nil {
-			picked = append(picked, *b)
+	keys := make([]int64, len(grid))
+	for i, k := range grid {
+		if k == nil { // no rows: not reached, rows >= 2 pages
+			return nil, nil
 		}
+		keys[i] = *k
 	}
-	ranges := splitRanges(picked)
+	ranges := splitRanges(pickBounds(keys, parts))
 	tokens := make([]string, len(ranges))
 	for i, r := range ranges {
 		tokens[i] = r.String()

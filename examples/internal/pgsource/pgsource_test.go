@@ -428,6 +428,41 @@ func TestRanges(t *testing.T) {
 	}
 }
 
+// TestPartsFor checks how many parts a count makes and where their
+// bounds are picked on the grid of quantiles.
+func TestPartsFor(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		rows           int64
+		page, max, out int
+	}{
+		{0, 10, 8, 1}, {19, 10, 8, 1}, {20, 10, 8, 2}, {35, 10, 8, 3},
+		{80, 10, 8, 8}, {10000, 10, 8, 8}, {10000, 10, 1, 1}, {10000, 10, 0, 1},
+	} {
+		if got := partsFor(tc.rows, tc.page, tc.max); got != tc.out {
+			t.Errorf("partsFor(%d, %d, %d) = %d, want %d", tc.rows, tc.page, tc.max, got, tc.out)
+		}
+	}
+	// A grid of 31 quantiles (8 per part, max 4) of keys 10, 20, … 310.
+	grid := make([]int64, 31)
+	for i := range grid {
+		grid[i] = int64(i+1) * 10
+	}
+	for _, tc := range []struct {
+		parts int
+		want  []int64
+	}{
+		{1, nil},
+		{2, []int64{160}},
+		{3, []int64{110, 210}}, // 32/3 = 10.7 → 11th, 21.3 → 21st
+		{4, []int64{80, 160, 240}},
+	} {
+		if got := pickBounds(grid, tc.parts); !slices.Equal(got, tc.want) {
+			t.Errorf("pickBounds(%d) = %v, want %v", tc.parts, got, tc.want)
+		}
+	}
+}
+
 // exportParts exports typ part by part and returns every id written, in
 // part order, with the issues.
 func exportParts(t *testing.T, src *Source, q bulkexport.Query, typ string, tokens []string) ([]string, []fhirbulk.Issue, [][]string) {
