@@ -46,7 +46,9 @@ func TestRunPassesThePartitionedFake(t *testing.T) {
 
 // overlapSource is the partitioned fake with a bug: its last part repeats
 // the first.
-type overlapSource struct{ bulkexporttest.PartitionedSource }
+type overlapSource struct {
+	bulkexporttest.PartitionedSource
+}
 
 func (s overlapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
 	tokens, err := s.PartitionedSource.Partitions(ctx, q, typ, max-1)
@@ -58,7 +60,9 @@ func (s overlapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ 
 
 // gapSource is the partitioned fake with a bug: it leaves out its last
 // part.
-type gapSource struct{ bulkexporttest.PartitionedSource }
+type gapSource struct {
+	bulkexporttest.PartitionedSource
+}
 
 func (s gapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
 	tokens, err := s.PartitionedSource.Partitions(ctx, q, typ, max)
@@ -70,7 +74,9 @@ func (s gapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ stri
 
 // tooManySource is the partitioned fake with a bug: it returns more parts
 // than asked for.
-type tooManySource struct{ bulkexporttest.PartitionedSource }
+type tooManySource struct {
+	bulkexporttest.PartitionedSource
+}
 
 func (s tooManySource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
 	return bulkexporttest.PartitionedSource{Source: s.Source, Parts: max + 1}.Partitions(ctx, q, typ, max+1)
