@@ -169,6 +169,12 @@ func (s *Source) CheckTypeFilter(typ string, query url.Values) error {
 // for typ, with its arguments: the query's filters and its partition's
 // range of seq (see partition.go).
 func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
+	return s.conditions(q, typ, true)
+}
+
+// conditions builds the WHERE clause of q's filters for typ, with the
+// partition's range of seq when withRange is set.
+func (s *Source) conditions(q *bulkexport.Query, typ string, withRange bool) (string, []any, error) {
 	for _, tf := range q.TypeFilters {
 		if tf.Type == typ {
 			return "", nil, &bulkexport.Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueNotSupported,
@@ -206,6 +212,9 @@ func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
 	if err != nil {
 		return "", nil, err
 	}
+	if !withRange {
+		r = wholeRange
+	}
 	if !r.openBelow() {
 		add("seq > $?", r.lo)
 	}
@@ -236,7 +245,17 @@ func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (in
 // q.Partition it reads only that range of seq (see Partitions), resuming
 // within it.
 func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
-	where, args, err := s.where(q, typ)
+	part, err := parseRange(q.Partition)
+	if err != nil {
+		return err
+	}
+	// The pages' query has no upper bound: a part's end is checked on
+	// each row instead, so that every page is the same range scan of
+	// (type, seq) as without a partition. With both bounds in SQL the
+	// planner underestimates the rows of a type in a narrow range of
+	// seq (it takes type and seq as independent) and may read the whole
+	// rest of the part, and sort it, for every page.
+	where, args, err := s.conditions(q, typ, false)
 	if err != nil {
 		return err
 	}
@@ -247,10 +266,12 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 			return fmt.Errorf("pgsource: invalid cursor %q", q.Cursor)
 		}
 	}
+	if !part.openBelow() {
+		after = max(after, part.lo)
+	}
 	// The warnings about unknown patients go before the first checkpoint,
 	// once: not again on resume, and of a partitioned type only from the
 	// part that is open below (the first).
-	part, _ := parseRange(q.Partition) // where checked it
 	if typ == "Patient" && len(q.Patients) > 0 && q.Cursor == "" && q.Level != fhirbulk.LevelSystem && part.openBelow() {
 		if err := s.reportMissing(ctx, q, w); err != nil {
 			return err
@@ -263,7 +284,7 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	args = append(args, after, s.pageSize)
 	for {
 		args[n] = after
-		got, last, err := s.page(ctx, sql, args, keep, w)
+		read, got, last, err := s.page(ctx, sql, args, part.hi, keep, w)
 		if err != nil {
 			return err
 		}
@@ -274,50 +295,55 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 		if err := w.Checkpoint(strconv.FormatInt(after, 10)); err != nil {
 			return err
 		}
-		if got < s.pageSize {
-			return nil
+		if got < read || read < s.pageSize {
+			return nil // the part's end, or the type's
 		}
 	}
 }
 
-// page runs one keyset page and writes its rows; it returns how many it
-// read and the last seq.
-func (s *Source) page(ctx context.Context, sql string, args []any, keep *keep, w bulkexport.ResourceWriter) (int, int64, error) {
+// page runs one keyset page and writes its rows up to seq hi; it returns
+// how many rows it read, how many it wrote and the last seq written.
+func (s *Source) page(ctx context.Context, sql string, args []any, hi int64, keep *keep, w bulkexport.ResourceWriter) (int, int, int64, error) {
 	rows, err := s.pool.Query(ctx, sql, args...)
 	if err != nil {
-		return 0, 0, fmt.Errorf("pgsource: export: %w", err)
+		return 0, 0, 0, fmt.Errorf("pgsource: export: %w", err)
 	}
 	defer rows.Close()
 	var (
-		got  int
-		last int64
-		buf  []byte
+		read, got int
+		seq, last int64
+		buf       []byte
 	)
 	for rows.Next() {
 		if err := ctx.Err(); err != nil {
-			return got, last, err
+			return read, got, last, err
 		}
+		read++
 		// The body is written from pgx's read buffer, without a copy:
 		// Write does not keep it.
-		if err := rows.Scan(&last, nil); err != nil {
-			return got, last, fmt.Errorf("pgsource: export: %w", err)
+		if err := rows.Scan(&seq, nil); err != nil {
+			return read, got, last, fmt.Errorf("pgsource: export: %w", err)
+		}
+		if seq > hi {
+			return read, got, last, nil // past the part: the rest is another's
 		}
 		body := rows.RawValues()[1]
 		if keep != nil {
 			if buf, err = keep.subset(buf[:0], body); err != nil {
-				return got, last, fmt.Errorf("pgsource: export: resource at seq %d: %w", last, err)
+				return read, got, last, fmt.Errorf("pgsource: export: resource at seq %d: %w", seq, err)
 			}
 			body = buf
 		}
 		if err := w.Write(body); err != nil {
-			return got, last, err
+			return read, got, last, err
 		}
 		got++
+		last = seq
 	}
 	if err := rows.Err(); err != nil {
-		return got, last, fmt.Errorf("pgsource: export: %w", err)
+		return read, got, last, fmt.Errorf("pgsource: export: %w", err)
 	}
-	return got, last, nil
+	return read, got, last, nil
 }
 
 // reportMissing writes a warning for every id of the patient parameter
