@@ -249,12 +249,12 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	if err != nil {
 		return err
 	}
-	// The pages' query has no upper bound: a part's end is checked on
-	// each row instead, so that every page is the same range scan of
-	// (type, seq) as without a partition. With both bounds in SQL the
-	// planner underestimates the rows of a type in a narrow range of
-	// seq (it takes type and seq as independent) and may read the whole
-	// rest of the part, and sort it, for every page.
+	// A part's upper bound applies outside each page's LIMIT, so that
+	// every page is the same range scan of (type, seq) as without a
+	// partition. Inside it, next to the lower bound, the planner would
+	// underestimate the rows of a type in a narrow range of seq (it takes
+	// type and seq as independent) and could read the whole rest of the
+	// part, and sort it, for every page.
 	where, args, err := s.conditions(q, typ, false)
 	if err != nil {
 		return err
@@ -282,9 +282,13 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	sql := `SELECT seq, body FROM ` + s.tables.resources + ` WHERE ` + where +
 		` AND seq > $` + strconv.Itoa(n+1) + ` ORDER BY seq LIMIT $` + strconv.Itoa(n+2)
 	args = append(args, after, s.pageSize)
+	if !part.openAbove() {
+		args = append(args, part.hi)
+		sql = `SELECT seq, body FROM (` + sql + `) AS page WHERE seq <= $` + strconv.Itoa(n+3) + ` ORDER BY seq`
+	}
 	for {
 		args[n] = after
-		read, got, last, err := s.page(ctx, sql, args, part.hi, keep, w)
+		got, last, err := s.page(ctx, sql, args, keep, w)
 		if err != nil {
 			return err
 		}
@@ -295,55 +299,50 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 		if err := w.Checkpoint(strconv.FormatInt(after, 10)); err != nil {
 			return err
 		}
-		if got < read || read < s.pageSize {
-			return nil // the part's end, or the type's
+		if got < s.pageSize {
+			return nil // the end of the type, or of the part
 		}
 	}
 }
 
-// page runs one keyset page and writes its rows up to seq hi; it returns
-// how many rows it read, how many it wrote and the last seq written.
-func (s *Source) page(ctx context.Context, sql string, args []any, hi int64, keep *keep, w bulkexport.ResourceWriter) (int, int, int64, error) {
+// page runs one keyset page and writes its rows; it returns how many it
+// wrote and the last seq.
+func (s *Source) page(ctx context.Context, sql string, args []any, keep *keep, w bulkexport.ResourceWriter) (int, int64, error) {
 	rows, err := s.pool.Query(ctx, sql, args...)
 	if err != nil {
-		return 0, 0, 0, fmt.Errorf("pgsource: export: %w", err)
+		return 0, 0, fmt.Errorf("pgsource: export: %w", err)
 	}
 	defer rows.Close()
 	var (
-		read, got int
-		seq, last int64
-		buf       []byte
+		got  int
+		last int64
+		buf  []byte
 	)
 	for rows.Next() {
 		if err := ctx.Err(); err != nil {
-			return read, got, last, err
+			return got, last, err
 		}
-		read++
 		// The body is written from pgx's read buffer, without a copy:
 		// Write does not keep it.
-		if err := rows.Scan(&seq, nil); err != nil {
-			return read, got, last, fmt.Errorf("pgsource: export: %w", err)
-		}
-		if seq > hi {
-			return read, got, last, nil // past the part: the rest is another's
+		if err := rows.Scan(&last, nil); err != nil {
+			return got, last, fmt.Errorf("pgsource: export: %w", err)
 		}
 		body := rows.RawValues()[1]
 		if keep != nil {
 			if buf, err = keep.subset(buf[:0], body); err != nil {
-				return read, got, last, fmt.Errorf("pgsource: export: resource at seq %d: %w", seq, err)
+				return got, last, fmt.Errorf("pgsource: export: resource at seq %d: %w", last, err)
 			}
 			body = buf
 		}
 		if err := w.Write(body); err != nil {
-			return read, got, last, err
+			return got, last, err
 		}
 		got++
-		last = seq
 	}
 	if err := rows.Err(); err != nil {
-		return read, got, last, fmt.Errorf("pgsource: export: %w", err)
+		return got, last, fmt.Errorf("pgsource: export: %w", err)
 	}
-	return read, got, last, nil
+	return got, last, nil
 }
 
 // reportMissing writes a warning for every id of the patient parameter
