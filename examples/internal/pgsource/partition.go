@@ -148,7 +148,7 @@ func (s *Source) Partitions(ctx context.Context, q *bulkexport.Query, typ string
 	if max < 2 {
 		return nil, nil
 	}
-	where, args, err := s.where(q, typ)
+	where, args, err := s.conditions(q, typ, false) // q.Partition, if any, is not split further
 	if err != nil {
 		return nil, err
 	}

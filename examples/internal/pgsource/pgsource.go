@@ -9,6 +9,10 @@
 // stored, and checkpoints with the last key written, so that a resumed job
 // continues after it. docs/pgsource.md describes the schema and why.
 //
+// It is also a bulkexport.Partitioner: Partitions splits a type into
+// ranges of the sequence key with about equal row counts, which Workers
+// export as separate units (partition.go).
+//
 // Load fills the tables from the example dataset (package dataset); New
 // serves any tables of that shape.
 package pgsource
@@ -165,9 +169,8 @@ func (s *Source) CheckTypeFilter(typ string, query url.Values) error {
 	return fmt.Errorf("_typeFilter is not supported by this server (%s)", typ)
 }
 
-// where builds the WHERE clause shared by Export, Count and Partitions
-// for typ, with its arguments: the query's filters and its partition's
-// range of seq (see partition.go).
+// where builds Count's WHERE clause for typ, with its arguments: the
+// query's filters and its partition's range of seq (see partition.go).
 func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
 	return s.conditions(q, typ, true)
 }
