@@ -284,6 +284,7 @@ func (r *jobRun) completeUnit(ctx context.Context, log *slog.Logger) {
 	default:
 		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
 		r.outcome = outcomeCompleted
+		r.w.unitEnd(r.id)
 		log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: unit done", slog.Int64("resources", r.types[0].written.Load()))
 	}
 }
@@ -304,6 +305,7 @@ func (r *jobRun) failUnit(ctx context.Context, log *slog.Logger, cause error) {
 		return
 	}
 	r.outcome = outcomeFailed
+	r.w.unitEnd(r.id)
 	log.LogAttrs(context.WithoutCancel(ctx), slog.LevelWarn, "bulkexport: unit failed", slog.Int("status", status), slog.Any("err", cause))
 }
 
@@ -328,6 +330,11 @@ func (r *jobRun) coordinate(ctx context.Context, units []*Unit) error {
 		}
 	}
 	r.w.notifyUnits()
+	// A unit of this job that ends in this process wakes the loop at
+	// once; other processes' units are seen at the next tick.
+	ended := make(chan struct{}, 1)
+	r.w.unitEnded.Store(r.id, ended)
+	defer r.w.unitEnded.Delete(r.id)
 	t := time.NewTicker(r.w.opts.Heartbeat)
 	defer t.Stop()
 	gathered := map[string]bool{}
@@ -346,6 +353,17 @@ func (r *jobRun) coordinate(ctx context.Context, units []*Unit) error {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		case <-t.C:
+		case <-ended:
+		}
+	}
+}
+
+// unitEnd wakes this worker's coordinator of the job, if it has one.
+func (w *Worker) unitEnd(jobID string) {
+	if v, ok := w.unitEnded.Load(jobID); ok {
+		select {
+		case v.(chan struct{}) <- struct{}{}:
+		default:
 		}
 	}
 }

@@ -96,6 +96,9 @@ type Worker struct {
 	wake    chan struct{}
 	// wakeUnits wakes the unit loop when this worker stored a plan.
 	wakeUnits chan struct{}
+	// unitEnded holds, by job id, the channel that wakes this worker's
+	// coordinator of a partitioned job when one of its units ends here.
+	unitEnded sync.Map
 }
 
 // NewWorker returns a Worker. It starts nothing: call Run.
