@@ -124,6 +124,9 @@ type Partitioner interface {
 // Counter is an optional interface of a Source: it estimates how many
 // resources Export will write, so that progress can be reported as a
 // percentage. An estimate is fine; an error leaves the type without one.
+// The Worker calls Count at the same time as Export for the same type and
+// query (so that counting never delays the export), and cancels its
+// context when Export returns first.
 type Counter interface {
 	Count(ctx context.Context, q *Query, typ string) (int64, error)
 }

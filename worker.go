@@ -55,6 +55,18 @@ type WorkerOptions struct {
 	// MaxAttempts fails a job that has been claimed this many times
 	// without finishing (it keeps killing workers). Default: 5.
 	MaxAttempts int
+	// TrustSource skips the engine's check of each resource a Source
+	// writes (one JSON object, of the type being exported, valid UTF-8;
+	// multi-line JSON compacted): Write then only makes sure the line
+	// keeps the file NDJSON (it starts with '{', ends with '}' and holds
+	// no line break; anything else is left out and reported, as an
+	// invalid resource is without it). It is for Sources that write JSON
+	// they validated on the way in, such as a database's jsonb column, and
+	// saves most of the engine's work per resource: a malformed resource
+	// or one of another type from such a Source reaches the files as it
+	// is. Organized output (organizeOutputBy) is always checked. Default:
+	// false, every resource is checked.
+	TrustSource bool
 	// Partitions is the most parts a Partitioner Source may split one
 	// resource type of a job into; 1 turns partitioning off. It applies
 	// when the JobStore is a UnitStore and the Source a Partitioner (see

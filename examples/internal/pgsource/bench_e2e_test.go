@@ -55,14 +55,16 @@ func BenchmarkEndToEndVsCopy(b *testing.B) {
 		name         string
 		parts, units int
 		heartbeat    time.Duration
+		trusted      bool
 	}{
-		{"whole", 1, 0, 0},
-		{"parts4-units2", 4, 2, 0},
-		{"parts4-units2-hb20ms", 4, 2, 20 * time.Millisecond},
-		{"parts4-units4-hb20ms", 4, 4, 20 * time.Millisecond},
+		{"whole", 1, 0, 0, false},
+		{"whole-trusted", 1, 0, 0, true},
+		{"parts4-units2", 4, 2, 0, false},
+		{"parts4-units2-hb20ms", 4, 2, 20 * time.Millisecond, false},
+		{"parts4-units4-hb20ms", 4, 4, 20 * time.Millisecond, false},
 	} {
 		b.Run(c.name, func(b *testing.B) {
-			benchEndToEnd(b, src, pool, types, rows, bulkexport.WorkerOptions{Partitions: c.parts, UnitConcurrency: c.units, Heartbeat: c.heartbeat})
+			benchEndToEnd(b, src, pool, types, rows, bulkexport.WorkerOptions{Partitions: c.parts, UnitConcurrency: c.units, Heartbeat: c.heartbeat, TrustSource: c.trusted})
 		})
 	}
 }
