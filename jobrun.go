@@ -714,8 +714,13 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	default:
 		// Files that stale runs committed after the last sweep are never
 		// listed; remove what can be removed now (the purge takes the
-		// rest with the job).
+		// rest with the job). So are the temporary files that stale runs
+		// released (see SyncWriter.Release): no newer run can exist to
+		// own a temporary file of a completed job.
 		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
+		if ts, ok := r.w.storage.(TempSweeper); ok {
+			_ = ts.SweepTemp(context.WithoutCancel(ctx), r.id)
+		}
 		r.outcome = outcomeCompleted
 		r.w.tel.transition(ctx, StateCompleted, r.level)
 		var n int64
