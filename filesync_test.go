@@ -91,7 +91,11 @@ func (p *pacedExport) startStalled(t *testing.T, storage bulkexport.Storage, n i
 	p.onResource(func(ctx context.Context, i int) error {
 		if i == n && once.CompareAndSwap(false, true) {
 			close(reached)
-			<-wake
+			select {
+			case <-wake:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
 		}
 		return nil
 	})
@@ -387,7 +391,11 @@ func TestStaleRunWritingAfterTakeover(t *testing.T) {
 	p.onResource(func(ctx context.Context, n int) error {
 		if n == 400 && once.CompareAndSwap(false, true) {
 			close(stopped)
-			<-resume
+			select {
+			case <-resume:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
 		}
 		return nil
 	})
