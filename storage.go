@@ -191,8 +191,9 @@ type SyncWriter interface {
 // claim of the job, paused past its lease) may keep writing to it, and
 // must not change the new file. A handle that names no file (removed, or
 // never synced) gives an error wrapping fs.ErrNotExist; a file that holds
-// fewer than size bytes gives an error wrapping ErrSyncedShort. The old
-// file is left as it is. storagetest checks these points.
+// fewer than size bytes gives an error wrapping ErrSyncedShort; in both
+// cases nothing is created. The old file is left as it is. The writer
+// returned is a SyncWriter too. storagetest checks these points.
 type SyncedOpener interface {
 	OpenSynced(ctx context.Context, jobID, handle string, size int64, name string) (FileWriter, error)
 }
