@@ -39,13 +39,15 @@ type pacedExport struct {
 	clock     *bulkexporttest.Clock
 	src       *bulkexporttest.Source
 	statusURL string
+	// interval is the checkpoint interval (pacedInterval unless set).
+	interval time.Duration
 	// hook, if set, runs after the clock has moved, before resource n.
 	hook atomic.Pointer[func(ctx context.Context, n int) error]
 }
 
 func newPacedExport(t *testing.T) *pacedExport {
 	t.Helper()
-	p := &pacedExport{clock: bulkexporttest.NewClock(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)), src: clinicalSource(t, 525)}
+	p := &pacedExport{clock: bulkexporttest.NewClock(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)), src: clinicalSource(t, 525), interval: pacedInterval}
 	p.src.OnResource = func(ctx context.Context, typ string, n int) error {
 		p.clock.Advance(pacedStep)
 		if h := p.hook.Load(); h != nil && typ == "Observation" {
@@ -75,7 +77,7 @@ func (p *pacedExport) worker(t *testing.T, storage bulkexport.Storage, log slog.
 		// again (TestOwnReclaimStopsOlderRun covers that).
 		Concurrency: 1,
 		Now:         p.clock.Now, Lease: time.Minute, Heartbeat: time.Hour, PollInterval: 5 * time.Millisecond,
-		MaxFileResources: pacedFileSize, CheckpointInterval: pacedInterval, Logger: slog.New(log),
+		MaxFileResources: pacedFileSize, CheckpointInterval: p.interval, Logger: slog.New(log),
 	})
 	require.NoError(t, err)
 	return w
@@ -314,6 +316,40 @@ func openFiles(t *testing.T, job *bulkexport.Job) typeState {
 	}
 	require.NoError(t, json.Unmarshal(job.Checkpoint, &cp))
 	return cp.Types["Observation"]
+}
+
+// TestResumeAfterOpenFileFilled: a run records a file as open at a
+// checkpoint, then fills and commits it, and crashes before its next
+// checkpoint records that. The synced temporary file is gone (the commit
+// renamed it); the next run continues from the committed file instead,
+// and removes it (no checkpoint lists it).
+func TestResumeAfterOpenFileFilled(t *testing.T) {
+	t.Parallel()
+	p := newPacedExport(t)
+	p.interval = 30 * time.Millisecond // checkpoints after 29, 59, 89 and 119 resources
+	crashed, err := bulkexport.NewDirStorage(p.srv.Storage.Root())
+	require.NoError(t, err)
+	p.startStalled(t, crashed, 101, nil)
+	stalled := lastJob(t, p.srv)
+	cp := openFiles(t, stalled)
+	require.Len(t, cp.Open, 1)
+	require.Less(t, cp.Open[0].Count, int64(pacedFileSize), "the checkpoint recorded the first file open")
+	require.Empty(t, stalled.Output, "and the commit of the first file is not recorded")
+	committed, err := p.srv.Storage.List(context.Background(), stalled.ID)
+	require.NoError(t, err)
+	require.Len(t, committed, 1, "the crashed run committed the first file")
+	for _, n := range p.jobDir(t) {
+		require.False(t, strings.HasPrefix(n, "~Observation.000001."), "the recorded temporary file is gone: %s", n)
+	}
+
+	p.onResource(func(context.Context, int) error { return nil })
+	runWorker(t, p.worker(t, p.srv.Storage, nil))
+	res := p.srv.Collect(t, p.statusURL)
+	requireExactlyOnce(t, res, "Observation", 1050)
+	files := requireThresholdFiles(t, p.srv, "Observation", pacedFileSize)
+	require.Len(t, files, 11)
+	names := p.jobDir(t)
+	require.Len(t, names, 11, "the crashed run's committed file is removed: %v", names)
 }
 
 // TestResumeLostPrefixFails: the synced file that the last checkpoint

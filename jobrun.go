@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -332,6 +333,12 @@ func (r *jobRun) reopen(ctx context.Context) error {
 func (r *jobRun) reopenFile(ctx context.Context, so SyncedOpener, stem string, seq int, of openFile) (*reopenedFile, string, error) {
 	name := FileName(stem, seq, r.fence)
 	fw, err := so.OpenSynced(ctx, r.id, of.Handle, of.Size, name)
+	if errors.Is(err, fs.ErrNotExist) {
+		// The run that recorded the file may have committed it, when it
+		// filled, and crashed before its next checkpoint recorded that:
+		// the synced file is then the committed one.
+		fw, err = r.copyCommitted(ctx, of, name)
+	}
 	switch {
 	case errors.Is(err, fs.ErrNotExist), errors.Is(err, ErrSyncedShort):
 		return nil, "", errOpenFileLost(fmt.Errorf("file %s: %w", of.Name, err))
@@ -348,6 +355,34 @@ func (r *jobRun) reopenFile(ctx context.Context, so SyncedOpener, stem string, s
 	}
 	handle, err := sw.Sync()
 	return f, handle, err
+}
+
+// copyCommitted starts the file name with the first of.Size bytes of the
+// committed file of.Name: the open file that a crashed run committed (it
+// filled) but never recorded as committed. The sweep then removes that
+// file, as any other that no checkpoint recorded. A missing file gives an
+// error wrapping fs.ErrNotExist, a short one ErrSyncedShort.
+func (r *jobRun) copyCommitted(ctx context.Context, of openFile, name string) (FileWriter, error) {
+	fr, err := r.w.storage.Open(ctx, r.id, of.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer fr.Close()
+	if fr.Size() < of.Size {
+		return nil, fmt.Errorf("%w: committed %d bytes, recorded %d", ErrSyncedShort, fr.Size(), of.Size)
+	}
+	fw, err := r.w.storage.Create(ctx, r.id, name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.CopyN(fw, fr, of.Size); err != nil {
+		_ = fw.Abort()
+		if errors.Is(err, io.EOF) {
+			err = fmt.Errorf("%w: %w", ErrSyncedShort, err)
+		}
+		return nil, err
+	}
+	return fw, nil
 }
 
 // releaseReopened ends the files that reopen continued and no type took

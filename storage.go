@@ -192,7 +192,9 @@ type SyncWriter interface {
 // must not change the new file. A handle that names no file (removed, or
 // never synced) gives an error wrapping fs.ErrNotExist; a file that holds
 // fewer than size bytes gives an error wrapping ErrSyncedShort; in both
-// cases nothing is created. The old file is left as it is. The writer
+// cases nothing is created. A writer's Commit may consume its handle (a
+// DirStorage renames the file): the engine then reads the prefix from the
+// committed file instead. The old file is left as it is. The writer
 // returned is a SyncWriter too. storagetest checks these points.
 type SyncedOpener interface {
 	OpenSynced(ctx context.Context, jobID, handle string, size int64, name string) (FileWriter, error)

@@ -53,6 +53,11 @@ const (
 	lease       = "1s"
 	checkpoint  = "100ms"
 	maxAttempts = "20" // kills add attempts; the default 5 would fail the job
+	// maxFileResources is well below the types' sizes and far more than a
+	// checkpoint's worth of resources: files are cut by this limit only,
+	// never by the checkpoints or the kills, and every file of a type but
+	// the last holds exactly this many.
+	maxFileResources = 250
 )
 
 // Bounds of the waits. None is a timing assertion: each bounds a wait that
@@ -373,6 +378,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		"-storage", "dir:" + h.storage,
 		"-lease", lease,
 		"-checkpoint", checkpoint,
+		"-max-file-resources", strconv.Itoa(maxFileResources),
 		"-max-attempts", maxAttempts,
 		"-pace", pace,
 		"-log-level", "info",
@@ -712,7 +718,8 @@ func (h *harness) verify(p *proc, e *export) {
 	tx, err := fhirbulk.ParseInstant(m.TransactionTime)
 	require.NoError(t, err)
 
-	got := map[string][]string{} // type -> ids in file order
+	got := map[string][]string{}   // type -> ids in file order
+	counts := map[string][]int64{} // type -> line counts in file order
 	listed := map[string]bool{}
 	prefix := p.base + "/bulkfiles/" + e.id + "/"
 	var lines int64
@@ -725,7 +732,16 @@ func (h *harness) verify(p *proc, e *export) {
 		ids := h.download(f.URL, f.Type)
 		require.EqualValues(t, *f.Count, len(ids), "%s: manifest count and line count differ", f.URL)
 		got[f.Type] = append(got[f.Type], ids...)
+		counts[f.Type] = append(counts[f.Type], int64(len(ids)))
 		lines += int64(len(ids))
+	}
+	// The manifest lists a type's files in name order, which is their
+	// order in the stream: all but the last are full.
+	for typ, cs := range counts {
+		for i, c := range cs[:len(cs)-1] {
+			require.EqualValues(t, maxFileResources, c, "%s %s: file %d of %d %v is not cut by the size limit", e.name, typ, i+1, len(cs), cs)
+		}
+		require.LessOrEqual(t, cs[len(cs)-1], int64(maxFileResources), "%s %s: last file", e.name, typ)
 	}
 
 	q := e.query
