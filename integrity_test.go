@@ -342,9 +342,13 @@ func TestCompletionVerifiesFiles(t *testing.T) {
 			job = lastJob(t, srv)
 			require.Equal(t, bulkexport.StateFailed, job.State)
 			require.Empty(t, job.Output, "a failed job lists no file")
-			names, err := srv.Storage.List(context.Background(), job.ID)
-			require.NoError(t, err)
-			require.Empty(t, names, "the failed job's files are removed")
+			// The files go once the failure is recorded, just after the
+			// poll can see it.
+			require.Eventually(t, func() bool { // bounds a wait, not a timing assertion
+				names, err := srv.Storage.List(context.Background(), job.ID)
+				require.NoError(t, err)
+				return len(names) == 0
+			}, 10*time.Second, time.Millisecond, "the failed job's files are removed")
 		})
 	}
 }
