@@ -77,6 +77,27 @@
 //   - Organizer: the organizeOutputBy parameter (Bulk Data STU3) is
 //     accepted for the types it lists, and output comes in resource blocks;
 //     without it organizeOutputBy gets 400.
+//   - Partitioner: one export uses every worker of every replica (see
+//     Partitioned export below).
+//
+// # Partitioned export
+//
+// Without a Partitioner, one worker runs a job (WorkerOptions.TypeConcurrency
+// types at once). When the Source is a Partitioner and the JobStore a
+// UnitStore (MemoryStore, sqlitestore and pgstore are), the worker that
+// claims a job asks for the parts of each type (at most
+// WorkerOptions.Partitions) and stores them as units; if no type splits,
+// the job runs whole as before. Every worker, in every replica sharing
+// the store, claims units (WorkerOptions.UnitConcurrency at once), and
+// exports each with Query.Partition set, under the unit's own lease,
+// fence and checkpoints, so a crash loses at most one unit's work since
+// its last checkpoint. The job's claim holder watches the units: it sums
+// their progress into X-Progress, lists each unit's files when the unit is
+// done, fails the job when one fails, and completes it, after the usual
+// check of every file, when all are done. The manifest lists a type's
+// files part by part: names are the unit's key ("Observation.p0003"), the
+// file's number and the claim's fence. docs/correctness.md gives the
+// invariants.
 //
 // # Jobs
 //

@@ -36,6 +36,9 @@ type checkpoint struct {
 	Types map[string]*typeCheckpoint `json:"types,omitempty"`
 	// IgnoredRecorded: the lenient-handling issues file is in Errors.
 	IgnoredRecorded bool `json:"ignoredRecorded,omitempty"`
+	// Planned: the job runs as units, and its plan is stored (see
+	// coordinate).
+	Planned bool `json:"planned,omitempty"`
 }
 
 func (c checkpoint) clone() checkpoint {
@@ -121,6 +124,14 @@ type jobRun struct {
 	// outcome is how the run ended (outcomeCompleted, ...), once the store
 	// has recorded it; "" when it could not be recorded.
 	outcome string
+
+	// unit is set for the run of one unit of a partitioned job: its
+	// updates go to the unit (see save and load).
+	unit *unitHold
+	// partitioned: this job run coordinates units instead of exporting;
+	// unitProgress is the progress it last summed from them.
+	partitioned  bool
+	unitProgress atomic.Pointer[Progress]
 }
 
 func (w *Worker) runJob(parent context.Context, job *Job) {
@@ -220,7 +231,10 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 	if err := r.reopen(ctx); err != nil {
 		return err
 	}
-	if resumed {
+	r.partitioned = r.partitionable()
+	// A partitioned job's files are its units' until they end: only its
+	// completion sweeps.
+	if resumed && !r.partitioned {
 		if err := r.sweepOrphans(ctx, true); err != nil {
 			return err
 		}
@@ -232,6 +246,24 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 	if err != nil {
 		return err
 	}
+	if r.partitioned {
+		var units []*Unit
+		if !r.cp.Planned {
+			if units, err = r.plan(ctx, types); err != nil {
+				return err
+			}
+		}
+		if units != nil || r.cp.Planned {
+			return r.runCoordinator(ctx, units)
+		}
+		// No type is split: the job runs whole.
+		r.partitioned = false
+		if resumed {
+			if err := r.sweepOrphans(ctx, true); err != nil {
+				return err
+			}
+		}
+	}
 	if by := r.job.Request.OrganizeOutputBy; by != "" {
 		r.types = append(r.types, newOrganizedRun(r, by, types))
 	} else {
@@ -240,16 +272,7 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 		}
 	}
 
-	hbDone := make(chan struct{})
-	hbCtx, stopHB := context.WithCancel(ctx)
-	go func() {
-		defer close(hbDone)
-		r.heartbeat(hbCtx)
-	}()
-	defer func() {
-		stopHB()
-		<-hbDone
-	}()
+	defer r.startHeartbeat(ctx)()
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(w.opts.TypeConcurrency)
@@ -310,7 +333,7 @@ func (r *jobRun) reopen(ctx context.Context) error {
 			if of.Stream < 0 || of.Stream >= len(files) || files[of.Stream] != nil {
 				return errOpenFileLost(fmt.Errorf("%s: bad open file record %+v", typ, of))
 			}
-			f, handle, err := r.reopenFile(ctx, so, streamStem(typ, of.Stream), cp.Seq[of.Stream], of)
+			f, handle, err := r.reopenFile(ctx, so, streamStem(r.stemBase(typ), of.Stream), cp.Seq[of.Stream], of)
 			if f != nil {
 				files[of.Stream] = f
 			}
@@ -325,6 +348,15 @@ func (r *jobRun) reopen(ctx context.Context) error {
 			r.cp.Types[typ].Open = open
 		}
 	})
+}
+
+// stemBase is what the file names of typ's streams start with: the type,
+// or in a unit run the unit's key (see typeRun.stem).
+func (r *jobRun) stemBase(typ string) string {
+	if r.unit != nil {
+		return r.unit.key
+	}
+	return typ
 }
 
 // reopenFile continues one open file of the last checkpoint under a new
@@ -404,6 +436,30 @@ func (r *jobRun) releaseReopened() {
 	r.reopened = nil
 }
 
+// startHeartbeat runs the heartbeat until the function it returns is
+// called.
+func (r *jobRun) startHeartbeat(ctx context.Context) (stop func()) {
+	hbDone := make(chan struct{})
+	hbCtx, stopHB := context.WithCancel(ctx)
+	go func() {
+		defer close(hbDone)
+		r.heartbeat(hbCtx)
+	}()
+	return func() {
+		stopHB()
+		<-hbDone
+	}
+}
+
+// runCoordinator runs coordinate under the heartbeat.
+func (r *jobRun) runCoordinator(ctx context.Context, units []*Unit) error {
+	if _, ok := r.w.store.(UnitStore); !ok {
+		return &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "the job was split into parts, and its store keeps none"}
+	}
+	defer r.startHeartbeat(ctx)()
+	return r.coordinate(ctx, units)
+}
+
 // typesToExport is _type (in the client's order) or every type of the
 // level.
 func (r *jobRun) typesToExport(ctx context.Context) ([]string, error) {
@@ -455,7 +511,7 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			j.Checkpoint = b
 		}
 		now := r.w.opts.Now()
-		err := r.w.store.Update(ctx, j)
+		err := r.save(ctx, j)
 		if err == nil {
 			r.job = j
 			r.leaseUntil = now.Add(r.w.opts.Lease)
@@ -480,7 +536,7 @@ func (r *jobRun) updateLocked(ctx context.Context, fn func(*Job)) error {
 			ambiguous = true
 			continue
 		}
-		fresh, gerr := r.w.store.Get(ctx, r.id)
+		fresh, gerr := r.load(ctx)
 		switch {
 		case errors.Is(gerr, ErrNotFound), gerr == nil && fresh.State == StateCancelled:
 			r.cancel(errJobCancelled)
@@ -591,7 +647,7 @@ func (r *jobRun) heartbeat(ctx context.Context) {
 			}
 			continue
 		}
-		j, err := r.w.store.Get(ctx, r.id)
+		j, err := r.load(ctx)
 		switch {
 		case errors.Is(err, ErrNotFound), err == nil && j.State == StateCancelled:
 			r.cancel(errJobCancelled)
@@ -604,6 +660,12 @@ func (r *jobRun) heartbeat(ctx context.Context) {
 // progress computes the percentage: each type weighs the same, and counts
 // in proportion to its estimate when the Source is a Counter.
 func (r *jobRun) progress() Progress {
+	if r.partitioned {
+		if p := r.unitProgress.Load(); p != nil {
+			return *p
+		}
+		return r.job.Progress
+	}
 	if len(r.types) == 0 {
 		return Progress{Percent: 0, Message: "starting"}
 	}
@@ -638,7 +700,7 @@ func (r *jobRun) progress() Progress {
 // first, since a newer owner's files in progress are temporary too.
 func (r *jobRun) sweepOrphans(ctx context.Context, temp bool) error {
 	if ts, ok := r.w.storage.(TempSweeper); ok && temp {
-		fresh, err := r.w.store.Get(ctx, r.id)
+		fresh, err := r.load(ctx)
 		if err != nil {
 			return err
 		}
@@ -661,7 +723,7 @@ func (r *jobRun) sweepOrphans(ctx context.Context, temp bool) error {
 	r.mu.Lock()
 	var orphans []string
 	for _, n := range names {
-		if fence, _ := FileFence(n); fence < r.fence && !r.job.hasFile(n) {
+		if r.orphan(n) {
 			orphans = append(orphans, n)
 		}
 	}
@@ -672,6 +734,25 @@ func (r *jobRun) sweepOrphans(ctx context.Context, temp bool) error {
 		}
 	}
 	return nil
+}
+
+// orphan reports whether the file n is one sweepOrphans removes: not
+// listed, and written by an older claim of this job (or of this unit, for
+// a unit run, whose files are those with its key as stem). Once a
+// partitioned job has every unit's files listed, whatever else it holds
+// is an orphan.
+func (r *jobRun) orphan(n string) bool {
+	if r.job.hasFile(n) {
+		return false
+	}
+	if r.partitioned {
+		return true
+	}
+	if r.unit != nil && !strings.HasPrefix(n, r.unit.key+".") {
+		return false
+	}
+	fence, _ := FileFence(n)
+	return fence < r.fence
 }
 
 // recordIgnored writes the lenient-handling issues as the first error file.
@@ -749,9 +830,10 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	default:
 		// Files that stale runs committed after the last sweep are never
 		// listed; remove what can be removed now (the purge takes the
-		// rest with the job). So are the temporary files that stale runs
-		// released (see SyncWriter.Release): no newer run can exist to
-		// own a temporary file of a completed job.
+		// rest with the job). So are temporary files: those of a
+		// partitioned job's units' crashed runs, and those that stale
+		// runs released (see SyncWriter.Release). No newer run can own a
+		// temporary file of a completed job.
 		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
 		if ts, ok := r.w.storage.(TempSweeper); ok {
 			_ = ts.SweepTemp(context.WithoutCancel(ctx), r.id)
@@ -854,6 +936,10 @@ func failureOutcome(err error) (int, *fhirbulk.OperationOutcome) {
 		return http.StatusForbidden, fhirbulk.NewOutcome(fhirbulk.SeverityError, fhirbulk.IssueForbidden, "the export is not allowed")
 	}
 	msg := "the export failed"
+	var uf *unitFailure
+	if errors.As(err, &uf) {
+		return uf.f.Status, uf.f.Outcome.Clone()
+	}
 	var te *typeError
 	if errors.As(err, &te) {
 		msg = "the export of " + te.typ + " failed"
@@ -873,6 +959,10 @@ func (e *typeError) Unwrap() error { return e.err }
 // cleanup removes a cancelled job's files.
 func (r *jobRun) cleanup(ctx context.Context, log *slog.Logger) {
 	r.outcome = outcomeCancelled
+	if r.unit != nil {
+		// The unit's job ended: whoever ended it removes the files.
+		return
+	}
 	ctx = context.WithoutCancel(ctx)
 	if err := r.w.storage.Delete(ctx, r.id); err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a cancelled job", slog.Any("err", err))
@@ -901,6 +991,9 @@ func (r *jobRun) release(ctx context.Context, log *slog.Logger) {
 		return
 	}
 	r.outcome = outcomeRequeued
+	if r.unit != nil {
+		return
+	}
 	r.w.tel.transition(ctx, StateQueued, r.level)
 	log.LogAttrs(ctx, slog.LevelInfo, "bulkexport: job handed back on shutdown")
 }

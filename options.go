@@ -39,6 +39,8 @@ const (
 	DefaultRetention          = 24 * time.Hour
 	DefaultPurgeInterval      = time.Minute
 	DefaultMaxAttempts        = 5
+	DefaultPartitions         = 8
+	DefaultUnitConcurrency    = 2
 )
 
 // optionError is a misconfiguration of one field of Options or
@@ -186,6 +188,8 @@ func (o *WorkerOptions) fill() {
 	zeroDefault(&o.Retention, DefaultRetention)
 	zeroDefault(&o.PurgeInterval, DefaultPurgeInterval)
 	zeroDefault(&o.MaxAttempts, DefaultMaxAttempts)
+	zeroDefault(&o.Partitions, DefaultPartitions)
+	zeroDefault(&o.UnitConcurrency, DefaultUnitConcurrency)
 	if o.Now == nil {
 		o.Now = time.Now
 	}
@@ -213,6 +217,8 @@ func (o *WorkerOptions) validate() error {
 		{"WorkerOptions.Retention", int64(o.Retention)},
 		{"WorkerOptions.PurgeInterval", int64(o.PurgeInterval)},
 		{"WorkerOptions.MaxAttempts", int64(o.MaxAttempts)},
+		{"WorkerOptions.Partitions", int64(o.Partitions)},
+		{"WorkerOptions.UnitConcurrency", int64(o.UnitConcurrency)},
 	} {
 		if c.v < 0 {
 			return optionError(c.field, "must not be negative, got %d", c.v)

@@ -64,6 +64,10 @@ type Query struct {
 	// Cursor is the last cursor passed to ResourceWriter.Checkpoint for
 	// this type, when the job resumes; "" starts from the beginning.
 	Cursor string
+	// Partition is one of the tokens Partitioner.Partitions returned for
+	// this type: Export writes only that part's resources (and Counter
+	// counts only those). "" means the whole type.
+	Partition string
 }
 
 // ResourceWriter receives what a Source exports for one type. It is not
@@ -97,9 +101,33 @@ type ResourceWriter interface {
 	Checkpoint(cursor string) error
 }
 
+// Partitioner is an optional interface of a Source that can split the
+// export of one type into parts that any worker of any replica exports
+// independently and at once. The Worker uses it when its JobStore is a
+// UnitStore (MemoryStore, sqlitestore and pgstore are) and
+// WorkerOptions.Partitions is more than 1, for every job without
+// organizeOutputBy: it asks for the parts of each type when the job
+// starts, stores them as units (see Unit), and calls Export once per part
+// with Query.Partition set to its token. Each part checkpoints and resumes
+// on its own, with its own Query.Cursor.
+type Partitioner interface {
+	// Partitions returns at most max tokens (ranges of a key, patient id
+	// ranges, time slices: the Source decides) whose parts together select
+	// exactly what Export selects for typ and q without a partition, each
+	// resource in exactly one part, whenever Export runs. A type that is
+	// small or cannot be split returns one token, or none (the whole type
+	// is then one part). The manifest lists the files of a type part by
+	// part, in the order of the tokens. Tokens are stored with the job:
+	// keep them short (at most a few hundred bytes).
+	Partitions(ctx context.Context, q *Query, typ string, max int) ([]string, error)
+}
+
 // Counter is an optional interface of a Source: it estimates how many
 // resources Export will write, so that progress can be reported as a
 // percentage. An estimate is fine; an error leaves the type without one.
+// The Worker calls Count at the same time as Export for the same type and
+// query (so that counting never delays the export), and cancels its
+// context when Export returns first.
 type Counter interface {
 	Count(ctx context.Context, q *Query, typ string) (int64, error)
 }

@@ -21,13 +21,26 @@ type MemoryStore struct {
 	jobs    map[string]*Job
 	active  map[string]*Job            // queued and running jobs
 	byOwner map[string]map[string]*Job // every job, by Owner
+
+	units     map[string][]*memUnit // the units of a job, by Seq
+	unitAdded int64                 // units ever added: their add order
 }
 
-var _ JobStore = (*MemoryStore)(nil)
+// memUnit is a stored unit with the order AddUnits stored it in.
+type memUnit struct {
+	u     *Unit
+	added int64
+}
+
+var (
+	_ JobStore  = (*MemoryStore)(nil)
+	_ UnitStore = (*MemoryStore)(nil)
+)
 
 // NewMemoryStore returns an empty MemoryStore.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: make(map[string]*Job), active: make(map[string]*Job), byOwner: make(map[string]map[string]*Job)}
+	return &MemoryStore{jobs: make(map[string]*Job), active: make(map[string]*Job), byOwner: make(map[string]map[string]*Job),
+		units: make(map[string][]*memUnit)}
 }
 
 // put stores j (owned by the store) and updates the indexes; old is the
@@ -123,6 +136,9 @@ func (s *MemoryStore) Update(ctx context.Context, job *Job) error {
 	}
 	job.Version++
 	s.put(cur, job.Clone())
+	if job.State.Terminal() {
+		s.closeUnits(job.ID)
+	}
 	return nil
 }
 
@@ -138,6 +154,7 @@ func (s *MemoryStore) Delete(ctx context.Context, id string) error {
 		return fmt.Errorf("job %s: %w", id, ErrNotFound)
 	}
 	s.unindex(j)
+	delete(s.units, id)
 	return nil
 }
 

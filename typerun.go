@@ -1,6 +1,7 @@
 package bulkexport
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -36,6 +37,9 @@ type typeRun struct {
 	// types a block may hold.
 	by      string
 	allowed map[string]bool
+
+	// partition is the Source's token of a unit's part (Query.Partition).
+	partition string
 
 	streams [3]stream
 	scratch []byte
@@ -109,6 +113,14 @@ func streamStem(typ string, kind int) string {
 	return typ
 }
 
+// stem names the type's files after key (a unit's key) instead of the
+// type.
+func (t *typeRun) stem(key string) {
+	t.streams[streamOutput].stem = key
+	t.streams[streamDeleted].stem = key + ".deleted"
+	t.streams[streamError].stem = key + ".error"
+}
+
 // export runs the Source for this type and records the result.
 func (t *typeRun) export(ctx context.Context) (err error) {
 	// The type's span is in the context the Source gets, so that the
@@ -140,12 +152,11 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 		slices.Sort(types)
 		err2 = org.ExportBlocks(ctx, q, t.by, types, t)
 	} else {
-		if c, ok := t.r.w.src.(Counter); ok {
-			if n, err := c.Count(ctx, q, t.typ); err == nil {
-				t.estimate.Store(n)
-			}
-		}
+		// The estimate is for progress only: it is taken beside the
+		// export, not before it, and given up when the export ends first.
+		stopCount := t.count(ctx, q)
 		err2 = t.r.w.src.Export(ctx, q, t.typ, t)
+		stopCount()
 	}
 	if err := err2; err != nil {
 		if ctx.Err() != nil {
@@ -163,10 +174,44 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 	return nil
 }
 
+// count asks a Counter Source for the type's estimate on a goroutine of
+// its own; the function it returns cancels the count if it still runs and
+// waits for it.
+func (t *typeRun) count(ctx context.Context, q *Query) (stop func()) {
+	c, ok := t.r.w.src.(Counter)
+	if !ok {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	cq := *q
+	go func() {
+		defer close(done)
+		if n, err := c.Count(ctx, &cq, t.typ); err == nil && ctx.Err() == nil {
+			t.estimate.Store(n)
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
 func (t *typeRun) query() *Query {
 	t.r.mu.Lock()
 	defer t.r.mu.Unlock()
-	j := t.r.job
+	return t.r.queryLocked(t.typ, t.r.cp.Types[t.typ].Cursor, t.partition)
+}
+
+// query is what Export gets for typ (from cursor, in partition).
+func (r *jobRun) query(typ, cursor, partition string) *Query {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.queryLocked(typ, cursor, partition)
+}
+
+func (r *jobRun) queryLocked(typ, cursor, partition string) *Query {
+	j := r.job
 	req := &j.Request
 	q := &Query{
 		JobID:                 j.ID,
@@ -176,11 +221,12 @@ func (t *typeRun) query() *Query {
 		Patients:              req.Patients,
 		Since:                 req.Since,
 		Until:                 req.Until,
-		TypeFilters:           req.FiltersFor(t.typ),
-		Elements:              req.ElementsFor(t.typ),
+		TypeFilters:           req.FiltersFor(typ),
+		Elements:              req.ElementsFor(typ),
 		IncludeAssociatedData: req.IncludeAssociatedData,
 		TransactionTime:       j.TransactionTime,
-		Cursor:                t.r.cp.Types[t.typ].Cursor,
+		Cursor:                cursor,
+		Partition:             partition,
 	}
 	return q
 }
@@ -191,6 +237,9 @@ func (t *typeRun) Write(resource []byte) error {
 		if err := t.ctx.Err(); err != nil {
 			return context.Cause(t.ctx)
 		}
+	}
+	if t.allowed == nil && t.r.w.opts.TrustSource {
+		return t.writeTrusted(resource)
 	}
 	want := t.typ
 	if t.allowed != nil {
@@ -205,6 +254,21 @@ func (t *typeRun) Write(resource []byte) error {
 		t.scratch = line[:0] // reuse the compaction buffer
 	}
 	if err := t.streams[streamOutput].write(t, line); err != nil {
+		return err
+	}
+	t.written.Add(1)
+	return nil
+}
+
+// writeTrusted writes a resource of a trusted Source (see
+// WorkerOptions.TrustSource): only what keeps the file NDJSON is checked.
+func (t *typeRun) writeTrusted(resource []byte) error {
+	n := len(resource)
+	if n < 2 || resource[0] != '{' || resource[n-1] != '}' || bytes.IndexByte(resource, '\n') >= 0 || bytes.IndexByte(resource, '\r') >= 0 {
+		return t.Issue(fhirbulk.Issue{Severity: fhirbulk.SeverityError, Code: fhirbulk.IssueStructure,
+			Diagnostics: fmt.Sprintf("a %s resource was left out: not one line of a JSON object", t.typ)})
+	}
+	if err := t.streams[streamOutput].write(t, resource); err != nil {
 		return err
 	}
 	t.written.Add(1)

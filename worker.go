@@ -56,6 +56,27 @@ type WorkerOptions struct {
 	// MaxAttempts fails a job that has been claimed this many times
 	// without finishing (it keeps killing workers). Default: 5.
 	MaxAttempts int
+	// TrustSource skips the engine's check of each resource a Source
+	// writes (one JSON object, of the type being exported, valid UTF-8;
+	// multi-line JSON compacted): Write then only makes sure the line
+	// keeps the file NDJSON (it starts with '{', ends with '}' and holds
+	// no line break; anything else is left out and reported, as an
+	// invalid resource is without it). It is for Sources that write JSON
+	// they validated on the way in, such as a database's jsonb column, and
+	// saves most of the engine's work per resource: a malformed resource
+	// or one of another type from such a Source reaches the files as it
+	// is. Organized output (organizeOutputBy) is always checked. Default:
+	// false, every resource is checked.
+	TrustSource bool
+	// Partitions is the most parts a Partitioner Source may split one
+	// resource type of a job into; 1 turns partitioning off. It applies
+	// when the JobStore is a UnitStore and the Source a Partitioner (see
+	// Partitioner). Default: 8.
+	Partitions int
+	// UnitConcurrency is how many units (parts of partitioned jobs, of
+	// any replica's jobs) this worker exports at once, besides its
+	// Concurrency jobs. Default: 2.
+	UnitConcurrency int
 	// Now is the clock. Default: time.Now.
 	Now func() time.Time
 	// Logger receives the worker's logs. Every line about a job carries
@@ -86,6 +107,11 @@ type Worker struct {
 	log     *slog.Logger
 	tel     *telemetry
 	wake    chan struct{}
+	// wakeUnits wakes the unit loop when this worker stored a plan.
+	wakeUnits chan struct{}
+	// unitEnded holds, by job id, the channel that wakes this worker's
+	// coordinator of a partitioned job when one of its units ends here.
+	unitEnded sync.Map
 }
 
 // NewWorker returns a Worker. It starts nothing: call Run.
@@ -108,7 +134,7 @@ func newWorker(store JobStore, src Source, storage Storage, opts *WorkerOptions,
 		return nil, err
 	}
 	return &Worker{store: store, src: src, storage: storage, opts: o, log: o.Logger,
-		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1)}, nil
+		tel: newTelemetry(o.MeterProvider, o.TracerProvider, o.Logger), wake: make(chan struct{}, 1), wakeUnits: make(chan struct{}, 1)}, nil
 }
 
 // ID returns the worker's lease owner name.
@@ -137,6 +163,13 @@ func (w *Worker) Run(ctx context.Context) error {
 		defer wg.Done()
 		w.purgeLoop(ctx)
 	}()
+	if w.partitioning() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.unitLoop(ctx)
+		}()
+	}
 
 	slots := make(chan struct{}, w.opts.Concurrency)
 	timer := time.NewTimer(0)

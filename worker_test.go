@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"runtime"
 	"slices"
@@ -497,4 +498,37 @@ func TestRunLeavesNoGoroutines(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	require.Empty(t, leaked(), "a goroutine outlived Run")
+}
+
+// TestTrustSource: with WorkerOptions.TrustSource, resources go to the
+// files as the Source wrote them (no type or JSON check), but a line that
+// would break the NDJSON file is still left out and reported.
+func TestTrustSource(t *testing.T) {
+	t.Parallel()
+	src := writerSource{lines: []string{
+		`{"resourceType":"Patient","id":"a"}`,
+		`{"resourceType":"Observation","id":"trusted-though-wrong-type"}`,
+		"{\"resourceType\":\"Patient\",\n\"id\":\"b\"}",
+		`["not an object"]`,
+		`{"resourceType":"Patient","id":"c"}`,
+	}}
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{Source: src,
+		Worker: bulkexport.WorkerOptions{TrustSource: true}})
+	statusURL := srv.Kickoff(t, "/$export")
+	status, body := srv.Wait(t, statusURL)
+	require.Equal(t, http.StatusOK, status, string(body))
+	var m fhirbulk.Manifest
+	require.NoError(t, json.Unmarshal(body, &m))
+	require.Len(t, m.Error, 1)
+	require.EqualValues(t, 2, *m.Error[0].Count, "the line break and the array are left out")
+	require.Len(t, m.Output, 1)
+	require.EqualValues(t, 3, *m.Output[0].Count, "the type is not checked")
+	job := srv.Job(t, statusURL)
+	fr, err := srv.Storage.Open(context.Background(), job.ID, job.Output[0].Name)
+	require.NoError(t, err)
+	defer fr.Close()
+	b, err := io.ReadAll(fr)
+	require.NoError(t, err)
+	require.Equal(t, `{"resourceType":"Patient","id":"a"}`+"\n"+`{"resourceType":"Observation","id":"trusted-though-wrong-type"}`+"\n"+
+		`{"resourceType":"Patient","id":"c"}`+"\n", string(b))
 }

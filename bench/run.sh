@@ -13,6 +13,10 @@
 #   pgstore      poll-status over pgstore vs a raw pgx SELECT; Claim with
 #                10,000 queued jobs (needs BULKEXPORT_TEST_POSTGRES_URL;
 #                `source .ci/postgres.sh` provides one)
+#   scaleout     one partitioned job on 1, 2, 4 and 8 worker processes
+#                sharing pgstore, over a Source with a fixed latency per
+#                page: speedup-N and efficiency-N against one worker
+#                (needs BULKEXPORT_TEST_POSTGRES_URL)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${1:-3}"
@@ -32,6 +36,7 @@ run . 'BenchmarkDirStorageWrite$' 10x
 run . 'BenchmarkKickoffFinishedBacklog$' 400x
 if [ -n "${BULKEXPORT_TEST_POSTGRES_URL:-}" ]; then
 	run ./pgstore 'BenchmarkPollStatus$|BenchmarkClaim$' 2s
+	run ./examples/scaleout 'BenchmarkScaleOut$' 1x
 fi
 
 echo
@@ -41,7 +46,7 @@ awk '
 		name=$1; sub(/-[0-9]+$/, "", name)
 		for (i = 2; i < NF; i++) {
 			u = $(i+1)
-			if (u ~ /ratio/ || u ~ /-poll\/|store\/raw/ || u == "peak-MiB") {
+			if (u ~ /ratio/ || u ~ /-poll\/|store\/raw/ || u ~ /^(speedup|efficiency)-/ || u == "peak-MiB") {
 				key = name " " u
 				vals[key] = vals[key] " " $i
 			}

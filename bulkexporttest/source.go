@@ -422,13 +422,20 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	s.mu.Lock()
 	all := s.resources[typ]
 	s.mu.Unlock()
+	lo, hi, err := partitionRange(q.Partition, len(all))
+	if err != nil {
+		return err
+	}
+	start = max(start, lo)
+	all = all[:hi]
 	members, err := s.members(q)
 	if err != nil {
 		return err
 	}
 	// Deletions go first, before the first checkpoint: a resumed export
-	// (Cursor set) has already recorded them.
-	if !q.Since.IsZero() && q.Cursor == "" {
+	// (Cursor set) has already recorded them. Of a partitioned type, the
+	// first part has them.
+	if !q.Since.IsZero() && q.Cursor == "" && lo == 0 {
 		s.mu.Lock()
 		dels := slices.Clone(s.deleted[typ])
 		s.mu.Unlock()
@@ -471,6 +478,56 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	return nil
 }
 
+// partitionRange parses a Partition token of PartitionedSource, "lo-hi":
+// the positions [lo, hi) of the type's resources. "" is every position.
+func partitionRange(tok string, n int) (lo, hi int, err error) {
+	if tok == "" {
+		return 0, n, nil
+	}
+	a, b, ok := strings.Cut(tok, "-")
+	lo, err1 := strconv.Atoi(a)
+	hi, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || lo < 0 || hi < lo {
+		return 0, 0, fmt.Errorf("bulkexporttest: bad partition %q", tok)
+	}
+	return min(lo, n), min(hi, n), nil
+}
+
+// PartitionedSource is a Source that is also a bulkexport.Partitioner: it
+// splits each type into up to Parts ranges of the order resources were
+// added in (all of them, whatever the query selects), so that a Worker
+// whose store keeps units exports each range as a unit of its own. Parts
+// of 1 or less leave types whole.
+type PartitionedSource struct {
+	*Source
+	Parts int
+}
+
+var _ bulkexport.Partitioner = PartitionedSource{}
+
+// Partitions implements bulkexport.Partitioner with tokens "lo-hi".
+func (p PartitionedSource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, limit int) ([]string, error) {
+	p.mu.Lock()
+	n := len(p.resources[typ])
+	p.mu.Unlock()
+	parts := min(p.Parts, limit)
+	if parts <= 1 || n == 0 {
+		return nil, nil
+	}
+	out := make([]string, 0, parts)
+	for i := range parts {
+		lo, hi := n*i/parts, n*(i+1)/parts
+		if i == parts-1 {
+			// Resources added later (they are not selected: their
+			// lastUpdated is past the transaction time) still belong
+			// to a part.
+			hi = 1 << 30
+		}
+		out = append(out, strconv.Itoa(lo)+"-"+strconv.Itoa(hi))
+	}
+	return out, nil
+}
+
 // members is the set of patients the query may export, or nil for no
 // restriction.
 func (s *Source) members(q *bulkexport.Query) (map[string]bool, error) {
@@ -507,8 +564,12 @@ func (s *Source) selected(ctx context.Context, q *bulkexport.Query, typ string) 
 	s.mu.Lock()
 	all := s.resources[typ]
 	s.mu.Unlock()
+	lo, hi, err := partitionRange(q.Partition, len(all))
+	if err != nil {
+		return nil, err
+	}
 	var out []*entry
-	for _, e := range all {
+	for _, e := range all[lo:hi] {
 		if s.match(e, q, typ, members) {
 			out = append(out, e)
 		}

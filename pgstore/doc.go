@@ -61,6 +61,24 @@
 // Get and List with an error wrapping bulkexport.ErrUnknownJobFormat, and
 // passed over by Claim.
 //
+// # Units
+//
+// Store is also a bulkexport.UnitStore. Migration 3 adds the table
+// Options.Table + "_units": one row per unit, the whole bulkexport.Unit
+// as jsonb in data, and a projection (job_id, key, seq, state, version,
+// lease, attempts, an identity column added for the add order, and
+// claimable_after). claimable_after is -infinity for a pending unit, the
+// lease's end for a running one and NULL for a final one, and the partial
+// index Options.Table + "_units_claim" on (claimable_after, added) WHERE
+// claimable_after IS NOT NULL lists the claimable units in claim order.
+// ClaimUnit is one statement in the style of Claim: a range scan of that
+// index up to now, LIMIT 1 FOR UPDATE SKIP LOCKED, then UPDATE ...
+// RETURNING, with Claim's lease clock (the database's, or the caller's
+// with Options.CallerClock). AddUnits locks the job's row and inserts the
+// plan with one INSERT, in one transaction. UpdateUnit is a one-statement
+// compare-and-set. An Update that ends a job closes its units that are not
+// final in the same transaction; Delete removes them by ON DELETE CASCADE.
+//
 // The migrations are embedded SQL files (see Store.Migrations), applied
 // in order in one transaction under pg_advisory_xact_lock, and recorded
 // in a second table, the jobs table's name plus "_migrations". They are
@@ -71,9 +89,9 @@
 // Every time is stored with microsecond precision, in UTC: the store
 // truncates a job's times to the microsecond when it writes them and
 // returns UTC times, which are Equal to what was written at that
-// precision. Claim judges leases by its now argument, never by the
-// database's clock, so replicas must keep their clocks in sync (NTP): a
-// replica whose clock runs ahead takes over other replicas' jobs early.
+// precision. Claim and ClaimUnit judge and set leases by the database
+// server's clock, which every replica shares, unless Options.CallerClock
+// makes them use ClaimParams.Now (for tests that simulate time).
 //
 // # Limits
 //

@@ -44,8 +44,9 @@ func (s *Store) Migrations() []Migration {
 // loadMigrations parses the embedded files ("0001_name.sql") and renders
 // them: {{table}} is the quoted, qualified jobs table, {{index "x"}} the
 // quoted index name table+"_x" (an index is created in its table's
-// schema, so CREATE INDEX takes it unqualified) and {{qualifiedIndex "x"}}
-// the same name qualified with the schema, for DROP INDEX.
+// schema, so CREATE INDEX takes it unqualified), {{qualifiedIndex "x"}}
+// the same name qualified with the schema, for DROP INDEX, and
+// {{unitsTable}} the quoted, qualified units table.
 func loadMigrations(schema, table string) ([]Migration, error) {
 	qualified := qualify(schema, table)
 	names, err := fs.Glob(migrationFiles, "migrations/*.sql")
@@ -56,6 +57,7 @@ func loadMigrations(schema, table string) ([]Migration, error) {
 		"table":          func() string { return qualified },
 		"index":          func(suffix string) string { return pgx.Identifier{table + "_" + suffix}.Sanitize() },
 		"qualifiedIndex": func(suffix string) string { return qualify(schema, table+"_"+suffix) },
+		"unitsTable":     func() string { return qualify(schema, table+unitsSuffix) },
 	}
 	var out []Migration
 	for _, name := range names {

@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/bulkfhir/bulkexport"
@@ -19,8 +20,9 @@ import (
 const DefaultTable = "bulkexport_jobs"
 
 // maxTableLen keeps the longest derived name (the table's name plus
-// "_expires_idx" or "_migrations") within PostgreSQL's 63-byte limit on
-// identifiers, past which it would silently truncate them.
+// "_expires_idx", "_units_claim" or "_migrations") within PostgreSQL's
+// 63-byte limit on identifiers, past which it would silently truncate
+// them.
 const maxTableLen = 50
 
 // Options configures a Store. The zero value (or nil) gives the defaults.
@@ -31,7 +33,8 @@ type Options struct {
 	// search_path (normally the schema "public").
 	Schema string
 	// Table is the jobs table's name. The migrations table is Table plus
-	// "_migrations", and index names start with Table plus "_". Names are
+	// "_migrations", the units table Table plus "_units", and index names
+	// start with Table plus "_". Names are
 	// quoted, so they are case-sensitive and may be any UTF-8 text without
 	// NUL; Table is at most 50 bytes. Default: DefaultTable.
 	Table string
@@ -59,6 +62,8 @@ type Store struct {
 	callerClock bool
 
 	createSQL, createCappedSQL, getSQL, updateSQL, lookupSQL, deleteSQL, claimSQL string
+	// uq are the UnitStore's statements.
+	uq unitQueries
 }
 
 var _ bulkexport.JobStore = (*Store)(nil)
@@ -101,6 +106,7 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		return nil, err
 	}
 	t := s.table
+	s.uq = buildUnitQueries(t, qualify(o.Schema, o.Table+unitsSuffix))
 	s.createSQL = `INSERT INTO ` + t + ` (id, owner, state, created_at, expires_at, lease_owner, lease_expires_at, attempts, version, data)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9)
 ON CONFLICT (id) DO NOTHING`
@@ -361,13 +367,22 @@ func (s *Store) Update(ctx context.Context, job *bulkexport.Job) error {
 			return err
 		}
 		j := &r.job
-		tag, err := s.pool.Exec(ctx, s.updateSQL, job.ID, job.Version, from,
+		args := []any{job.ID, job.Version, from,
 			j.Owner, string(j.State), j.CreatedAt, nullTime(j.ExpiresAt),
-			j.LeaseOwner, nullTime(j.LeaseExpiresAt), j.Attempts, string(r.data))
+			j.LeaseOwner, nullTime(j.LeaseExpiresAt), j.Attempts, string(r.data)}
+		var n int64
+		if job.State.Terminal() {
+			// The job ends: its units close in the same transaction.
+			n, err = s.updateEnding(ctx, job, args)
+		} else {
+			var tag pgconn.CommandTag
+			tag, err = s.pool.Exec(ctx, s.updateSQL, args...)
+			n = tag.RowsAffected()
+		}
 		if err != nil {
 			return fmt.Errorf("pgstore: update job %s: %w", job.ID, err)
 		}
-		if tag.RowsAffected() == 1 {
+		if n == 1 {
 			job.Version++
 			return nil
 		}
@@ -401,7 +416,8 @@ func (s *Store) whyNotUpdated(ctx context.Context, job *bulkexport.Job) error {
 }
 
 // Delete implements bulkexport.JobStore. A missing job gives an error
-// wrapping bulkexport.ErrNotFound.
+// wrapping bulkexport.ErrNotFound. The job's units go with it, by the
+// units table's ON DELETE CASCADE, in the same statement.
 func (s *Store) Delete(ctx context.Context, id string) error {
 	tag, err := s.pool.Exec(ctx, s.deleteSQL, id)
 	if err != nil {

@@ -278,7 +278,7 @@ func TestCustomTableInDefaultSchema(t *testing.T) {
 	ctx := context.Background()
 	name := "pgstore_test_jobs_" + randomHex()
 	t.Cleanup(func() {
-		_, err := pool.Exec(context.Background(), "DROP TABLE IF EXISTS "+pgx.Identifier{name}.Sanitize()+", "+pgx.Identifier{name + "_migrations"}.Sanitize())
+		_, err := pool.Exec(context.Background(), "DROP TABLE IF EXISTS "+pgx.Identifier{name + "_units"}.Sanitize()+", "+pgx.Identifier{name}.Sanitize()+", "+pgx.Identifier{name + "_migrations"}.Sanitize())
 		require.NoError(t, err)
 	})
 	s, err := New(pool, &Options{Table: name})

@@ -39,8 +39,15 @@
 //     block, the block of its patient; blocks well formed; checkpoints
 //     between blocks and resuming from them; write failures and
 //     cancellation.
+//   - Partitioner: Partitions returns at most max tokens for every type
+//     at every level (with _since, _until and patient too), and the parts
+//     exported with Query.Partition write together exactly what the query
+//     selects, each resource once; a part resumed from any of its
+//     checkpoints writes the rest of that part only.
 //   - Worker: exports through the real handler and Worker (several types
-//     at once, every line validated) produce the expected files.
+//     at once, every line validated) produce the expected files. The
+//     test server's MemoryStore keeps units, so a Partitioner is exported
+//     there in parts.
 //
 // The optional interfaces (listed under "Optional Source interfaces" in
 // package bulkexport's documentation) are checked when the Source
@@ -362,6 +369,10 @@ func sourceChecks() []checkGroup {
 			{"Cancel", checkBlocksCancel},
 			{"Worker", checkBlocksWorker},
 		}},
+		{"Partitioner", []sourceCheck{
+			{"Parts", checkPartitions},
+			{"Resume", checkPartitionResume},
+		}},
 		{"Worker", []sourceCheck{
 			{"Exports", checkWorker},
 		}},
@@ -623,6 +634,9 @@ func (e *sourceEnv) describe(q *bulkexport.Query, typ string) string {
 	}
 	if !q.TransactionTime.IsZero() && !q.TransactionTime.Equal(e.p.afterAll) {
 		fmt.Fprintf(&b, ", transaction time %s", fhirbulk.FormatInstant(q.TransactionTime))
+	}
+	if q.Partition != "" {
+		fmt.Fprintf(&b, ", part %q", q.Partition)
 	}
 	if q.Cursor != "" {
 		fmt.Fprintf(&b, ", resumed from cursor %q", q.Cursor)

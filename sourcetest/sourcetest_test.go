@@ -34,6 +34,54 @@ func TestRunPassesTheFake(t *testing.T) {
 	Run(t, loadFake)
 }
 
+// TestRunPassesThePartitionedFake runs the checks against the fake split
+// into parts, so that the Partitioner checks and the partitioned Worker
+// run.
+func TestRunPassesThePartitionedFake(t *testing.T) {
+	t.Parallel()
+	Run(t, func(t *testing.T, data Dataset) bulkexport.Source {
+		return bulkexporttest.PartitionedSource{Source: loadFake(t, data).(*bulkexporttest.Source), Parts: 3}
+	})
+}
+
+// overlapSource is the partitioned fake with a bug: its last part repeats
+// the first.
+type overlapSource struct {
+	bulkexporttest.PartitionedSource
+}
+
+func (s overlapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
+	tokens, err := s.PartitionedSource.Partitions(ctx, q, typ, max-1)
+	if err != nil || len(tokens) == 0 {
+		return tokens, err
+	}
+	return append(tokens, tokens[0]), nil
+}
+
+// gapSource is the partitioned fake with a bug: it leaves out its last
+// part.
+type gapSource struct {
+	bulkexporttest.PartitionedSource
+}
+
+func (s gapSource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
+	tokens, err := s.PartitionedSource.Partitions(ctx, q, typ, max)
+	if err != nil || len(tokens) < 2 {
+		return tokens, err
+	}
+	return tokens[:len(tokens)-1], nil
+}
+
+// tooManySource is the partitioned fake with a bug: it returns more parts
+// than asked for.
+type tooManySource struct {
+	bulkexporttest.PartitionedSource
+}
+
+func (s tooManySource) Partitions(ctx context.Context, q *bulkexport.Query, typ string, max int) ([]string, error) {
+	return bulkexporttest.PartitionedSource{Source: s.Source, Parts: max + 1}.Partitions(ctx, q, typ, max+1)
+}
+
 // querySource is the fake with a bug: it changes each query before
 // answering it.
 type querySource struct {
@@ -317,6 +365,24 @@ func TestRunCatchesBrokenSources(t *testing.T) {
 			mention:    "does not look at ctx",
 		},
 		{
+			name:       "overlapping parts",
+			src:        overlapSource{bulkexporttest.PartitionedSource{Source: fake(), Parts: 3}},
+			wantFailed: []string{"Partitioner/Parts", "Worker/Exports"},
+			mention:    "written more than once",
+		},
+		{
+			name:       "parts that leave resources out",
+			src:        gapSource{bulkexporttest.PartitionedSource{Source: fake(), Parts: 3}},
+			wantFailed: []string{"Partitioner/Parts", "Worker/Exports"},
+			mention:    "missing",
+		},
+		{
+			name:       "more parts than max",
+			src:        tooManySource{bulkexporttest.PartitionedSource{Source: fake(), Parts: 3}},
+			wantFailed: []string{"Partitioner/Parts", "Partitioner/Resume", "Worker/Exports"},
+			mention:    "returned 3 tokens",
+		},
+		{
 			name:       "accepts every _typeFilter",
 			src:        filterSource{fake(), func(string, url.Values) error { return nil }},
 			wantFailed: []string{"Optional/TypeFilterChecker"},
@@ -374,11 +440,13 @@ func TestRunSkipsWhatTheSourceLacks(t *testing.T) {
 		"Organizer/WriteFails":       "organizeOutputBy gets 400",
 		"Organizer/Cancel":           "organizeOutputBy gets 400",
 		"Organizer/Worker":           "organizeOutputBy gets 400",
+		"Partitioner/Parts":          "one Export call",
+		"Partitioner/Resume":         "one Export call",
 	} {
 		require.Contains(t, skipped, name)
 		require.Contains(t, skipped[name], loses, name)
 	}
-	require.Len(t, skipped, 9, "%v", skipped)
+	require.Len(t, skipped, 11, "%v", skipped)
 }
 
 // TestRunFailsTheTest runs Run, as a host would, against a

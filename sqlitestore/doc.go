@@ -82,6 +82,24 @@
 // write lock from start to end, so concurrent claims, from this process or
 // another one, never hand out the same job twice.
 //
+// # Units
+//
+// Store is also a bulkexport.UnitStore. Migration 2 adds the table
+// "<table>_units": one row per unit, its whole bulkexport.Unit as JSON in
+// data, and columns for job_id, key, seq, state, version, lease and an
+// add order (added, the rowid). The column claimable_after is the smallest
+// integer for a pending unit, the lease's end for a running one and NULL
+// for a final one; the partial index "<table>_units_claim_idx" on
+// (claimable_after, added) holds only claimable candidates, in claim
+// order. ClaimUnit is one UPDATE ... RETURNING statement that takes the
+// front of that index under SQLite's write lock; like Claim, it judges and
+// sets leases by the caller's ClaimParams.Now. AddUnits inserts a plan in
+// one BEGIN IMMEDIATE transaction, after checking the job and that it has
+// no units yet. UpdateUnit is a one-statement compare-and-set, as Update
+// is. An Update that ends a job closes the job's units that are not final
+// in the same transaction, and Delete removes them in the same transaction
+// as the job.
+//
 // # Schema and migrations
 //
 // The schema is embedded in the package as numbered migrations. Migrate

@@ -22,8 +22,9 @@ var migrationFS embed.FS
 
 // DefaultTable is the jobs table's name when Options.Table is empty. The
 // schema's other objects are named after the table: "<table>_schema_version",
-// "<table>_claim_idx", "<table>_lease_idx", "<table>_expires_idx" and
-// "<table>_owner_idx".
+// "<table>_claim_idx", "<table>_lease_idx", "<table>_expires_idx",
+// "<table>_owner_idx", and the units table "<table>_units" with its index
+// "<table>_units_claim_idx".
 const DefaultTable = "bulkexport_jobs"
 
 // versionTableDDL creates the table in which Migrate records the migrations

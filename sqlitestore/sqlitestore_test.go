@@ -129,7 +129,8 @@ func TestMigrateIdempotent(t *testing.T) {
 		return b.String()
 	}
 	before := schema()
-	for _, want := range []string{"table bulkexport_jobs ", "table bulkexport_jobs_schema_version ", "index bulkexport_jobs_claim_idx ", "index bulkexport_jobs_lease_idx ", "index bulkexport_jobs_expires_idx ", "index bulkexport_jobs_owner_idx "} {
+	for _, want := range []string{"table bulkexport_jobs ", "table bulkexport_jobs_schema_version ", "index bulkexport_jobs_claim_idx ", "index bulkexport_jobs_lease_idx ", "index bulkexport_jobs_expires_idx ", "index bulkexport_jobs_owner_idx ",
+		"table bulkexport_jobs_units ", "index bulkexport_jobs_units_claim_idx "} {
 		require.Contains(t, before, want)
 	}
 	job := &bulkexport.Job{ID: "job-1", Owner: "alice", State: bulkexport.StateQueued, CreatedAt: time.Now()}
@@ -356,8 +357,8 @@ func TestTables(t *testing.T) {
 		names = append(names, n)
 	}
 	require.Equal(t, []string{
-		"alpha", "alpha_claim_idx", "alpha_expires_idx", "alpha_lease_idx", "alpha_owner_idx", "alpha_schema_version",
-		"beta", "beta_claim_idx", "beta_expires_idx", "beta_lease_idx", "beta_owner_idx", "beta_schema_version",
+		"alpha", "alpha_claim_idx", "alpha_expires_idx", "alpha_lease_idx", "alpha_owner_idx", "alpha_schema_version", "alpha_units", "alpha_units_claim_idx",
+		"beta", "beta_claim_idx", "beta_expires_idx", "beta_lease_idx", "beta_owner_idx", "beta_schema_version", "beta_units", "beta_units_claim_idx",
 	}, names)
 	for _, m := range b.Migrations() {
 		require.NotContains(t, m.SQL, DefaultTable)

@@ -32,6 +32,7 @@ type Store struct {
 	db    *sql.DB
 	table string
 	q     queries
+	uq    unitQueries
 	// writes lets one of the store's writes at a time go to SQLite, which
 	// takes one writer at a time anyway: waiting here honours ctx and
 	// wakes in turn, where waiting in SQLite's busy handler does neither.
@@ -67,7 +68,7 @@ func New(db *sql.DB, opts *Options) (*Store, error) {
 	if err := checkTable(o.Table); err != nil {
 		return nil, err
 	}
-	return &Store{db: db, table: o.Table, q: buildQueries(o.Table), writes: make(chan struct{}, 1)}, nil
+	return &Store{db: db, table: o.Table, q: buildQueries(o.Table), uq: buildUnitQueries(o.Table), writes: make(chan struct{}, 1)}, nil
 }
 
 func checkTable(t string) error {
@@ -269,14 +270,30 @@ func (s *Store) Update(ctx context.Context, job *bulkexport.Job) error {
 		args := append([]any{r.owner, r.state, r.createdAt, r.updatedAt, r.expiresAt, r.leaseOwner, r.leaseExpiresAt, r.attempts, r.data,
 			job.ID, job.Version}, s.q.updateFrom[job.State]...)
 		var n int64
-		err = s.write(ctx, func() error {
-			res, err := s.db.ExecContext(ctx, q, args...)
-			if err != nil {
+		if job.State.Terminal() {
+			// The job ends: its units that are not final close in the
+			// same transaction (see bulkexport.UnitStore).
+			err = s.tx(ctx, func(conn *sql.Conn) error {
+				res, err := conn.ExecContext(ctx, q, args...)
+				if err != nil {
+					return err
+				}
+				if n, err = res.RowsAffected(); err != nil || n != 1 {
+					return err
+				}
+				_, err = conn.ExecContext(ctx, s.uq.closeUnits, job.ID)
 				return err
-			}
-			n, err = res.RowsAffected()
-			return err
-		})
+			})
+		} else {
+			err = s.write(ctx, func() error {
+				res, err := s.db.ExecContext(ctx, q, args...)
+				if err != nil {
+					return err
+				}
+				n, err = res.RowsAffected()
+				return err
+			})
+		}
 		if err != nil {
 			return fmt.Errorf("sqlitestore: update job %s: %w", job.ID, err)
 		}
@@ -307,18 +324,22 @@ func (s *Store) Update(ctx context.Context, job *bulkexport.Job) error {
 	return fmt.Errorf("sqlitestore: job %s: changed concurrently: %w", job.ID, bulkexport.ErrConflict)
 }
 
-// Delete implements bulkexport.JobStore.
+// Delete implements bulkexport.JobStore. The job's units go with it, in
+// the same transaction.
 func (s *Store) Delete(ctx context.Context, id string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	var n int64
-	err := s.write(ctx, func() error {
-		res, err := s.db.ExecContext(ctx, s.q.del, id)
+	err := s.tx(ctx, func(conn *sql.Conn) error {
+		res, err := conn.ExecContext(ctx, s.q.del, id)
 		if err != nil {
 			return err
 		}
-		n, err = res.RowsAffected()
+		if n, err = res.RowsAffected(); err != nil || n == 0 {
+			return err
+		}
+		_, err = conn.ExecContext(ctx, s.uq.deleteUnits, id)
 		return err
 	})
 	if err != nil {

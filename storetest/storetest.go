@@ -74,6 +74,7 @@ func Run(t *testing.T, newStore func(t *testing.T) bulkexport.JobStore) {
 		{"Concurrency", concurrencyCases()},
 		{"Context", contextCases()},
 		{"Format", formatCases()},
+		{"Units", unitCases()},
 	}
 	for _, g := range groups {
 		t.Run(g.name, func(t *testing.T) {

@@ -53,6 +53,9 @@ const (
 	lease       = "1s"
 	checkpoint  = "100ms"
 	maxAttempts = "20" // kills add attempts; the default 5 would fail the job
+	// Every test runs its exports partitioned: each compartment type in
+	// four ranges of patients, exported as units by any server.
+	partitions = "4"
 	// maxFileResources is well below the types' sizes and far more than a
 	// checkpoint's worth of resources: files are cut by this limit only,
 	// never by the checkpoints or the kills, and every file of a type but
@@ -325,6 +328,10 @@ type harness struct {
 	killedRunning map[string]int    // job -> kills that interrupted a run of it
 	leaseLost     int
 	kills         int
+	// Units of partitioned jobs: job -> server -> units it finished, and
+	// job -> claims of its units that were not their first.
+	unitsDone    map[string]map[string]int
+	unitReclaims map[string]int
 }
 
 // proc is one server process.
@@ -341,6 +348,8 @@ type proc struct {
 	finished   map[string]bool // job -> completed, failed or lost here
 	exitErr    error
 	killed     bool
+	// liveUnits counts the units of a job this process runs.
+	liveUnits map[string]int
 }
 
 func newHarness(t *testing.T, storeArgs []string) *harness {
@@ -371,6 +380,8 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		failed:        map[string]string{},
 		attempts:      map[string][]int{},
 		killedRunning: map[string]int{},
+		unitsDone:     map[string]map[string]int{},
+		unitReclaims:  map[string]int{},
 	}
 	h.args = append([]string{
 		"-addr", "127.0.0.1:0",
@@ -381,6 +392,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		"-max-file-resources", strconv.Itoa(maxFileResources),
 		"-max-attempts", maxAttempts,
 		"-pace", pace,
+		"-partitions", partitions,
 		"-log-level", "info",
 	}, storeArgs...)
 	t.Cleanup(func() {
@@ -433,6 +445,7 @@ func (h *harness) start(server string) *proc {
 		claimedSeq: map[string]int{},
 		claimedAt:  map[string]time.Time{},
 		finished:   map[string]bool{},
+		liveUnits:  map[string]int{},
 	}
 	h.mu.Unlock()
 	cmd := exec.Command(h.bin, h.args...)
@@ -477,7 +490,13 @@ func (h *harness) kill(p *proc) (time.Time, int) {
 	at, seq := time.Now(), h.seq
 	var interrupted []string
 	for job := range p.claimedSeq {
-		if !p.finished[job] {
+		if !p.finished[job] || p.liveUnits[job] > 0 {
+			h.killedRunning[job]++
+			interrupted = append(interrupted, job)
+		}
+	}
+	for job, n := range p.liveUnits {
+		if _, ok := p.claimedSeq[job]; !ok && n > 0 {
 			h.killedRunning[job]++
 			interrupted = append(interrupted, job)
 		}
@@ -625,6 +644,8 @@ func (h *harness) line(p *proc, stdout bool, line string) {
 	job := m[1]
 	h.seq++
 	switch {
+	case strings.Contains(line, " unit="):
+		h.unitLineLocked(p, job, line)
 	case strings.Contains(line, `msg="bulkexport: job running"`):
 		p.claimedSeq[job] = h.seq
 		p.claimedAt[job] = time.Now()
@@ -642,6 +663,29 @@ func (h *harness) line(p *proc, stdout bool, line string) {
 	case strings.Contains(line, "lease lost"):
 		p.finished[job] = true
 		h.leaseLost++
+	}
+	h.notifyLocked()
+}
+
+// unitLineLocked handles a line about a unit of a partitioned job.
+func (h *harness) unitLineLocked(p *proc, job, line string) {
+	switch {
+	case strings.Contains(line, `msg="bulkexport: unit running"`):
+		p.liveUnits[job]++
+		if a := reAttempt.FindStringSubmatch(line); a != nil && a[1] != "1" {
+			h.unitReclaims[job]++
+		}
+	case strings.Contains(line, `msg="bulkexport: unit done"`):
+		p.liveUnits[job]--
+		if h.unitsDone[job] == nil {
+			h.unitsDone[job] = map[string]int{}
+		}
+		h.unitsDone[job][p.server]++
+	case strings.Contains(line, `msg="bulkexport: unit failed"`):
+		// The job's coordinator fails the job (its own line).
+		p.liveUnits[job]--
+	case strings.Contains(line, "lease lost"), strings.Contains(line, "unreachable"), strings.Contains(line, "handed back"):
+		p.liveUnits[job]--
 	}
 	h.notifyLocked()
 }
@@ -719,7 +763,7 @@ func (h *harness) verify(p *proc, e *export) {
 	require.NoError(t, err)
 
 	got := map[string][]string{}   // type -> ids in file order
-	counts := map[string][]int64{} // type -> line counts in file order
+	counts := map[string][]int64{} // file stem -> line counts in file order
 	listed := map[string]bool{}
 	prefix := p.base + "/bulkfiles/" + e.id + "/"
 	var lines int64
@@ -732,16 +776,17 @@ func (h *harness) verify(p *proc, e *export) {
 		ids := h.download(f.URL, f.Type)
 		require.EqualValues(t, *f.Count, len(ids), "%s: manifest count and line count differ", f.URL)
 		got[f.Type] = append(got[f.Type], ids...)
-		counts[f.Type] = append(counts[f.Type], int64(len(ids)))
+		counts[fileStem(name)] = append(counts[fileStem(name)], int64(len(ids)))
 		lines += int64(len(ids))
 	}
-	// The manifest lists a type's files in name order, which is their
-	// order in the stream: all but the last are full.
-	for typ, cs := range counts {
+	// The manifest lists the files of a stream (a type, or a unit of a
+	// partitioned type) in name order, which is their order in the
+	// stream: all but the last are full.
+	for stem, cs := range counts {
 		for i, c := range cs[:len(cs)-1] {
-			require.EqualValues(t, maxFileResources, c, "%s %s: file %d of %d %v is not cut by the size limit", e.name, typ, i+1, len(cs), cs)
+			require.EqualValues(t, maxFileResources, c, "%s %s: file %d of %d %v is not cut by the size limit", e.name, stem, i+1, len(cs), cs)
 		}
-		require.LessOrEqual(t, cs[len(cs)-1], int64(maxFileResources), "%s %s: last file", e.name, typ)
+		require.LessOrEqual(t, cs[len(cs)-1], int64(maxFileResources), "%s %s: last file", e.name, stem)
 	}
 
 	q := e.query
@@ -777,6 +822,19 @@ func (h *harness) verify(p *proc, e *export) {
 		require.False(t, strings.HasPrefix(ent.Name(), "~"), "left in the storage root: %s", ent.Name())
 	}
 	t.Logf("%s export: %d resources of %d types in %d files, each exactly once", e.name, total, len(e.types), len(m.Output))
+}
+
+// fileStem is the stream a file name (see bulkexport.FileName) belongs
+// to: the name without its number, fence and extension.
+func fileStem(name string) string {
+	s := strings.TrimSuffix(name, ".ndjson")
+	if i := strings.LastIndexByte(s, '.'); i >= 0 { // the fence
+		s = s[:i]
+	}
+	if i := strings.LastIndexByte(s, '.'); i >= 0 { // the number
+		s = s[:i]
+	}
+	return s
 }
 
 // download returns the ids of the resources in one NDJSON file, checking
@@ -836,4 +894,58 @@ func exactlyOnce(t *testing.T, what string, got, want []string) {
 	require.Empty(t, missing, "%s: %d resources missing, e.g. %v", what, len(missing), first(missing))
 	require.Empty(t, unexpected, "%s: %d resources not expected, e.g. %v", what, len(unexpected), first(unexpected))
 	require.True(t, slices.Equal(got, want), "%s: every resource once, but not in export order", what)
+}
+
+// TestCrashPostgresPartitioned: three servers share the database and the
+// storage directory, and each export's types are split into parts that
+// all three export at once (two at a time each). Twice, a server that is
+// exporting parts of the system export is killed and restarted; the other
+// servers take its parts over when their leases run out. The exports must
+// come out exactly once, with parts finished by more than one server.
+func TestCrashPostgresPartitioned(t *testing.T) {
+	t.Parallel()
+	skipShort(t)
+	h := newHarness(t, []string{"-store", "postgres:" + needPostgres(t), "-pg-schema", freshSchema(t), "-unit-concurrency", "2"})
+	servers := map[string]*proc{"A": h.start("A"), "B": h.start("B"), "C": h.start("C")}
+	exps := exports()
+	for _, e := range exps {
+		h.kickoff(servers["A"], e)
+	}
+	sys := exps[0].id
+	ids := []string{exps[0].id, exps[1].id}
+	kills := 0
+	for round := 0; round < 2; round++ {
+		var victim *proc
+		h.waitFor(claimTimeout, "a server exporting parts of the system export", func() bool {
+			for _, name := range []string{"B", "C", "A"}[round%2:] {
+				if p := servers[name]; p.liveUnits[sys] > 0 {
+					victim = p
+					return true
+				}
+			}
+			return h.completed[sys]
+		})
+		if victim == nil {
+			t.Logf("round %d: the system export finished before the kill", round+1)
+			break
+		}
+		time.Sleep(h.delay(100*time.Millisecond, 600*time.Millisecond))
+		if h.isCompleted(sys) {
+			break
+		}
+		h.kill(victim)
+		kills++
+		servers[victim.server] = h.start(victim.server)
+	}
+	h.waitFor(completeTimeout, "both exports to complete", func() bool { return h.allCompletedLocked(ids) })
+	require.GreaterOrEqual(t, kills, 1, "a server must have been killed mid-export")
+	for _, e := range exps {
+		h.verify(servers["A"], e)
+	}
+	h.mu.Lock()
+	by := h.unitsDone[sys]
+	h.mu.Unlock()
+	t.Logf("parts of the system export finished per server: %v", by)
+	require.GreaterOrEqual(t, len(by), 2, "parts of one export were finished by several servers")
+	h.report(ids)
 }

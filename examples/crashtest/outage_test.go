@@ -185,7 +185,8 @@ func outageHarness(t *testing.T, storeArgs []string) *harness {
 		"-pace", outagePace,
 		"-lease", outageLease,
 		"-checkpoint", outageCheckpoint,
-		"-max-attempts", outageMaxAttempts)
+		"-max-attempts", outageMaxAttempts,
+		"-partitions", partitions)
 	h := newHarness(t, args)
 	h.ds = dataset.New(outagePatients)
 	for i := 0; i+1 < len(args); i++ {

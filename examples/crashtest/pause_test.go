@@ -24,6 +24,67 @@ import (
 	"github.com/bulkfhir/bulkexport/pgstore"
 )
 
+// TestPausePostgresPartitioned: two servers share a PostgreSQL database
+// and the storage directory, and the exports are split into parts. Twice,
+// a server exporting parts of the system export is stopped with SIGSTOP
+// and left stopped until the other server has claimed one of its parts
+// again (its lease ran out); then it is continued, a stale worker that
+// still believes it holds those parts. It must give them up without its
+// late writes reaching the export, which must come out exactly once.
+func TestPausePostgresPartitioned(t *testing.T) {
+	t.Parallel()
+	skipShort(t)
+	h := newHarness(t, []string{"-store", "postgres:" + needPostgres(t), "-pg-schema", freshSchema(t)})
+	pz := hcNewPauser(t, h)
+	servers := map[string]*proc{"A": h.start("A"), "B": h.start("B")}
+	exps := exports()
+	for _, e := range exps {
+		h.kickoff(servers["A"], e)
+	}
+	sys := exps[0].id
+	ids := []string{exps[0].id, exps[1].id}
+	takeovers := 0
+	for round := 0; round < 2; round++ {
+		var owner *proc
+		h.waitFor(claimTimeout, "a server exporting parts of the system export", func() bool {
+			for _, name := range []string{"A", "B"} {
+				if p := servers[name]; p.liveUnits[sys] > 0 {
+					owner = p
+					return true
+				}
+			}
+			return h.completed[sys]
+		})
+		if owner == nil {
+			break
+		}
+		h.mu.Lock()
+		reclaims := h.unitReclaims[sys]
+		h.mu.Unlock()
+		pz.stop(owner)
+		h.waitFor(claimTimeout, "a part of the stopped server claimed again", func() bool {
+			return h.unitReclaims[sys] > reclaims || h.completed[sys]
+		})
+		tookOver := !h.isCompleted(sys)
+		pz.cont(owner)
+		if !hcWait(h, claimTimeout, func() bool { return owner.liveUnits[sys] <= 0 || h.completed[sys] }) {
+			hcQuit(t, h, owner)
+			t.Fatalf("%s did not give up the parts it held within %v of SIGCONT", owner.name, claimTimeout)
+		}
+		if !tookOver {
+			break
+		}
+		takeovers++
+		t.Logf("round %d: stopped %s; its parts were claimed again, and it gave them up after SIGCONT", round+1, owner.name)
+	}
+	h.waitFor(completeTimeout, "both exports to complete", func() bool { return h.allCompletedLocked(ids) })
+	require.GreaterOrEqual(t, takeovers, 1, "parts of the system export must have been taken over")
+	for _, e := range exps {
+		h.verify(servers["A"], e)
+	}
+	h.report(ids)
+}
+
 // TestPausePostgresTwoServers: two servers share a PostgreSQL database and
 // the storage directory. Three times (early, in the middle and late in the
 // system export), the server running the system export is stopped with
@@ -37,7 +98,9 @@ func TestPausePostgresTwoServers(t *testing.T) {
 	skipShort(t)
 	pgURL := needPostgres(t)
 	schema := freshSchema(t)
-	h := newHarness(t, []string{"-store", "postgres:" + pgURL, "-pg-schema", schema})
+	// Unpartitioned: the points are read from the job's own checkpoint
+	// (TestPausePostgresPartitioned pauses servers holding parts).
+	h := newHarness(t, []string{"-store", "postgres:" + pgURL, "-pg-schema", schema, "-partitions", "1"})
 	pz := hcNewPauser(t, h)
 	db := hcOpenJobs(t, pgURL, schema)
 	servers := map[string]*proc{"A": h.start("A"), "B": h.start("B")}

@@ -6,7 +6,7 @@
 //	server [-addr 127.0.0.1:8080] [-clients NAME=TOKEN,...] [-patients 100] [-data memory|postgres:URL]
 //	       [-store sqlite:./bulkexport.db|memory|postgres:URL] [-pg-schema NAME]
 //	       [-storage dir:PATH|blob:URL] [-downloads proxy|signed|redirect] [-log-level info]
-//	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0]
+//	       [-lease 30s] [-checkpoint 5s] [-max-attempts 5] [-pace 0] [-partitions 8] [-unit-concurrency 2]
 //	       [-read-header-timeout 10s] [-read-timeout 30s] [-write-timeout 30s]
 //	       [-download-timeout 1h] [-idle-timeout 2m] [-max-header-bytes 65536]
 //	       [-profile ehealth|ig] [-delete-policy ehealth|ig] [-manifest stu3|stu4]
@@ -92,6 +92,9 @@ type options struct {
 	checkpoint  time.Duration
 	maxAttempts int
 	pace        time.Duration
+	// Partitioned export (bulkexport.Partitioner).
+	partitions      int
+	unitConcurrency int
 	// HTTP server limits (see timeouts).
 	timeouts timeouts
 	// protocol holds the flags a client can observe (protocol.go).
@@ -138,6 +141,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	checkpoint := fs.Duration("checkpoint", 5*time.Second, "least time between two recorded checkpoints of a resource type; a resumed job redoes at most this much work per type")
 	maxAttempts := fs.Int("max-attempts", 5, "a job claimed this many times without finishing is failed")
 	pace := fs.Duration("pace", 0, "pause after every patient an export visits, to make exports slow (testing); 0: none")
+	partitions := fs.Int("partitions", bulkexport.DefaultPartitions, "split each resource type of an export into at most this many parts (ranges of patients) that every server sharing the job store exports at once; 1: no splitting")
+	unitConcurrency := fs.Int("unit-concurrency", bulkexport.DefaultUnitConcurrency, "parts of split exports (of any server's jobs) this server exports at once")
 	readHeader := fs.Duration("read-header-timeout", 10*time.Second, "longest time to read a request's headers; 0: none")
 	readBody := fs.Duration("read-timeout", 30*time.Second, "longest time to read a request's body (POST kick-off or status), counted from the end of its headers; a body cut off gets 408 and the connection is closed; 0: none")
 	write := fs.Duration("write-timeout", 30*time.Second, "longest time to write an answer other than a file download; 0: none")
@@ -161,6 +166,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	o := &options{addr: *addr, baseURL: *baseURL, patients: *patients, pgSchema: *pgSchema,
 		lease: *lease, checkpoint: *checkpoint, maxAttempts: *maxAttempts, pace: *pace,
+		partitions: *partitions, unitConcurrency: *unitConcurrency,
 		timeouts: timeouts{readHeader: *readHeader, body: *readBody, write: *write, download: *download,
 			idle: *idle, maxHeaderBytes: *maxHeader}}
 	var err error
@@ -191,6 +197,10 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return bad("-max-attempts: must be positive")
 	case o.pace < 0:
 		return bad("-pace: must not be negative")
+	case o.partitions <= 0:
+		return bad("-partitions: must be positive")
+	case o.unitConcurrency <= 0:
+		return bad("-unit-concurrency: must be positive")
 	case o.timeouts.readHeader < 0:
 		return bad("-read-header-timeout: must not be negative")
 	case o.timeouts.body < 0:
@@ -317,6 +327,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Lease:              o.lease,
 		CheckpointInterval: o.checkpoint,
 		MaxAttempts:        o.maxAttempts,
+		Partitions:         o.partitions,
+		UnitConcurrency:    o.unitConcurrency,
 	}
 	o.protocol.workerOptions(workerOpts)
 	srv, err := exampleserver.New(exampleserver.Config{

@@ -122,6 +122,7 @@ func TestParseFlags(t *testing.T) {
 		store:      backends.StoreSpec{Kind: "sqlite", Path: "./bulkexport.db"},
 		storageDir: "./bulkexport-data", logLevel: slog.LevelInfo,
 		lease: 30 * time.Second, checkpoint: 5 * time.Second, maxAttempts: 5,
+		partitions: bulkexport.DefaultPartitions, unitConcurrency: bulkexport.DefaultUnitConcurrency,
 		timeouts: timeouts{readHeader: 10 * time.Second, body: 30 * time.Second, write: 30 * time.Second,
 			download: time.Hour, idle: 2 * time.Minute, maxHeaderBytes: 64 << 10},
 		protocol: defaultProtocol}, o)
@@ -129,12 +130,13 @@ func TestParseFlags(t *testing.T) {
 	o, err = parseFlags([]string{"-addr", ":9000", "-clients", "alice=s1, bob=s2", "-patients", "5",
 		"-storage", "dir:/tmp/x", "-log-level", "debug", "-store", "memory",
 		"-lease", "1s", "-checkpoint", "100ms", "-max-attempts", "20", "-pace", "1ms",
+		"-partitions", "3", "-unit-concurrency", "5",
 		"-read-header-timeout", "1s", "-read-timeout", "2s", "-write-timeout", "3s", "-download-timeout", "0",
 		"-idle-timeout", "4s", "-max-header-bytes", "8192"}, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, &options{addr: ":9000", clients: map[string]string{"alice": "s1", "bob": "s2"}, patients: 5,
 		store: backends.StoreSpec{Kind: "memory"}, storageDir: "/tmp/x", logLevel: slog.LevelDebug,
-		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, pace: time.Millisecond,
+		lease: time.Second, checkpoint: 100 * time.Millisecond, maxAttempts: 20, partitions: 3, unitConcurrency: 5, pace: time.Millisecond,
 		timeouts: timeouts{readHeader: time.Second, body: 2 * time.Second, write: 3 * time.Second,
 			idle: 4 * time.Second, maxHeaderBytes: 8192},
 		protocol: defaultProtocol}, o)
@@ -161,6 +163,8 @@ func TestParseFlags(t *testing.T) {
 		{"-checkpoint", "-1s"},
 		{"-max-attempts", "0"},
 		{"-pace", "-1ms"},
+		{"-partitions", "0"},
+		{"-unit-concurrency", "0"},
 		{"-read-header-timeout", "-1s"},
 		{"-read-timeout", "-1s"},
 		{"-write-timeout", "-1s"},

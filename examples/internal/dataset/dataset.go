@@ -234,7 +234,7 @@ func (d *Dataset) Export(ctx context.Context, q *bulkexport.Query, typ string, w
 	if err != nil {
 		return err
 	}
-	if p.kind == kindPatient && q.Cursor == "" {
+	if p.kind == kindPatient && q.Cursor == "" && p.lo == 0 {
 		if err := p.reportMissing(q, w); err != nil {
 			return err
 		}

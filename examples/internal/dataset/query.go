@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"net/url"
 	"slices"
@@ -158,6 +159,9 @@ type plan struct {
 	member  func(idx int) bool
 	after   int      // the cursor: owners up to it are done
 	missing []string // patient ids the patient parameter named in vain
+	// lo and hi bound the owners of a partition (Query.Partition): those
+	// in (lo, hi]. Without one, lo is 0 and hi the largest int.
+	lo, hi int
 }
 
 // newPlan resolves q for typ. With resume, q.Cursor is honoured.
@@ -166,7 +170,14 @@ func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, 
 	if k == 0 {
 		return nil, fmt.Errorf("dataset: resource type %q is not in the dataset", typ)
 	}
-	p := &plan{d: d, kind: k, since: q.Since, until: q.Until, tx: q.TransactionTime}
+	p := &plan{d: d, kind: k, since: q.Since, until: q.Until, tx: q.TransactionTime, hi: math.MaxInt}
+	if q.Partition != "" {
+		lo, hi, err := parsePartition(q.Partition)
+		if err != nil {
+			return nil, err
+		}
+		p.lo, p.hi = lo, hi
+	}
 	compartment := k != kindPractitioner && k != kindOrganization
 	switch q.Level {
 	case fhirbulk.LevelSystem, fhirbulk.LevelPatient:
@@ -226,6 +237,43 @@ func (d *Dataset) newPlan(q *bulkexport.Query, typ string, resume bool) (*plan, 
 	return p, nil
 }
 
+// parsePartition reads a partition token of Partitions: "lo-hi", owners
+// in (lo, hi].
+func parsePartition(tok string) (lo, hi int, err error) {
+	a, b, ok := strings.Cut(tok, "-")
+	lo, err1 := strconv.Atoi(a)
+	hi, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || lo < 0 || hi < lo {
+		return 0, 0, fmt.Errorf("dataset: invalid partition %q", tok)
+	}
+	return lo, hi, nil
+}
+
+// Partitions implements bulkexport.Partitioner: it splits the owners of a
+// type (patients 1..n, or practitioners, organizations) into up to max
+// ranges of equal size, "lo-hi" for the owners in (lo, hi]. A type with
+// fewer than minPartitionOwners owners per range is split less, or not
+// at all.
+func (d *Dataset) Partitions(ctx context.Context, q *bulkexport.Query, typ string, limit int) ([]string, error) {
+	p, err := d.newPlan(q, typ, false)
+	if err != nil {
+		return nil, err
+	}
+	parts := min(limit, p.n/minPartitionOwners)
+	if parts <= 1 {
+		return nil, nil
+	}
+	out := make([]string, parts)
+	for i := range parts {
+		lo, hi := p.n*i/parts, p.n*(i+1)/parts
+		out[i] = strconv.Itoa(lo) + "-" + strconv.Itoa(hi)
+	}
+	return out, nil
+}
+
+// minPartitionOwners is the fewest owners a partition gets.
+const minPartitionOwners = 50
+
 // each calls fn for every owner after the cursor, in increasing order, and
 // stops at the first error or when ctx is done.
 func (p *plan) each(ctx context.Context, fn func(idx int) error) error {
@@ -237,7 +285,7 @@ func (p *plan) each(ctx context.Context, fn func(idx int) error) error {
 	}
 	if p.list != nil {
 		for _, idx := range p.list {
-			if idx <= p.after {
+			if idx <= p.after || idx <= p.lo || idx > p.hi {
 				continue
 			}
 			if err := visit(idx); err != nil {
@@ -246,7 +294,7 @@ func (p *plan) each(ctx context.Context, fn func(idx int) error) error {
 		}
 		return nil
 	}
-	for idx := p.after + 1; idx <= p.n; idx++ {
+	for idx := max(p.after, p.lo) + 1; idx <= min(p.n, p.hi); idx++ {
 		if p.member != nil && !p.member(idx) {
 			continue
 		}

@@ -31,6 +31,15 @@ import (
 // a file, synced and closed, two types at a time. ratio = baseline time ÷
 // export time (1 means the library costs nothing over the database's own
 // bulk read; the goal is 0.8).
+//
+// "whole" exports each type in one Export call (Partitions 1, as before
+// partitioning). "parts4-unitsN" lets the Source split each type into up
+// to 4 ranges of seq (Partitioner), exported as units, N at a time; the
+// MemoryStore keeps units, so the Worker partitions. The job's claim
+// holder looks at its units every Heartbeat (default 500 ms), so a
+// partitioned job completes up to a Heartbeat after its last unit: the
+// "-hb20ms" cases shorten it to 20 ms to show the export without that
+// wait.
 func BenchmarkEndToEndVsCopy(b *testing.B) {
 	ctx := context.Background()
 	src, pool, _ := loadDataset(b, dataset.New(8000), DefaultPageSize)
@@ -42,7 +51,26 @@ func BenchmarkEndToEndVsCopy(b *testing.B) {
 	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+src.tables.resources).Scan(&rows); err != nil {
 		b.Fatal(err)
 	}
+	for _, c := range []struct {
+		name         string
+		parts, units int
+		heartbeat    time.Duration
+		trusted      bool
+	}{
+		{"whole", 1, 0, 0, false},
+		{"whole-trusted", 1, 0, 0, true},
+		{"parts4-units2", 4, 2, 0, false},
+		{"parts4-units2-hb20ms", 4, 2, 20 * time.Millisecond, false},
+		{"parts4-units4-hb20ms", 4, 4, 20 * time.Millisecond, false},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			benchEndToEnd(b, src, pool, types, rows, bulkexport.WorkerOptions{Partitions: c.parts, UnitConcurrency: c.units, Heartbeat: c.heartbeat, TrustSource: c.trusted})
+		})
+	}
+}
 
+func benchEndToEnd(b *testing.B, src *Source, pool *pgxpool.Pool, types []string, rows int64, wo bulkexport.WorkerOptions) {
+	ctx := context.Background()
 	storage, err := bulkexport.NewDirStorage(b.TempDir())
 	if err != nil {
 		b.Fatal(err)
@@ -50,10 +78,11 @@ func BenchmarkEndToEndVsCopy(b *testing.B) {
 	ts := httptest.NewUnstartedServer(nil)
 	base := "http://" + ts.Listener.Addr().String() + "/fhir"
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	wo.Logger, wo.PollInterval = quiet, 10*time.Millisecond
 	exports, err := bulkexport.NewServer(bulkexport.Config{
 		Store: bulkexport.NewMemoryStore(), Source: src, Storage: storage,
 		Options: bulkexport.Options{BaseURL: base, Logger: quiet, MaxActiveJobsPerClient: -1, RetryAfter: bulkexport.FixedRetryAfter(time.Second)},
-		Worker:  bulkexport.WorkerOptions{Logger: quiet, PollInterval: 10 * time.Millisecond},
+		Worker:  wo,
 	})
 	if err != nil {
 		b.Fatal(err)

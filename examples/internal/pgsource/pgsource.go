@@ -9,6 +9,10 @@
 // stored, and checkpoints with the last key written, so that a resumed job
 // continues after it. docs/pgsource.md describes the schema and why.
 //
+// It is also a bulkexport.Partitioner: Partitions splits a type into
+// ranges of the sequence key with about equal row counts, which Workers
+// export as separate units (partition.go).
+//
 // Load fills the tables from the example dataset (package dataset); New
 // serves any tables of that shape.
 package pgsource
@@ -65,6 +69,7 @@ var (
 	_ bulkexport.GroupChecker      = (*Source)(nil)
 	_ bulkexport.TypeFilterChecker = (*Source)(nil)
 	_ bulkexport.Counter           = (*Source)(nil)
+	_ bulkexport.Partitioner       = (*Source)(nil)
 )
 
 // tables holds the quoted names of a Source's tables.
@@ -164,9 +169,15 @@ func (s *Source) CheckTypeFilter(typ string, query url.Values) error {
 	return fmt.Errorf("_typeFilter is not supported by this server (%s)", typ)
 }
 
-// where builds the WHERE clause shared by Export and Count for typ, with
-// its arguments. after is the keyset position (0: from the start).
+// where builds Count's WHERE clause for typ, with its arguments: the
+// query's filters and its partition's range of seq (see partition.go).
 func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
+	return s.conditions(q, typ, true)
+}
+
+// conditions builds the WHERE clause of q's filters for typ, with the
+// partition's range of seq when withRange is set.
+func (s *Source) conditions(q *bulkexport.Query, typ string, withRange bool) (string, []any, error) {
 	for _, tf := range q.TypeFilters {
 		if tf.Type == typ {
 			return "", nil, &bulkexport.Error{Status: http.StatusBadRequest, Code: fhirbulk.IssueNotSupported,
@@ -200,11 +211,24 @@ func (s *Source) where(q *bulkexport.Query, typ string) (string, []any, error) {
 	if !q.TransactionTime.IsZero() {
 		add("last_updated <= $?", q.TransactionTime)
 	}
+	r, err := parseRange(q.Partition)
+	if err != nil {
+		return "", nil, err
+	}
+	if !withRange {
+		r = wholeRange
+	}
+	if !r.openBelow() {
+		add("seq > $?", r.lo)
+	}
+	if !r.openAbove() {
+		add("seq <= $?", r.hi)
+	}
 	return strings.Join(conds, " AND "), args, nil
 }
 
 // Count implements bulkexport.Counter: COUNT(*) with Export's WHERE
-// clause, from the start (the cursor is ignored, so that progress counts
+// clause (within q.Partition's range), from the start (the cursor is ignored, so that progress counts
 // what a resumed job wrote before).
 func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (int64, error) {
 	where, args, err := s.where(q, typ)
@@ -220,9 +244,21 @@ func (s *Source) Count(ctx context.Context, q *bulkexport.Query, typ string) (in
 
 // Export implements bulkexport.Source. It reads typ in pages of PageSize
 // rows in seq order, each page starting after the last seq of the one
-// before (or after q.Cursor), and checkpoints after every page.
+// before (or after q.Cursor), and checkpoints after every page. With
+// q.Partition it reads only that range of seq (see Partitions), resuming
+// within it.
 func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w bulkexport.ResourceWriter) error {
-	where, args, err := s.where(q, typ)
+	part, err := parseRange(q.Partition)
+	if err != nil {
+		return err
+	}
+	// A part's upper bound applies outside each page's LIMIT, so that
+	// every page is the same range scan of (type, seq) as without a
+	// partition. Inside it, next to the lower bound, the planner would
+	// underestimate the rows of a type in a narrow range of seq (it takes
+	// type and seq as independent) and could read the whole rest of the
+	// part, and sort it, for every page.
+	where, args, err := s.conditions(q, typ, false)
 	if err != nil {
 		return err
 	}
@@ -233,7 +269,13 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 			return fmt.Errorf("pgsource: invalid cursor %q", q.Cursor)
 		}
 	}
-	if typ == "Patient" && len(q.Patients) > 0 && q.Cursor == "" && q.Level != fhirbulk.LevelSystem {
+	if !part.openBelow() {
+		after = max(after, part.lo)
+	}
+	// The warnings about unknown patients go before the first checkpoint,
+	// once: not again on resume, and of a partitioned type only from the
+	// part that is open below (the first).
+	if typ == "Patient" && len(q.Patients) > 0 && q.Cursor == "" && q.Level != fhirbulk.LevelSystem && part.openBelow() {
 		if err := s.reportMissing(ctx, q, w); err != nil {
 			return err
 		}
@@ -243,6 +285,10 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 	sql := `SELECT seq, body FROM ` + s.tables.resources + ` WHERE ` + where +
 		` AND seq > $` + strconv.Itoa(n+1) + ` ORDER BY seq LIMIT $` + strconv.Itoa(n+2)
 	args = append(args, after, s.pageSize)
+	if !part.openAbove() {
+		args = append(args, part.hi)
+		sql = `SELECT seq, body FROM (` + sql + `) AS page WHERE seq <= $` + strconv.Itoa(n+3) + ` ORDER BY seq`
+	}
 	for {
 		args[n] = after
 		got, last, err := s.page(ctx, sql, args, keep, w)
@@ -257,13 +303,13 @@ func (s *Source) Export(ctx context.Context, q *bulkexport.Query, typ string, w 
 			return err
 		}
 		if got < s.pageSize {
-			return nil
+			return nil // the end of the type, or of the part
 		}
 	}
 }
 
 // page runs one keyset page and writes its rows; it returns how many it
-// read and the last seq.
+// wrote and the last seq.
 func (s *Source) page(ctx context.Context, sql string, args []any, keep *keep, w bulkexport.ResourceWriter) (int, int64, error) {
 	rows, err := s.pool.Query(ctx, sql, args...)
 	if err != nil {
