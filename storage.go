@@ -159,9 +159,10 @@ type FileDeleter interface {
 //
 // Sync flushes and fsyncs everything written so far and returns a handle,
 // an opaque string that identifies the uncommitted file to the Storage's
-// OpenSynced. The handle is the same for every Sync of one writer. After
-// a crash, the first n bytes of the file stay readable through
-// OpenSynced, where n is the size written before any successful Sync.
+// OpenSynced. The handle is the same for every Sync of one writer. Once
+// Sync has returned, the bytes written before it survive a crash of the
+// process (and of the host) until the writer is committed or aborted, or
+// the job's files are deleted or swept: OpenSynced can copy them.
 //
 // Release ends the writer without committing and without removing the
 // synced file: a later OpenSynced can still copy from it, and the
