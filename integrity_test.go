@@ -342,9 +342,13 @@ func TestCompletionVerifiesFiles(t *testing.T) {
 			job = lastJob(t, srv)
 			require.Equal(t, bulkexport.StateFailed, job.State)
 			require.Empty(t, job.Output, "a failed job lists no file")
-			names, err := srv.Storage.List(context.Background(), job.ID)
-			require.NoError(t, err)
-			require.Empty(t, names, "the failed job's files are removed")
+			// The files go once the failure is recorded, just after the
+			// poll can see it.
+			require.Eventually(t, func() bool { // bounds a wait, not a timing assertion
+				names, err := srv.Storage.List(context.Background(), job.ID)
+				require.NoError(t, err)
+				return len(names) == 0
+			}, 10*time.Second, time.Millisecond, "the failed job's files are removed")
 		})
 	}
 }
@@ -361,10 +365,12 @@ func TestStaleRunCannotTouchCommittedFiles(t *testing.T) {
 	reached := make(chan struct{})
 	var once atomic.Bool
 	src.OnResource = func(ctx context.Context, typ string, n int) error {
-		// The clock moves on, so that every resource is a checkpoint: A
-		// stalls between two files, and opens a new one when it wakes.
+		// The clock moves on, so that every resource is a checkpoint. A
+		// stalls with a full open file (35 resources written, 7 to a
+		// file): when it wakes, its first write commits that file under
+		// its own fence, before its next checkpoint is refused.
 		clock.Advance(time.Millisecond)
-		if typ == "Observation" && n == 30 && once.CompareAndSwap(false, true) {
+		if typ == "Observation" && n == 35 && once.CompareAndSwap(false, true) {
 			close(reached)
 			<-block // A stalls here, then carries on
 		}

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"slices"
@@ -44,6 +46,7 @@ func (c checkpoint) clone() checkpoint {
 	out.Types = make(map[string]*typeCheckpoint, len(c.Types))
 	for k, v := range c.Types {
 		tc := *v
+		tc.Open = slices.Clone(v.Open)
 		out.Types[k] = &tc
 	}
 	return out
@@ -56,8 +59,30 @@ type typeCheckpoint struct {
 	Cursor string `json:"cursor,omitempty"`
 	// Seq is the next file number of the output, deleted and error streams.
 	Seq [3]int `json:"seq"`
-	// Written counts the resources in recorded files.
+	// Written counts the resources in recorded files and in the synced
+	// open files of Open.
 	Written int64 `json:"written,omitempty"`
+	// Open holds, when the Storage is a SyncedOpener, the files that were
+	// open at the checkpoint: synced, not committed, and continued by a
+	// resumed run (see jobRun.reopen). Their resources are part of the
+	// recorded state, as much as those of committed files.
+	Open []openFile `json:"open,omitempty"`
+}
+
+// openFile is a stream's file that a checkpoint left open (synced, not
+// committed).
+type openFile struct {
+	// Stream is streamOutput, streamDeleted or streamError. The file's
+	// number in the stream is the checkpoint's Seq for it.
+	Stream int `json:"stream"`
+	// Handle identifies the synced file to SyncedOpener.OpenSynced.
+	Handle string `json:"handle"`
+	// Name is the name it would have been committed under.
+	Name string `json:"name"`
+	// Count and Size are the resources and bytes synced: the prefix a
+	// resumed run continues from.
+	Count int64 `json:"count"`
+	Size  int64 `json:"size"`
 }
 
 // jobRun is one execution of a claimed job.
@@ -90,6 +115,11 @@ type jobRun struct {
 
 	types []*typeRun   // every type of the job, in export order
 	files atomic.Int64 // files created, for MaxFilesPerJob
+
+	// reopened holds, by type, the files of the last checkpoint's
+	// typeCheckpoint.Open that reopen continued, until newTypeRun takes
+	// them over.
+	reopened map[string]*[3]*reopenedFile
 
 	// outcome is how the run ended (outcomeCompleted, ...), once the store
 	// has recorded it; "" when it could not be recorded.
@@ -193,6 +223,14 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 	}); err != nil {
 		return err
 	}
+	// Whatever reopen continued and no type took over is released when
+	// the run ends.
+	defer r.releaseReopened()
+	// The files left open by the last checkpoint are continued (copied)
+	// before the sweep, which removes the files they were copied from.
+	if err := r.reopen(ctx); err != nil {
+		return err
+	}
 	r.partitioned = r.partitionable()
 	// A partitioned job's files are its units' until they end: only its
 	// completion sweeps.
@@ -245,6 +283,157 @@ func (r *jobRun) run(ctx context.Context, resumed bool) error {
 		g.Go(func() error { return t.export(gctx) })
 	}
 	return g.Wait()
+}
+
+// reopenedFile is a file that reopen continued for a stream.
+type reopenedFile struct {
+	fw          FileWriter
+	name        string
+	count, size int64
+}
+
+// errOpenFileLost is the failure of a job whose recorded open file cannot
+// be continued.
+func errOpenFileLost(err error) error {
+	return &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
+		Message: "a file the export had left open could not be recovered; the export was given up", Err: err}
+}
+
+// reopen continues the files that the last recorded checkpoint left open
+// (typeCheckpoint.Open): each is copied, up to its recorded size, into a
+// new file under this run's fence (SyncedOpener.OpenSynced), which is
+// synced and recorded in place of the old one before anything else
+// happens, so that the sweep may remove the old file and a crash of this
+// run finds the new one. Resources written after the checkpoint lie
+// beyond the recorded size: the Source exports them again from the
+// cursor. A file that is gone or shorter than recorded fails the job: the
+// resources it held are lost, and the export would not be complete.
+func (r *jobRun) reopen(ctx context.Context) error {
+	r.reopened = map[string]*[3]*reopenedFile{}
+	typs := make([]string, 0, len(r.cp.Types))
+	for typ, cp := range r.cp.Types {
+		if len(cp.Open) > 0 {
+			typs = append(typs, typ)
+		}
+	}
+	if len(typs) == 0 {
+		return nil
+	}
+	slices.Sort(typs)
+	so, ok := r.w.storage.(SyncedOpener)
+	if !ok {
+		return errOpenFileLost(errors.New("the job's checkpoint holds open files, and the Storage cannot reopen them"))
+	}
+	opened := map[string][]openFile{}
+	for _, typ := range typs {
+		files := &[3]*reopenedFile{}
+		r.reopened[typ] = files
+		cp := r.cp.Types[typ]
+		for _, of := range cp.Open {
+			if of.Stream < 0 || of.Stream >= len(files) || files[of.Stream] != nil {
+				return errOpenFileLost(fmt.Errorf("%s: bad open file record %+v", typ, of))
+			}
+			f, handle, err := r.reopenFile(ctx, so, streamStem(r.stemBase(typ), of.Stream), cp.Seq[of.Stream], of)
+			if f != nil {
+				files[of.Stream] = f
+			}
+			if err != nil {
+				return err
+			}
+			opened[typ] = append(opened[typ], openFile{Stream: of.Stream, Handle: handle, Name: f.name, Count: of.Count, Size: of.Size})
+		}
+	}
+	return r.update(ctx, func(*Job) {
+		for typ, open := range opened {
+			r.cp.Types[typ].Open = open
+		}
+	})
+}
+
+// stemBase is what the file names of typ's streams start with: the type,
+// or in a unit run the unit's key (see typeRun.stem).
+func (r *jobRun) stemBase(typ string) string {
+	if r.unit != nil {
+		return r.unit.key
+	}
+	return typ
+}
+
+// reopenFile continues one open file of the last checkpoint under a new
+// name, and syncs the copy. It returns the new file (also when the sync
+// failed, to be released) and the copy's handle.
+func (r *jobRun) reopenFile(ctx context.Context, so SyncedOpener, stem string, seq int, of openFile) (*reopenedFile, string, error) {
+	name := FileName(stem, seq, r.fence)
+	fw, err := so.OpenSynced(ctx, r.id, of.Handle, of.Size, name)
+	if errors.Is(err, fs.ErrNotExist) {
+		// The run that recorded the file may have committed it, when it
+		// filled, and crashed before its next checkpoint recorded that:
+		// the synced file is then the committed one.
+		fw, err = r.copyCommitted(ctx, of, name)
+	}
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, ErrSyncedShort):
+		return nil, "", errOpenFileLost(fmt.Errorf("file %s: %w", of.Name, err))
+	case err != nil:
+		return nil, "", err
+	}
+	// The file counts against MaxFilesPerJob again: the job lists it
+	// only once it is committed.
+	r.files.Add(1)
+	f := &reopenedFile{fw: fw, name: name, count: of.Count, size: of.Size}
+	sw, ok := fw.(SyncWriter)
+	if !ok {
+		return f, "", errOpenFileLost(fmt.Errorf("file %s: the Storage's reopened writer cannot sync", of.Name))
+	}
+	handle, err := sw.Sync()
+	return f, handle, err
+}
+
+// copyCommitted starts the file name with the first of.Size bytes of the
+// committed file of.Name: the open file that a crashed run committed (it
+// filled) but never recorded as committed. The sweep then removes that
+// file, as any other that no checkpoint recorded. A missing file gives an
+// error wrapping fs.ErrNotExist, a short one ErrSyncedShort.
+func (r *jobRun) copyCommitted(ctx context.Context, of openFile, name string) (FileWriter, error) {
+	fr, err := r.w.storage.Open(ctx, r.id, of.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer fr.Close()
+	if fr.Size() < of.Size {
+		return nil, fmt.Errorf("%w: committed %d bytes, recorded %d", ErrSyncedShort, fr.Size(), of.Size)
+	}
+	fw, err := r.w.storage.Create(ctx, r.id, name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.CopyN(fw, fr, of.Size); err != nil {
+		_ = fw.Abort()
+		if errors.Is(err, io.EOF) {
+			err = fmt.Errorf("%w: %w", ErrSyncedShort, err)
+		}
+		return nil, err
+	}
+	return fw, nil
+}
+
+// releaseReopened ends the files that reopen continued and no type took
+// over. They may be recorded as open already, so they are released (kept
+// for the next run), not aborted.
+func (r *jobRun) releaseReopened() {
+	for _, files := range r.reopened {
+		for _, f := range files {
+			if f == nil {
+				continue
+			}
+			if sw, ok := f.fw.(SyncWriter); ok {
+				_ = sw.Release()
+			} else {
+				_ = f.fw.Abort()
+			}
+		}
+	}
+	r.reopened = nil
 }
 
 // startHeartbeat runs the heartbeat until the function it returns is
@@ -641,12 +830,14 @@ func (r *jobRun) complete(ctx context.Context, log *slog.Logger) {
 	default:
 		// Files that stale runs committed after the last sweep are never
 		// listed; remove what can be removed now (the purge takes the
-		// rest with the job). A partitioned job also drops the temporary
-		// files of its units' crashed runs now.
-		if ts, ok := r.w.storage.(TempSweeper); ok && r.partitioned {
+		// rest with the job). So are temporary files: those of a
+		// partitioned job's units' crashed runs, and those that stale
+		// runs released (see SyncWriter.Release). No newer run can own a
+		// temporary file of a completed job.
+		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
+		if ts, ok := r.w.storage.(TempSweeper); ok {
 			_ = ts.SweepTemp(context.WithoutCancel(ctx), r.id)
 		}
-		_ = r.sweepOrphans(context.WithoutCancel(ctx), false)
 		r.outcome = outcomeCompleted
 		r.w.tel.transition(ctx, StateCompleted, r.level)
 		var n int64

@@ -93,8 +93,9 @@ type ResourceWriter interface {
 
 	// Checkpoint declares that every resource up to cursor has been
 	// written: if the job is interrupted, Export is called again with
-	// Query.Cursor = cursor and must continue after it. The writer may make
-	// the written files final at this point. It is cheap to call often;
+	// Query.Cursor = cursor and must continue after it. The writer makes
+	// what was written durable at this point (syncing or committing the
+	// open files, see SyncedOpener). It is cheap to call often;
 	// the writer records checkpoints at most every
 	// WorkerOptions.CheckpointInterval.
 	Checkpoint(cursor string) error

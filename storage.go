@@ -2,6 +2,7 @@ package bulkexport
 
 import (
 	"context"
+	"errors"
 	"io"
 	"strconv"
 	"strings"
@@ -150,3 +151,57 @@ func FileFence(name string) (int64, bool) {
 type FileDeleter interface {
 	DeleteFile(ctx context.Context, jobID, name string) error
 }
+
+// SyncWriter is an optional interface of a FileWriter that can make what
+// was written so far durable without committing the file, so that a file
+// may stay open across the engine's checkpoints instead of being cut at
+// each one. DirStorage's writers implement it.
+//
+// Sync flushes and fsyncs everything written so far and returns a handle,
+// an opaque string that identifies the uncommitted file to the Storage's
+// OpenSynced. The handle is the same for every Sync of one writer. Once
+// Sync has returned, the bytes written before it survive a crash of the
+// process (and of the host) until the writer is committed or aborted, or
+// the job's files are deleted or swept: OpenSynced can copy them.
+//
+// Release ends the writer without committing and without removing the
+// synced file: a later OpenSynced can still copy from it, and the
+// Storage's TempSweeper (or Delete) removes it. Bytes written after the
+// last Sync may or may not remain. After Release, Commit fails and Abort
+// is a no-op. The engine releases, instead of aborting, a synced writer
+// whose run stops before the file is full (a shutdown, a lost lease),
+// since the job's recorded checkpoint still names it.
+type SyncWriter interface {
+	Sync() (handle string, err error)
+	Release() error
+}
+
+// SyncedOpener is an optional interface of a Storage whose FileWriters
+// implement SyncWriter. The engine uses the two together: when both are
+// there, a checkpoint syncs the open file of each stream and records its
+// handle and size instead of committing it, and a resumed job continues
+// that file through OpenSynced. Without them, each checkpoint commits the
+// open files, and file boundaries then depend on how often checkpoints
+// come.
+//
+// OpenSynced returns a new FileWriter for name in the job, as Create
+// does, whose content starts with exactly the first size bytes of the
+// uncommitted file that a SyncWriter's Sync named handle; further writes
+// are appended after them. The bytes are copied: the old file is neither
+// renamed nor reused, since a stale run that still holds it open (an older
+// claim of the job, paused past its lease) may keep writing to it, and
+// must not change the new file. A handle that names no file (removed, or
+// never synced) gives an error wrapping fs.ErrNotExist; a file that holds
+// fewer than size bytes gives an error wrapping ErrSyncedShort; in both
+// cases nothing is created. A writer's Commit may consume its handle (a
+// DirStorage renames the file): the engine then reads the prefix from the
+// committed file instead. The old file is left as it is. The writer
+// returned is a SyncWriter too. storagetest checks these points.
+type SyncedOpener interface {
+	OpenSynced(ctx context.Context, jobID, handle string, size int64, name string) (FileWriter, error)
+}
+
+// ErrSyncedShort is what SyncedOpener.OpenSynced returns (wrapped) when the
+// synced file holds fewer bytes than asked for: the durable prefix the
+// engine recorded is gone, and the job cannot be resumed from it.
+var ErrSyncedShort = errors.New("bulkexport: the synced file is shorter than recorded")

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -42,6 +43,12 @@ import (
 // fs.ErrInvalid, which also keeps every path inside root.
 type DirStorage struct {
 	root string
+
+	// live holds the paths of the temporary files of this storage's
+	// writers that are still open (neither committed, aborted nor
+	// released): SweepTemp leaves them alone.
+	mu   sync.Mutex
+	live map[string]struct{}
 }
 
 var _ Storage = (*DirStorage)(nil)
@@ -64,6 +71,7 @@ var (
 	errDirFileCommitted = fmt.Errorf("bulkexport: DirStorage: file already committed: %w", fs.ErrClosed)
 	errDirFileAborted   = fmt.Errorf("bulkexport: DirStorage: file aborted: %w", fs.ErrClosed)
 	errDirFileFailed    = fmt.Errorf("bulkexport: DirStorage: file commit failed: %w", fs.ErrClosed)
+	errDirFileReleased  = fmt.Errorf("bulkexport: DirStorage: file released: %w", fs.ErrClosed)
 )
 
 // NewDirStorage returns a DirStorage over root, creating the directory
@@ -144,7 +152,31 @@ func (s *DirStorage) Create(ctx context.Context, jobID, name string) (FileWriter
 	}
 	bw := dirBufPool.Get().(*bufio.Writer)
 	bw.Reset(f)
-	return &dirWriter{f: f, bw: bw, dir: dir, final: filepath.Join(dir, name)}, nil
+	s.setLive(f.Name(), true)
+	return &dirWriter{s: s, f: f, bw: bw, dir: dir, final: filepath.Join(dir, name)}, nil
+}
+
+// setLive adds the temporary file path to the set of open writers' files,
+// or removes it.
+func (s *DirStorage) setLive(path string, live bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !live {
+		delete(s.live, path)
+		return
+	}
+	if s.live == nil {
+		s.live = map[string]struct{}{}
+	}
+	s.live[path] = struct{}{}
+}
+
+// isLive reports whether path is the temporary file of an open writer.
+func (s *DirStorage) isLive(path string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.live[path]
+	return ok
 }
 
 // makeJobDir creates a job's directory if it is missing and, when it made
@@ -279,6 +311,7 @@ const (
 	dirWriterCommitted
 	dirWriterAborted
 	dirWriterFailed
+	dirWriterReleased
 )
 
 // dirWriter is a FileWriter of a DirStorage: a buffered temporary file that
@@ -287,11 +320,15 @@ const (
 // more than a bufio.Writer. (The storage itself is safe for concurrent use,
 // including Delete of the job while the writer is open.)
 type dirWriter struct {
+	s     *DirStorage
 	state dirWriterState
-	f     *os.File      // the temporary file
-	bw    *bufio.Writer // buffers writes to f; nil once committed or aborted
-	dir   string        // the job's directory
-	final string        // the committed file's path
+	// dirSynced: Sync has made the temporary file's directory entry
+	// durable.
+	dirSynced bool
+	f         *os.File      // the temporary file
+	bw        *bufio.Writer // buffers writes to f; nil once committed or aborted
+	dir       string        // the job's directory
+	final     string        // the committed file's path
 }
 
 // Write buffers p; the buffer is written to the temporary file whenever it
@@ -310,6 +347,8 @@ func (w *dirWriter) closedErr() error {
 		return errDirFileCommitted
 	case dirWriterAborted:
 		return errDirFileAborted
+	case dirWriterReleased:
+		return errDirFileReleased
 	default:
 		return errDirFileFailed
 	}
@@ -333,6 +372,7 @@ func (w *dirWriter) Commit() error {
 		return w.closedErr()
 	}
 	tmp := w.f.Name()
+	defer w.s.setLive(tmp, false)
 	err := w.bw.Flush()
 	w.releaseBuf()
 	if err == nil {
@@ -370,6 +410,7 @@ func (w *dirWriter) Abort() error {
 	w.state = dirWriterAborted
 	w.releaseBuf()
 	tmp := w.f.Name()
+	defer w.s.setLive(tmp, false)
 	_ = w.f.Close() // what was written is discarded anyway
 	if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("bulkexport: DirStorage: abort %s: %w", w.final, err)
@@ -425,10 +466,15 @@ var _ TempSweeper = (*DirStorage)(nil)
 
 // SweepTemp implements TempSweeper: it removes the temporary files in a
 // job's directory, files whose writer never committed nor aborted them
-// because its process died (kill -9, a crash, a power cut). The Worker
-// calls it when it resumes a job, before the job writes anything and
-// after checking that it owns the job; a run that lost its lease but
-// still writes sees its Commit fail, which is right.
+// because its process died (kill -9, a crash, a power cut), or released
+// them (SyncWriter.Release). The temporary files of writers that are open
+// in this process, through this DirStorage, are left alone: the Worker
+// calls SweepTemp when it resumes a job, after checking that it owns the
+// job and after continuing the job's synced files (SyncedOpener) into new
+// writers, which must survive the sweep. A run of another process that
+// lost its lease but still writes sees its Commit fail, which is right; a
+// stale run of this process keeps its file until it ends, and its Commit
+// makes a file that no job lists.
 func (s *DirStorage) SweepTemp(ctx context.Context, jobID string) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -445,7 +491,7 @@ func (s *DirStorage) SweepTemp(ctx context.Context, jobID string) error {
 		return fmt.Errorf("bulkexport: DirStorage: sweep %s: %w", jobID, err)
 	}
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), dirTempPrefix) || !e.Type().IsRegular() {
+		if !strings.HasPrefix(e.Name(), dirTempPrefix) || !e.Type().IsRegular() || s.isLive(filepath.Join(dir, e.Name())) {
 			continue
 		}
 		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -459,3 +505,101 @@ func (s *DirStorage) SweepTemp(ctx context.Context, jobID string) error {
 // hand it to net/http as is and the kernel copies it to the socket
 // (sendfile) without passing through user space.
 func (r *dirFile) OSFile() *os.File { return r.f }
+
+var (
+	_ SyncedOpener = (*DirStorage)(nil)
+	_ SyncWriter   = (*dirWriter)(nil)
+)
+
+// Sync implements SyncWriter: it flushes the buffer and fsyncs the
+// temporary file, and the first time also the job's directory, so that
+// the temporary file's name survives a crash too. The handle is the
+// temporary file's base name. Syncing a writer that is no longer open is
+// an error.
+func (w *dirWriter) Sync() (string, error) {
+	if w.state != dirWriterOpen {
+		return "", w.closedErr()
+	}
+	if err := w.bw.Flush(); err != nil {
+		return "", fmt.Errorf("bulkexport: DirStorage: sync %s: %w", w.final, err)
+	}
+	if err := w.f.Sync(); err != nil {
+		return "", fmt.Errorf("bulkexport: DirStorage: sync %s: %w", w.final, err)
+	}
+	if !w.dirSynced {
+		if err := syncDir(w.dir); err != nil {
+			return "", fmt.Errorf("bulkexport: DirStorage: sync %s: sync directory: %w", w.final, err)
+		}
+		w.dirSynced = true
+	}
+	return filepath.Base(w.f.Name()), nil
+}
+
+// Release implements SyncWriter: it closes the temporary file without
+// flushing the buffer, and leaves the file in place for OpenSynced and,
+// later, SweepTemp. On a writer that is no longer open it is a no-op.
+func (w *dirWriter) Release() error {
+	if w.state != dirWriterOpen {
+		return nil
+	}
+	w.state = dirWriterReleased
+	w.releaseBuf()
+	tmp := w.f.Name()
+	w.s.setLive(tmp, false)
+	if err := w.f.Close(); err != nil {
+		return fmt.Errorf("bulkexport: DirStorage: release %s: %w", w.final, err)
+	}
+	return nil
+}
+
+// validDirHandle reports whether h can be a handle that dirWriter.Sync
+// returned: a temporary file's base name, '~' and then characters of
+// [A-Za-z0-9._-] only, so that it stays inside the job's directory.
+func validDirHandle(h string) bool {
+	rest, ok := strings.CutPrefix(h, dirTempPrefix)
+	if !ok || rest == "" || len(rest) > 255 || rest == "." || rest == ".." {
+		return false
+	}
+	for i := 0; i < len(rest); i++ {
+		c := rest[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// OpenSynced implements SyncedOpener: it creates a writer for name, as
+// Create does, and copies into its temporary file the first size bytes of
+// the temporary file handle (a base name that dirWriter.Sync returned).
+// The old file is only read: a stale writer that still holds it can go on
+// writing to it without touching the new file. Nothing is fsynced here;
+// the new writer's Sync or Commit does that. A handle that is not a
+// temporary file's name is rejected with an error wrapping fs.ErrInvalid.
+func (s *DirStorage) OpenSynced(ctx context.Context, jobID, handle string, size int64, name string) (FileWriter, error) {
+	if err := checkDirNames("OpenSynced", jobID, &name); err != nil {
+		return nil, err
+	}
+	if !validDirHandle(handle) || size < 0 {
+		return nil, fmt.Errorf("bulkexport: DirStorage.OpenSynced %s: invalid handle %q or size %d: %w", jobID, handle, size, fs.ErrInvalid)
+	}
+	old, err := os.Open(filepath.Join(s.root, jobID, handle))
+	if err != nil {
+		return nil, fmt.Errorf("bulkexport: DirStorage.OpenSynced %s/%s: %w", jobID, handle, err)
+	}
+	defer old.Close()
+	fw, err := s.Create(ctx, jobID, name)
+	if err != nil {
+		return nil, err
+	}
+	w := fw.(*dirWriter)
+	n, err := io.CopyN(w.f, old, size)
+	if err != nil {
+		_ = w.Abort()
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("bulkexport: DirStorage.OpenSynced %s/%s: %d bytes, want %d: %w", jobID, handle, n, size, ErrSyncedShort)
+		}
+		return nil, fmt.Errorf("bulkexport: DirStorage.OpenSynced %s/%s: %w", jobID, handle, err)
+	}
+	return w, nil
+}

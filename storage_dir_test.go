@@ -468,3 +468,56 @@ func BenchmarkDirStorageWrite(b *testing.B) {
 	b.ReportMetric(float64(sAll)/float64(bAll), "ratio")
 	b.ReportMetric(float64(sWrites)/float64(bWrites), "write-ratio")
 }
+
+// TestDirStorageSweepSkipsLiveWriters: SweepTemp leaves alone the
+// temporary files of writers open through the same DirStorage (a resumed
+// run's continued files are made before its sweep), and removes those of
+// another process's writers (another DirStorage over the same root) and of
+// released writers.
+func TestDirStorageSweepSkipsLiveWriters(t *testing.T) {
+	ctx := context.Background()
+	s := newTestDirStorage(t)
+	other, err := bulkexport.NewDirStorage(s.Root())
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, err := s.Create(ctx, "job-l", "live.ndjson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := live.Write([]byte("live\n")); err != nil {
+		t.Fatal(err)
+	}
+	released, err := s.Create(ctx, "job-l", "released.ndjson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := released.(bulkexport.SyncWriter).Sync()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := released.(bulkexport.SyncWriter).Release(); err != nil {
+		t.Fatal(err)
+	}
+	dead, err := other.Create(ctx, "job-l", "dead.ndjson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dead.Abort() //nolint:errcheck // swept
+	if err := s.SweepTemp(ctx, "job-l"); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(filepath.Join(s.Root(), "job-l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || !strings.HasPrefix(entries[0].Name(), "~live.ndjson.") {
+		t.Fatalf("after the sweep: %v, want the live writer's file only", entries)
+	}
+	if _, err := s.OpenSynced(ctx, "job-l", h, 0, "x.ndjson"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("OpenSynced of a swept released file = %v, want fs.ErrNotExist", err)
+	}
+	if err := live.Commit(); err != nil {
+		t.Fatalf("Commit of the live writer after the sweep: %v", err)
+	}
+}

@@ -81,14 +81,36 @@ func newTypeRun(r *jobRun, typ string) *typeRun {
 	}
 	t.done.Store(cp.Done)
 	t.written.Store(cp.Written)
-	t.streams[streamOutput] = stream{fileType: typ, stem: typ, seq: cp.Seq[streamOutput]}
-	t.streams[streamDeleted] = stream{fileType: "Bundle", stem: typ + ".deleted", seq: cp.Seq[streamDeleted]}
-	t.streams[streamError] = stream{fileType: "OperationOutcome", stem: typ + ".error", seq: cp.Seq[streamError]}
+	t.streams[streamOutput] = stream{fileType: typ}
+	t.streams[streamDeleted] = stream{fileType: "Bundle"}
+	t.streams[streamError] = stream{fileType: "OperationOutcome"}
+	var reopened [3]*reopenedFile
+	if p := r.reopened[typ]; p != nil {
+		reopened = *p
+		delete(r.reopened, typ)
+	}
 	for i := range t.streams {
-		t.streams[i].kind = i
-		t.streams[i].metricOpts = r.w.tel.fileOpts(typ, i)
+		s := &t.streams[i]
+		s.stem, s.seq, s.kind = streamStem(typ, i), cp.Seq[i], i
+		s.metricOpts = r.w.tel.fileOpts(typ, i)
+		if f := reopened[i]; f != nil {
+			// The file the last checkpoint left open, continued by
+			// jobRun.reopen: the stream goes on writing to it.
+			s.fw, s.name, s.count, s.size, s.synced = f.fw, f.name, f.count, f.size, true
+		}
 	}
 	return t
+}
+
+// streamStem is the file name stem (see FileName) of a type's stream.
+func streamStem(typ string, kind int) string {
+	switch kind {
+	case streamDeleted:
+		return typ + ".deleted"
+	case streamError:
+		return typ + ".error"
+	}
+	return typ
 }
 
 // stem names the type's files after key (a unit's key) instead of the
@@ -111,7 +133,7 @@ func (t *typeRun) export(ctx context.Context) (err error) {
 	defer func() {
 		if err != nil {
 			for i := range t.streams {
-				t.streams[i].abort()
+				t.streams[i].stop()
 			}
 		}
 		t.r.w.tel.endType(span, t.written.Load()-written, err)
@@ -327,16 +349,32 @@ func (t *typeRun) Checkpoint(cursor string) error {
 	return t.record(t.ctx, cursor, false)
 }
 
-// record commits the open files and records every committed file in the
-// job, with the cursor to resume from (or done at the end).
+// record records every committed file in the job, with the cursor to
+// resume from (or done at the end). At the end it commits the open files
+// first. At a checkpoint it syncs them instead and records them as open
+// (see typeCheckpoint.Open), so that files are cut by the size limits
+// only; a Storage that cannot sync (not a SyncedOpener, or its writer not
+// a SyncWriter) gets them committed, as at the end.
 func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
+	_, canReopen := t.r.w.storage.(SyncedOpener)
+	var open []openFile
 	for i := range t.streams {
-		if err := t.streams[i].commit(t); err != nil {
+		s := &t.streams[i]
+		// A checkpoint falls between resource blocks: a file cut after
+		// it starts with a new block.
+		s.header = nil
+		if sw, ok := s.fw.(SyncWriter); ok && canReopen && !done {
+			handle, err := sw.Sync()
+			if err != nil {
+				return err
+			}
+			s.synced = true
+			open = append(open, openFile{Stream: i, Handle: handle, Name: s.name, Count: s.count, Size: s.size})
+			continue
+		}
+		if err := s.commit(t); err != nil {
 			return err
 		}
-		// A checkpoint falls between resource blocks: the next file
-		// starts a new block.
-		t.streams[i].header = nil
 	}
 	written := t.written.Load()
 	err := t.r.update(ctx, func(j *Job) {
@@ -344,6 +382,7 @@ func (t *typeRun) record(ctx context.Context, cursor string, done bool) error {
 		cp.Cursor = cursor
 		cp.Done = done
 		cp.Written = written
+		cp.Open = open
 		for i := range t.streams {
 			cp.Seq[i] = t.streams[i].seq
 		}
@@ -384,6 +423,9 @@ type stream struct {
 	name  string
 	count int64
 	size  int64
+	// synced: fw has been synced (SyncWriter) and a recorded checkpoint
+	// may name it, so a run that stops releases it instead of aborting.
+	synced bool
 
 	pending []File // committed, not yet recorded in the job
 
@@ -447,7 +489,7 @@ func (s *stream) commit(t *typeRun) error {
 		return nil
 	}
 	fw := s.fw
-	s.fw = nil
+	s.fw, s.synced = nil, false
 	tel := t.r.w.tel
 	span := tel.startCommit(t.ctx, t.typ, s.kind, s)
 	err := fw.Commit()
@@ -461,9 +503,18 @@ func (s *stream) commit(t *typeRun) error {
 	return nil
 }
 
-func (s *stream) abort() {
-	if s.fw != nil {
-		_ = s.fw.Abort()
-		s.fw = nil
+// stop ends the open file of a run that stops before the end of its type.
+// A file that a checkpoint may have recorded as open is released, not
+// aborted: the next run of the job continues it (and a failed job's
+// files are deleted with the job anyway).
+func (s *stream) stop() {
+	if s.fw == nil {
+		return
 	}
+	if sw, ok := s.fw.(SyncWriter); ok && s.synced {
+		_ = sw.Release()
+	} else {
+		_ = s.fw.Abort()
+	}
+	s.fw, s.synced = nil, false
 }

@@ -231,6 +231,12 @@ func (w *Worker) runUnit(parent context.Context, u *Unit) {
 
 // runUnitWork exports the unit's part of its type.
 func (r *jobRun) runUnitWork(ctx context.Context, u *Unit) error {
+	// The files the unit's last checkpoint left open are continued
+	// (copied) first: the sweep below may remove a committed one.
+	defer r.releaseReopened()
+	if err := r.reopen(ctx); err != nil {
+		return err
+	}
 	if u.Attempts > 1 {
 		// Files an earlier claim of this unit committed but never
 		// recorded. Temporary files are left alone: other units' writers

@@ -44,7 +44,8 @@ type WorkerOptions struct {
 	MaxFilesPerJob int
 	// CheckpointInterval is the least time between two recorded
 	// checkpoints of one type (each one makes the files written so far
-	// final). Default: 5s.
+	// durable: a Storage that is a SyncedOpener has the open files synced,
+	// any other has them committed, which cuts them). Default: 5s.
 	CheckpointInterval time.Duration
 	// Retention is how long a finished job and its files are kept after
 	// completion; the manifest's Expires says when. Default: 24h.

@@ -212,13 +212,17 @@ func TestResumeRemovesTempFiles(t *testing.T) {
 	j.StartedAt, j.TransactionTime = t0, t0
 	require.NoError(t, store.Update(ctx, j))
 	// Its leftovers: a file being written (never committed nor aborted)
-	// and a committed file it never recorded.
-	open, err := storage.Create(ctx, j.ID, "Patient.000001.ndjson")
+	// and a committed file it never recorded. They are made through a
+	// DirStorage of their own, as the killed process had: the sweep
+	// leaves alone the files of writers open through its own storage.
+	killed, err := bulkexport.NewDirStorage(root)
+	require.NoError(t, err)
+	open, err := killed.Create(ctx, j.ID, "Patient.000001.ndjson")
 	require.NoError(t, err)
 	_, err = open.Write([]byte(`{"resourceType":"Patient","id":"p1"}` + "\n"))
 	require.NoError(t, err)
 	defer open.Abort() //nolint:errcheck // the sweep has removed its file
-	orphan, err := storage.Create(ctx, j.ID, "Patient.000007.ndjson")
+	orphan, err := killed.Create(ctx, j.ID, "Patient.000007.ndjson")
 	require.NoError(t, err)
 	require.NoError(t, orphan.Commit())
 	entries, err := os.ReadDir(filepath.Join(root, j.ID))

@@ -77,6 +77,10 @@ var cases = []struct {
 	{"FencedNames", testFencedNames},
 	{"DeleteFile", testDeleteFile},
 	{"SweepTempKeepsCommitted", testSweepTempKeepsCommitted},
+	{"SyncedOpenCopiesPrefix", testSyncedOpenCopiesPrefix},
+	{"SyncedOpenAfterRelease", testSyncedOpenAfterRelease},
+	{"SyncedOpenMissing", testSyncedOpenMissing},
+	{"SyncedOpenShort", testSyncedOpenShort},
 	{"SignedURL", testSignedURL},
 	{"SignedURLMissingFile", testSignedURLMissing},
 	{"SignedURLRefusals", testSignedURLRefusals},
@@ -899,6 +903,169 @@ func testSweepTempKeepsCommitted(t *testing.T, s bulkexport.Storage) {
 		wantMissing(t, s, "job-s", bulkexport.FileName("Patient", 2, 4))
 		_ = w.Abort()
 	}
+}
+
+// syncedOpener returns s as a bulkexport.SyncedOpener, or skips the test
+// when s does not implement it.
+func syncedOpener(t *testing.T, s bulkexport.Storage) bulkexport.SyncedOpener {
+	t.Helper()
+	so, ok := s.(bulkexport.SyncedOpener)
+	if !ok {
+		t.Skip("the Storage does not implement bulkexport.SyncedOpener")
+	}
+	return so
+}
+
+// syncWriter returns w as a bulkexport.SyncWriter: the writers of a
+// SyncedOpener must be.
+func syncWriter(t *testing.T, w bulkexport.FileWriter) bulkexport.SyncWriter {
+	t.Helper()
+	sw, ok := w.(bulkexport.SyncWriter)
+	if !ok {
+		t.Fatalf("the Storage is a bulkexport.SyncedOpener, but its FileWriter %T is no bulkexport.SyncWriter", w)
+	}
+	return sw
+}
+
+// createSynced creates a file in job, writes data, syncs it and returns the
+// writer and the handle.
+func createSynced(t *testing.T, s bulkexport.Storage, jobID string, data []byte) (bulkexport.FileWriter, string) {
+	t.Helper()
+	w, err := s.Create(ctx, jobID, bulkexport.FileName("Patient", 1, 1))
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	write(t, w, data)
+	h, err := syncWriter(t, w).Sync()
+	if err != nil {
+		t.Fatalf("Sync: %v", err)
+	}
+	return w, h
+}
+
+// testSyncedOpenCopiesPrefix: OpenSynced starts a new file with exactly
+// the synced prefix asked for; what the old writer writes and syncs later
+// is not in it (it is a copy); the old writer can still be aborted, and
+// the new file is then unharmed.
+func testSyncedOpenCopiesPrefix(t *testing.T, s bulkexport.Storage) {
+	so := syncedOpener(t, s)
+	head, tail := lines("head", 20), lines("tail", 3)
+	w, h := createSynced(t, s, "job-y", head)
+	h2, err := syncWriter(t, w).Sync()
+	if err != nil || h2 != h {
+		t.Fatalf("a second Sync = %q, %v; want the same handle %q", h2, err, h)
+	}
+	write(t, w, lines("unsynced", 4))
+	name := bulkexport.FileName("Patient", 1, 2)
+	nw, err := so.OpenSynced(ctx, "job-y", h, int64(len(head)), name)
+	if err != nil {
+		t.Fatalf("OpenSynced: %v", err)
+	}
+	syncWriter(t, nw) // the new writer syncs too, for the next checkpoint
+	wantList(t, s, "job-y")
+	// The old writer goes on: the copy does not see it.
+	write(t, w, lines("stale", 5))
+	if _, err := syncWriter(t, w).Sync(); err != nil {
+		t.Fatalf("Sync of the old writer: %v", err)
+	}
+	write(t, nw, tail)
+	if _, err := syncWriter(t, nw).Sync(); err != nil {
+		t.Fatalf("Sync of the new writer: %v", err)
+	}
+	if err := w.Abort(); err != nil {
+		t.Fatalf("Abort of the old writer: %v", err)
+	}
+	if err := nw.Commit(); err != nil {
+		t.Fatalf("Commit of the new writer: %v", err)
+	}
+	wantList(t, s, "job-y", name)
+	wantContent(t, s, "job-y", name, append(slices.Clone(head), tail...))
+
+	// A prefix shorter than what was synced is a prefix too.
+	w, h = createSynced(t, s, "job-y2", head)
+	defer w.Abort() //nolint:errcheck // only the copy matters
+	nw, err = so.OpenSynced(ctx, "job-y2", h, 7, name)
+	if err != nil {
+		t.Fatalf("OpenSynced of 7 bytes: %v", err)
+	}
+	if err := nw.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantContent(t, s, "job-y2", name, head[:7])
+}
+
+// testSyncedOpenAfterRelease: a released writer leaves its synced file for
+// OpenSynced; it can no longer commit.
+func testSyncedOpenAfterRelease(t *testing.T, s bulkexport.Storage) {
+	so := syncedOpener(t, s)
+	head := lines("head", 10)
+	w, h := createSynced(t, s, "job-r", head)
+	if err := syncWriter(t, w).Release(); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if err := w.Commit(); err == nil {
+		t.Errorf("Commit after Release succeeded, want an error")
+	}
+	if err := w.Abort(); err != nil {
+		t.Errorf("Abort after Release: %v, want a no-op", err)
+	}
+	wantList(t, s, "job-r")
+	name := bulkexport.FileName("Patient", 1, 2)
+	nw, err := so.OpenSynced(ctx, "job-r", h, int64(len(head)), name)
+	if err != nil {
+		t.Fatalf("OpenSynced after Release: %v", err)
+	}
+	if err := nw.Commit(); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	wantContent(t, s, "job-r", name, head)
+}
+
+// testSyncedOpenMissing: the handle of an aborted writer, or of another
+// job, names no file: OpenSynced fails with an error wrapping
+// fs.ErrNotExist, and creates nothing.
+func testSyncedOpenMissing(t *testing.T, s bulkexport.Storage) {
+	so := syncedOpener(t, s)
+	w, h := createSynced(t, s, "job-m", lines("gone", 3))
+	name := bulkexport.FileName("Patient", 1, 2)
+	if nw, err := so.OpenSynced(ctx, "job-other", h, 1, name); !errors.Is(err, fs.ErrNotExist) {
+		if err == nil {
+			_ = nw.Abort()
+		}
+		t.Errorf("OpenSynced of another job's handle = %v, want an error wrapping fs.ErrNotExist", err)
+	}
+	if err := w.Abort(); err != nil {
+		t.Fatalf("Abort: %v", err)
+	}
+	if nw, err := so.OpenSynced(ctx, "job-m", h, 1, name); !errors.Is(err, fs.ErrNotExist) {
+		if err == nil {
+			_ = nw.Abort()
+		}
+		t.Errorf("OpenSynced of an aborted writer's handle = %v, want an error wrapping fs.ErrNotExist", err)
+	}
+	wantList(t, s, "job-m")
+	wantList(t, s, "job-other")
+}
+
+// testSyncedOpenShort: asking for more bytes than were written fails with
+// an error wrapping bulkexport.ErrSyncedShort, and creates nothing; the
+// old writer still commits.
+func testSyncedOpenShort(t *testing.T, s bulkexport.Storage) {
+	so := syncedOpener(t, s)
+	head := lines("head", 10)
+	w, h := createSynced(t, s, "job-t", head)
+	name := bulkexport.FileName("Patient", 1, 2)
+	if nw, err := so.OpenSynced(ctx, "job-t", h, int64(len(head))+1, name); !errors.Is(err, bulkexport.ErrSyncedShort) {
+		if err == nil {
+			_ = nw.Abort()
+		}
+		t.Errorf("OpenSynced of %d bytes of %d = %v, want an error wrapping bulkexport.ErrSyncedShort", len(head)+1, len(head), err)
+	}
+	wantList(t, s, "job-t")
+	if err := w.Commit(); err != nil {
+		t.Fatalf("Commit of the old writer: %v", err)
+	}
+	wantContent(t, s, "job-t", bulkexport.FileName("Patient", 1, 1), head)
 }
 
 // urlSigner returns s as a bulkexport.URLSigner, or skips the test when s

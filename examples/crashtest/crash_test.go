@@ -56,6 +56,11 @@ const (
 	// Every test runs its exports partitioned: each compartment type in
 	// four ranges of patients, exported as units by any server.
 	partitions = "4"
+	// maxFileResources is well below the types' sizes and far more than a
+	// checkpoint's worth of resources: files are cut by this limit only,
+	// never by the checkpoints or the kills, and every file of a type but
+	// the last holds exactly this many.
+	maxFileResources = 250
 )
 
 // Bounds of the waits. None is a timing assertion: each bounds a wait that
@@ -384,6 +389,7 @@ func newHarness(t *testing.T, storeArgs []string) *harness {
 		"-storage", "dir:" + h.storage,
 		"-lease", lease,
 		"-checkpoint", checkpoint,
+		"-max-file-resources", strconv.Itoa(maxFileResources),
 		"-max-attempts", maxAttempts,
 		"-pace", pace,
 		"-partitions", partitions,
@@ -756,7 +762,8 @@ func (h *harness) verify(p *proc, e *export) {
 	tx, err := fhirbulk.ParseInstant(m.TransactionTime)
 	require.NoError(t, err)
 
-	got := map[string][]string{} // type -> ids in file order
+	got := map[string][]string{}   // type -> ids in file order
+	counts := map[string][]int64{} // file stem -> line counts in file order
 	listed := map[string]bool{}
 	prefix := p.base + "/bulkfiles/" + e.id + "/"
 	var lines int64
@@ -769,7 +776,17 @@ func (h *harness) verify(p *proc, e *export) {
 		ids := h.download(f.URL, f.Type)
 		require.EqualValues(t, *f.Count, len(ids), "%s: manifest count and line count differ", f.URL)
 		got[f.Type] = append(got[f.Type], ids...)
+		counts[fileStem(name)] = append(counts[fileStem(name)], int64(len(ids)))
 		lines += int64(len(ids))
+	}
+	// The manifest lists the files of a stream (a type, or a unit of a
+	// partitioned type) in name order, which is their order in the
+	// stream: all but the last are full.
+	for stem, cs := range counts {
+		for i, c := range cs[:len(cs)-1] {
+			require.EqualValues(t, maxFileResources, c, "%s %s: file %d of %d %v is not cut by the size limit", e.name, stem, i+1, len(cs), cs)
+		}
+		require.LessOrEqual(t, cs[len(cs)-1], int64(maxFileResources), "%s %s: last file", e.name, stem)
 	}
 
 	q := e.query
@@ -805,6 +822,19 @@ func (h *harness) verify(p *proc, e *export) {
 		require.False(t, strings.HasPrefix(ent.Name(), "~"), "left in the storage root: %s", ent.Name())
 	}
 	t.Logf("%s export: %d resources of %d types in %d files, each exactly once", e.name, total, len(e.types), len(m.Output))
+}
+
+// fileStem is the stream a file name (see bulkexport.FileName) belongs
+// to: the name without its number, fence and extension.
+func fileStem(name string) string {
+	s := strings.TrimSuffix(name, ".ndjson")
+	if i := strings.LastIndexByte(s, '.'); i >= 0 { // the fence
+		s = s[:i]
+	}
+	if i := strings.LastIndexByte(s, '.'); i >= 0 { // the number
+		s = s[:i]
+	}
+	return s
 }
 
 // download returns the ids of the resources in one NDJSON file, checking
