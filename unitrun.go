@@ -252,16 +252,7 @@ func (r *jobRun) runUnitWork(ctx context.Context, u *Unit) error {
 	if t.done.Load() {
 		return nil
 	}
-	hbDone := make(chan struct{})
-	hbCtx, stopHB := context.WithCancel(ctx)
-	go func() {
-		defer close(hbDone)
-		r.heartbeat(hbCtx)
-	}()
-	defer func() {
-		stopHB()
-		<-hbDone
-	}()
+	defer r.startHeartbeat(ctx)()
 	return t.export(ctx)
 }
 
