@@ -700,3 +700,30 @@ func TestPartitionedWorker(t *testing.T) {
 		}
 	}
 }
+
+// TestEstimateCounts: with Options.EstimateCounts, Count answers the
+// planner's estimate: positive, and near the exact count once the table
+// is analysed (Load analyses it).
+func TestEstimateCounts(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	exact, pool, table := loadDataset(t, dataset.New(300), 50)
+	est, err := New(pool, Options{Table: table, PageSize: 50, EstimateCounts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &bulkexport.Query{Level: fhirbulk.LevelSystem}
+	for _, typ := range []string{"Patient", "Observation", "Condition"} {
+		want, err := exact.Count(ctx, q, typ)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := est.Count(ctx, q, typ)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got <= 0 || got < want/2 || got > want*2 {
+			t.Errorf("%s: estimate %d, exact %d", typ, got, want)
+		}
+	}
+}
