@@ -205,6 +205,16 @@ func BenchmarkExportThroughput(b *testing.B) {
 			b.ReportMetric(float64(nosyncNs)/float64(ns), "ratio-cpu")
 		}
 	})
+	// The same with WorkerOptions.TrustSource: the CPU path of a host
+	// whose Source writes JSON it validated on the way in.
+	b.Run("export-unsynced-trusted", func(b *testing.B) {
+		ns := timeIt(b, "export-unsynced-trusted", func(d string) {
+			runExportTo(b, src, unsyncedStorage{d}, bulkexport.WorkerOptions{TrustSource: true})
+		})
+		if nosyncNs > 0 {
+			b.ReportMetric(float64(nosyncNs)/float64(ns), "ratio-cpu")
+		}
+	})
 }
 
 // BenchmarkExportMemory reports the peak heap in use while exporting a
