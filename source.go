@@ -117,7 +117,9 @@ type Partitioner interface {
 	// resource in exactly one part, whenever Export runs. A type that is
 	// small or cannot be split returns one token, or none (the whole type
 	// is then one part). The manifest lists the files of a type part by
-	// part, in the order of the tokens. Tokens are stored with the job:
+	// part, in the order of the tokens (a partial manifest, under
+	// allowPartialManifests, lists each part's files once the part is
+	// done, in the order the parts end). Tokens are stored with the job:
 	// keep them short (at most a few hundred bytes).
 	Partitions(ctx context.Context, q *Query, typ string, max int) ([]string, error)
 }

@@ -78,6 +78,7 @@ type Dataset struct {
 	practitioners int
 	organizations int
 	seed          uint64
+	partOwners    int // the fewest owners a partition gets (Partitions)
 }
 
 var (
@@ -85,6 +86,7 @@ var (
 	_ bulkexport.GroupChecker      = (*Dataset)(nil)
 	_ bulkexport.TypeFilterChecker = (*Dataset)(nil)
 	_ bulkexport.Counter           = (*Dataset)(nil)
+	_ bulkexport.Partitioner       = (*Dataset)(nil)
 )
 
 // New returns a dataset of the given number of patients with DefaultSeed.
@@ -99,7 +101,17 @@ func NewSeeded(patients int, seed uint64) *Dataset {
 		practitioners: 1 + patients/20,
 		organizations: 1 + patients/200,
 		seed:          seed,
+		partOwners:    DefaultPartitionOwners,
 	}
+}
+
+// WithPartitionOwners returns a copy of d whose Partitions gives each
+// part at least n owners (patients, practitioners or organizations), for
+// tests of partitioned exports on small datasets. n below 1 is taken as 1.
+func (d *Dataset) WithPartitionOwners(n int) *Dataset {
+	c := *d
+	c.partOwners = max(n, 1)
+	return &c
 }
 
 // Patients returns the number of patients.

@@ -251,15 +251,16 @@ func parsePartition(tok string) (lo, hi int, err error) {
 
 // Partitions implements bulkexport.Partitioner: it splits the owners of a
 // type (patients 1..n, or practitioners, organizations) into up to max
-// ranges of equal size, "lo-hi" for the owners in (lo, hi]. A type with
-// fewer than minPartitionOwners owners per range is split less, or not
-// at all.
+// ranges of equal size, "lo-hi" for the owners in (lo, hi]. Each range
+// gets at least DefaultPartitionOwners owners (see WithPartitionOwners),
+// so a type is split less, or not at all, when it has fewer: the
+// default dataset of 100 patients exports whole.
 func (d *Dataset) Partitions(ctx context.Context, q *bulkexport.Query, typ string, limit int) ([]string, error) {
 	p, err := d.newPlan(q, typ, false)
 	if err != nil {
 		return nil, err
 	}
-	parts := min(limit, p.n/minPartitionOwners)
+	parts := min(limit, p.n/d.partOwners)
 	if parts <= 1 {
 		return nil, nil
 	}
@@ -271,8 +272,8 @@ func (d *Dataset) Partitions(ctx context.Context, q *bulkexport.Query, typ strin
 	return out, nil
 }
 
-// minPartitionOwners is the fewest owners a partition gets.
-const minPartitionOwners = 50
+// DefaultPartitionOwners is the fewest owners a part of a type gets.
+const DefaultPartitionOwners = 250
 
 // each calls fn for every owner after the cursor, in increasing order, and
 // stops at the first error or when ctx is done.

@@ -13,7 +13,7 @@ import (
 // TypeFilterChecker, Counter, Organizer).
 func TestSourceConformance(t *testing.T) {
 	t.Parallel()
-	d := New(12)
+	d := New(12).WithPartitionOwners(2)
 	sourcetest.RunFixed(t, d, describe(d, "even", "odd"))
 }
 
