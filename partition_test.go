@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -295,4 +296,38 @@ func TestPartitionedStoreOutagePastLease(t *testing.T) {
 		reclaimed = reclaimed || u.Attempts > 1
 	}
 	require.True(t, reclaimed, "a unit was claimed again after the outage")
+}
+
+// lossyUnitStore is a MemoryStore that forgets every unit once asked to.
+type lossyUnitStore struct {
+	*bulkexport.MemoryStore
+	lose atomic.Bool
+}
+
+func (s *lossyUnitStore) Units(ctx context.Context, jobID string) ([]*bulkexport.Unit, error) {
+	if s.lose.Load() {
+		return nil, nil
+	}
+	return s.MemoryStore.Units(ctx, jobID)
+}
+
+// TestPartitionedLostUnitsFailJob: a store that loses a planned job's
+// units makes the job fail, never complete with nothing.
+func TestPartitionedLostUnitsFailJob(t *testing.T) {
+	t.Parallel()
+	base := clinicalSource(t, 60)
+	pause := base.Pause("Observation", 5)
+	src := bulkexporttest.PartitionedSource{Source: base, Parts: 2}
+	store := &lossyUnitStore{MemoryStore: bulkexport.NewMemoryStore()}
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, fastWorker("w1"))
+	require.NoError(t, err)
+	runWorker(t, w)
+	waitReached(t, pause)
+	store.lose.Store(true)
+	pause.Release()
+	status, body := srv.Wait(t, statusURL)
+	require.Equal(t, http.StatusInternalServerError, status, string(body))
+	require.Contains(t, string(body), "parts of the export are missing")
 }

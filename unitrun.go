@@ -411,6 +411,12 @@ func (r *jobRun) storePlan(ctx context.Context, us UnitStore, units []*Unit) err
 // order they end, for partial manifests), sums their progress, and
 // reports whether every unit is done. A failed unit fails the job.
 func (r *jobRun) gather(ctx context.Context, units []*Unit, gathered map[string]bool) (bool, error) {
+	if len(units) == 0 {
+		// The job has a plan, so its units were stored: a store that
+		// lost them must not make the job complete empty.
+		return false, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
+			Message: "the parts of the export are missing from the job store; the export was given up"}
+	}
 	var fresh []*Unit
 	var written, estimate float64
 	done := 0
@@ -431,12 +437,9 @@ func (r *jobRun) gather(ctx context.Context, units []*Unit, gathered map[string]
 		written += float64(u.Written)
 		estimate += float64(max(u.Estimate, u.Written))
 	}
-	pct := 0.0
-	switch {
-	case len(units) > 0 && estimate > 0:
+	pct := float64(int(min(float64(done)/float64(len(units))*100, 99)))
+	if estimate > 0 {
 		pct = float64(int(min(written/estimate*100, 99)))
-	case len(units) > 0:
-		pct = float64(int(min(float64(done)/float64(len(units))*100, 99)))
 	}
 	r.unitProgress.Store(&Progress{Percent: pct, Message: fmt.Sprintf("%d of %d parts done", done, len(units))})
 	if len(fresh) > 0 {
