@@ -132,6 +132,9 @@ type jobRun struct {
 	// unitProgress is the progress it last summed from them.
 	partitioned  bool
 	unitProgress atomic.Pointer[Progress]
+	// runCtx is Worker.Run's context: it bounds work that outlives the
+	// run (deleteAgain).
+	runCtx context.Context
 }
 
 func (w *Worker) runJob(parent context.Context, job *Job) {
@@ -144,7 +147,7 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	log.LogAttrs(spanCtx, slog.LevelInfo, "bulkexport: job running", slog.String("worker", w.opts.ID), slog.Bool("resumed", resumed), slog.Int("attempt", job.Attempts))
 	ctx, cancel := context.WithCancelCause(spanCtx)
 	defer cancel(nil)
-	r := &jobRun{w: w, id: job.ID, fence: job.Fence, level: job.Level, cancel: cancel, job: job,
+	r := &jobRun{w: w, id: job.ID, fence: job.Fence, level: job.Level, cancel: cancel, job: job, runCtx: parent,
 		leaseBase: job.LeaseExpiresAt.Add(-w.opts.Lease), claimedAt: claimed, leaseUntil: claimed.Add(w.opts.Lease)}
 	defer func() {
 		started := r.job.StartedAt
@@ -920,6 +923,32 @@ func (r *jobRun) fail(ctx context.Context, log *slog.Logger, cause error) {
 	if err := r.w.storage.Delete(ctx, r.id); err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a failed job", slog.Any("err", err))
 	}
+	r.deleteAgain()
+}
+
+// deleteAgain removes a partitioned job's files once more, a lease after
+// it failed or was cancelled: runs of its units in other processes learn
+// that their units were closed at their next store update, and may commit
+// a file until then; after a lease none of them writes (one that is
+// paused for longer leaves orphans, which the purge removes with the
+// job). It does nothing for a job that runs whole, whose only writer is
+// this run. Worker.Run waits for it, or cancels it when it stops first.
+func (r *jobRun) deleteAgain() {
+	if !r.partitioned || r.runCtx == nil {
+		return
+	}
+	w := r.w
+	w.later.Add(1)
+	go func() {
+		defer w.later.Done()
+		t := time.NewTimer(w.opts.Lease + w.opts.Heartbeat)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			_ = w.storage.Delete(context.WithoutCancel(r.runCtx), r.id)
+		case <-r.runCtx.Done():
+		}
+	}()
 }
 
 // failureOutcome is the status and outcome a failed job reports. Only an
@@ -967,6 +996,7 @@ func (r *jobRun) cleanup(ctx context.Context, log *slog.Logger) {
 	if err := r.w.storage.Delete(ctx, r.id); err != nil {
 		log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: could not remove the files of a cancelled job", slog.Any("err", err))
 	}
+	r.deleteAgain()
 }
 
 // release hands an interrupted job back to the queue on shutdown; it

@@ -112,6 +112,9 @@ type Worker struct {
 	// unitEnded holds, by job id, the channel that wakes this worker's
 	// coordinator of a partitioned job when one of its units ends here.
 	unitEnded sync.Map
+	// later counts the work Run must wait for before it returns, besides
+	// its job runs (jobRun.deleteAgain).
+	later sync.WaitGroup
 }
 
 // NewWorker returns a Worker. It starts nothing: call Run.
@@ -179,6 +182,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
 			wg.Wait()
+			w.later.Wait()
 			return nil
 		}
 		job, err := w.store.Claim(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
@@ -204,6 +208,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			}
 		case <-ctx.Done():
 			wg.Wait()
+			w.later.Wait()
 			return nil
 		}
 	}

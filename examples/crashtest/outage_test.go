@@ -236,15 +236,28 @@ func (h *harness) outageCheck(p *proc, e *export) {
 	require.NoError(t, json.Unmarshal(body, &oo), "%s: %s", e.name, body)
 	require.Equal(t, "OperationOutcome", oo.ResourceType, "%s: %s", e.name, body)
 	require.Empty(t, oo.Output, "%s: a failed job lists files", e.name)
-	entries, err := os.ReadDir(filepath.Join(h.storage, e.id))
-	if !errors.Is(err, os.ErrNotExist) {
+	// A partitioned job's failure removes its files at once, and again a
+	// lease later: runs of its parts in flight may commit a file until
+	// they learn that the job ended. A bounded wait, not a timing
+	// assertion.
+	var names []string
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		entries, err := os.ReadDir(filepath.Join(h.storage, e.id))
+		if errors.Is(err, os.ErrNotExist) {
+			names = nil
+			break
+		}
 		require.NoError(t, err)
-		var names []string
+		names = names[:0]
 		for _, ent := range entries {
 			names = append(names, ent.Name())
 		}
-		require.Empty(t, names, "%s: files of a failed job left in the storage", e.name)
+		if len(names) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
+	require.Empty(t, names, "%s: files of a failed job left in the storage", e.name)
 	t.Logf("%s export: failed cleanly (%d: %s); no files left. Log: %s", e.name, resp.StatusCode, body, failed)
 }
 
