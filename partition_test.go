@@ -331,3 +331,37 @@ func TestPartitionedLostUnitsFailJob(t *testing.T) {
 	require.Equal(t, http.StatusInternalServerError, status, string(body))
 	require.Contains(t, string(body), "parts of the export are missing")
 }
+
+// TestPartitionedUnitAttemptsCapped: a part claimed more often than
+// MaxAttempts (its runs keep dying) fails the job, as a job would. The
+// part's earlier claims are made directly in the store, by a worker that
+// never ran it.
+func TestPartitionedUnitAttemptsCapped(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	src := bulkexporttest.PartitionedSource{Source: clinicalSource(t, 60), Parts: 2}
+	store := bulkexport.NewMemoryStore()
+	srv := bulkexporttest.NewServer(t, &bulkexporttest.ServerOptions{NoWorker: true, Source: src, Store: store})
+	statusURL := srv.Kickoff(t, "/$export?_type=Observation")
+	job := srv.Job(t, statusURL)
+	require.NoError(t, store.AddUnits(ctx, job.ID, []*bulkexport.Unit{
+		{Key: "Observation.p0001", Type: "Observation", Partition: "0-1000", Seq: 0},
+	}))
+	now := time.Now()
+	for h := 3; h >= 1; h-- { // three claims of the first part, each left to expire
+		u, err := store.ClaimUnit(ctx, bulkexport.ClaimParams{Worker: "ghost", Lease: time.Millisecond, Now: now.Add(-time.Duration(h) * time.Hour)})
+		require.NoError(t, err)
+		require.Equal(t, "Observation.p0001", u.Key)
+	}
+	o := fastWorker("w1")
+	o.MaxAttempts = 3
+	w, err := bulkexport.NewWorker(store, src, srv.Storage, o)
+	require.NoError(t, err)
+	runWorker(t, w)
+	status, body := srv.Wait(t, statusURL)
+	require.Equal(t, http.StatusInternalServerError, status, string(body))
+	require.Contains(t, string(body), "a part of the export was interrupted 3 times")
+	units, err := store.Units(ctx, job.ID)
+	require.NoError(t, err)
+	require.Equal(t, bulkexport.UnitFailed, units[0].State)
+}
