@@ -43,8 +43,8 @@ import (
 func BenchmarkEndToEndVsCopy(b *testing.B) {
 	ctx := context.Background()
 	src, pool, table := loadDataset(b, dataset.New(8000), DefaultPageSize)
-	// lean is the Source of a host that trusts its database: estimated
-	// counts, and WorkerOptions.TrustSource.
+	// lean is the Source of a host that trusts what it stored (Load
+	// parsed every body): estimated counts, and WorkerOptions.TrustSource.
 	lean, err := New(pool, Options{Table: table, EstimateCounts: true})
 	if err != nil {
 		b.Fatal(err)
