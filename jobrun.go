@@ -156,15 +156,9 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 		}
 		w.tel.endJob(context.WithoutCancel(spanCtx), span, r, started)
 	}()
-	r.files.Store(int64(len(job.Output) + len(job.Deleted) + len(job.Errors)))
-	if len(job.Checkpoint) > 0 {
-		if err := json.Unmarshal(job.Checkpoint, &r.cp); err != nil {
-			r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
-			return
-		}
-	}
-	if r.cp.Types == nil {
-		r.cp.Types = map[string]*typeCheckpoint{}
+	if err := r.restore(); err != nil {
+		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "the job's checkpoint is unreadable", Err: err})
+		return
 	}
 	if job.Attempts > w.opts.MaxAttempts {
 		r.fail(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
@@ -180,6 +174,22 @@ func (w *Worker) runJob(parent context.Context, job *Job) {
 	default:
 		r.complete(ctx, log)
 	}
+}
+
+// restore reads the checkpoint of the run's job (a unit run's job stands
+// for its unit) and counts the files it has recorded, for MaxFilesPerJob.
+func (r *jobRun) restore() error {
+	j := r.job
+	r.files.Store(int64(len(j.Output) + len(j.Deleted) + len(j.Errors)))
+	if len(j.Checkpoint) > 0 {
+		if err := json.Unmarshal(j.Checkpoint, &r.cp); err != nil {
+			return err
+		}
+	}
+	if r.cp.Types == nil {
+		r.cp.Types = map[string]*typeCheckpoint{}
+	}
+	return nil
 }
 
 // stopped ends a run whose context is done: its claim was lost, the job

@@ -2,12 +2,10 @@ package bulkexport
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/bulkfhir/bulkexport/fhirbulk"
@@ -136,50 +134,10 @@ func unitJob(parent *Job, u *Unit) *Job {
 // until ctx is done.
 func (w *Worker) unitLoop(ctx context.Context) {
 	us := w.store.(UnitStore)
-	slots := make(chan struct{}, w.opts.UnitConcurrency)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	timer := time.NewTimer(0)
-	defer timer.Stop()
-	for {
-		select {
-		case slots <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		u, err := us.ClaimUnit(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
-		if err == nil {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer func() { <-slots }()
-				w.runUnit(ctx, u)
-			}()
-			continue
-		}
-		<-slots
-		if !errors.Is(err, ErrNoJob) && ctx.Err() == nil {
-			w.log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: unit claim failed", slog.String("worker", w.opts.ID), slog.Any("err", err))
-		}
-		timer.Reset(w.opts.PollInterval)
-		select {
-		case <-timer.C:
-		case <-w.wakeUnits:
-			if !timer.Stop() {
-				<-timer.C
-			}
-		case <-ctx.Done():
-			return
-		}
-	}
-}
-
-// notifyUnits wakes the unit loop: a plan was just stored.
-func (w *Worker) notifyUnits() {
-	select {
-	case w.wakeUnits <- struct{}{}:
-	default:
-	}
+	claimLoop(w, ctx, "unit claim", w.opts.UnitConcurrency, w.wakeUnits,
+		func(ctx context.Context) (*Unit, error) {
+			return us.ClaimUnit(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
+		}, w.runUnit)
 }
 
 // runUnit runs one claimed unit to its end: done, failed, handed back, or
@@ -202,16 +160,10 @@ func (w *Worker) runUnit(parent context.Context, u *Unit) {
 		unit:      &unitHold{us: us, key: u.Key, parent: job, u: u},
 		leaseBase: u.LeaseExpiresAt.Add(-w.opts.Lease), claimedAt: claimed, leaseUntil: claimed.Add(w.opts.Lease)}
 	r.job = unitJob(job, u)
-	if len(u.Checkpoint) > 0 {
-		if err := json.Unmarshal(u.Checkpoint, &r.cp); err != nil {
-			r.failUnit(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "a unit's checkpoint is unreadable", Err: err})
-			return
-		}
+	if err := r.restore(); err != nil {
+		r.failUnit(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing, Message: "a unit's checkpoint is unreadable", Err: err})
+		return
 	}
-	if r.cp.Types == nil {
-		r.cp.Types = map[string]*typeCheckpoint{}
-	}
-	r.files.Store(int64(len(u.Output) + len(u.Deleted) + len(u.Errors)))
 	if u.Attempts > w.opts.MaxAttempts {
 		r.failUnit(ctx, log, &Error{Status: http.StatusInternalServerError, Code: fhirbulk.IssueProcessing,
 			Message: fmt.Sprintf("a part of the export was interrupted %d times and was given up", u.Attempts-1)})
@@ -326,7 +278,7 @@ func (r *jobRun) coordinate(ctx context.Context, units []*Unit) error {
 			return err
 		}
 	}
-	r.w.notifyUnits()
+	wakeUp(r.w.wakeUnits)
 	// A unit of this job that ends in this process wakes the loop at
 	// once; other processes' units are seen at the next tick.
 	ended := make(chan struct{}, 1)
@@ -358,10 +310,7 @@ func (r *jobRun) coordinate(ctx context.Context, units []*Unit) error {
 // unitEnd wakes this worker's coordinator of the job, if it has one.
 func (w *Worker) unitEnd(jobID string) {
 	if v, ok := w.unitEnded.Load(jobID); ok {
-		select {
-		case v.(chan struct{}) <- struct{}{}:
-		default:
-		}
+		wakeUp(v.(chan struct{}))
 	}
 }
 

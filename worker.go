@@ -145,12 +145,7 @@ func (w *Worker) ID() string { return w.opts.ID }
 
 // Notify wakes an idle worker so that it claims new work at once, for
 // instance right after a kick-off (see Options.OnQueued). It never blocks.
-func (w *Worker) Notify() {
-	select {
-	case w.wake <- struct{}{}:
-	default:
-	}
-}
+func (w *Worker) Notify() { wakeUp(w.wake) }
 
 // Run claims and runs jobs, and purges expired ones, until ctx is done.
 // It blocks, and returns only after every goroutine it started has
@@ -174,43 +169,66 @@ func (w *Worker) Run(ctx context.Context) error {
 		}()
 	}
 
-	slots := make(chan struct{}, w.opts.Concurrency)
+	claimLoop(w, ctx, "claim", w.opts.Concurrency, w.wake,
+		func(ctx context.Context) (*Job, error) {
+			return w.store.Claim(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
+		}, w.runJob)
+	wg.Wait()
+	w.later.Wait()
+	return nil
+}
+
+// claimLoop claims work with claim and runs each piece with run, at most
+// slots at a time, until ctx is done; then it waits for the runs it
+// started. With nothing to claim (ErrNoJob) it waits PollInterval, or
+// less when wake fires. what names the claim in the log line of a failed
+// one. Run uses it for jobs, unitLoop for units.
+func claimLoop[T any](w *Worker, ctx context.Context, what string, slots int, wake <-chan struct{},
+	claim func(context.Context) (T, error), run func(context.Context, T)) {
+	sem := make(chan struct{}, slots)
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
 		select {
-		case slots <- struct{}{}:
+		case sem <- struct{}{}:
 		case <-ctx.Done():
-			wg.Wait()
-			w.later.Wait()
-			return nil
+			return
 		}
-		job, err := w.store.Claim(ctx, ClaimParams{Worker: w.opts.ID, Lease: w.opts.Lease, Now: w.opts.Now()})
+		v, err := claim(ctx)
 		if err == nil {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				defer func() { <-slots }()
-				w.runJob(ctx, job)
+				defer func() { <-sem }()
+				run(ctx, v)
 			}()
 			continue
 		}
-		<-slots
+		<-sem
 		if !errors.Is(err, ErrNoJob) && ctx.Err() == nil {
-			w.log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: claim failed", slog.String("worker", w.opts.ID), slog.Any("err", err))
+			w.log.LogAttrs(ctx, slog.LevelWarn, "bulkexport: "+what+" failed", slog.String("worker", w.opts.ID), slog.Any("err", err))
 		}
 		timer.Reset(w.opts.PollInterval)
 		select {
 		case <-timer.C:
-		case <-w.wake:
+		case <-wake:
 			if !timer.Stop() {
 				<-timer.C
 			}
 		case <-ctx.Done():
-			wg.Wait()
-			w.later.Wait()
-			return nil
+			return
 		}
+	}
+}
+
+// wakeUp sends on a wake channel (capacity 1) without blocking: a wake
+// already pending is enough.
+func wakeUp(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
